@@ -1,0 +1,13 @@
+"""zeropoint: quantize tensors and models to low-bit integers, and measure what it costs."""
+
+from .core import choose_qparams, dequantize, fake_quantize, qparams_from_range, quantize
+from .metrics import cosine, max_abs_error, mse, sqnr_db, uniform_noise_mse
+from .qtensor import QTensor
+from .quantizer import Quantizer
+from .spec import Granularity, QuantSpec, Scheme
+
+__all__ = [
+    "QuantSpec", "Scheme", "Granularity", "Quantizer", "QTensor",
+    "choose_qparams", "quantize", "dequantize", "fake_quantize", "qparams_from_range",
+    "mse", "sqnr_db", "max_abs_error", "cosine", "uniform_noise_mse",
+]

@@ -1,0 +1,91 @@
+"""The zeropoint command line. Nothing imports this module.
+
+User errors (bad arguments, bad input files) print one line and exit with code 2, without a
+traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .atomic import atomic_path
+
+
+class UserError(Exception):
+    """A problem with what the user asked for, reported without a traceback."""
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 4,6,8, got {text!r}") from None
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _write_json(path: str, payload) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def cmd_exercise(args) -> None:
+    from . import exercise
+
+    try:
+        cfg = exercise.ExerciseConfig(
+            n=args.n, bits=args.bits, dist=args.dist, granularities=args.granularity,
+            group_size=args.group_size, seed=args.seed,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    rows = exercise.run_exercise(cfg)
+    print(f"{cfg.n:,} float32 samples of {cfg.dist}, seed {cfg.seed}\n")
+    print(exercise.format_table(rows))
+    print()
+    print(exercise.interpret(rows, cfg))
+    if args.json:
+        _write_json(args.json, exercise.rows_as_dicts(rows))
+        print(f"\nrows written to {args.json}")
+    if args.plot != "none":
+        with atomic_path(args.plot) as tmp:
+            exercise.plot(rows, cfg, tmp)
+        print(f"plot written to {args.plot}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("exercise", help="the chapter's exercise: MSE of symmetric vs asymmetric")
+    ex.add_argument("--bits", type=_int_list, default=(4, 6, 8), help="bit widths, e.g. 2,3,4,8")
+    ex.add_argument("--dist", default="normal",
+                    help="normal, uniform, laplace, student-t or relu (skewed)")
+    ex.add_argument("--granularity", type=_str_list, default=("per_tensor",),
+                    help="comma list of per_tensor, per_channel, per_group (on a 2-D matrix)")
+    ex.add_argument("--group-size", type=int, default=128)
+    ex.add_argument("--n", type=int, default=1_000_000, help="number of samples")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    ex.add_argument("--plot", metavar="PATH", default="zeropoint-exercise.png",
+                    help="PNG plot path, or 'none'")
+    ex.set_defaults(func=cmd_exercise)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"zeropoint {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""QTensor: a quantized tensor that really occupies the memory it claims.
+
+It holds the codes packed into bytes (see packing.py), one float32 scale per block, one uint8
+zero-point per block for the asymmetric scheme (none for symmetric, whose zero-point is 0),
+and the spec, shape and float dtype needed to rebuild the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from math import prod
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import core, packing
+from .atomic import atomic_path
+from .spec import QuantSpec
+
+FORMAT = "zeropoint.qtensor"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QTensor:
+    packed: torch.Tensor  # (ceil(numel * bits / 8),) uint8
+    scale: torch.Tensor  # grid shape, float32: shape // spec.block_size(shape)
+    zero_point: torch.Tensor | None  # grid shape, uint8; None for symmetric
+    spec: QuantSpec
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # the float dtype it was quantized from and dequantizes to
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, spec: QuantSpec, scale=None, zero_point=None) -> "QTensor":
+        """Quantize `x` with min/max qparams, or with the given ones (e.g. from calibration)."""
+        if scale is None:
+            scale, zero_point = core.choose_qparams(x, spec)
+        codes = core.quantize(x, spec, scale, zero_point)
+        return cls.from_codes(codes, spec, scale, zero_point, x.dtype)
+
+    @classmethod
+    def from_codes(cls, codes, spec: QuantSpec, scale, zero_point, dtype) -> "QTensor":
+        grid = core.BlockView.of(tuple(codes.shape), spec.block_size(tuple(codes.shape))).grid
+        unsigned = _to_unsigned(codes, spec)
+        zp = None if spec.symmetric else zero_point.reshape(grid).to(torch.uint8)
+        return cls(
+            packing.pack(unsigned, spec.bits),
+            scale.reshape(grid).to(torch.float32).contiguous(),
+            zp,
+            spec,
+            tuple(codes.shape),
+            dtype,
+        )
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes, shape `self.shape`, dtype spec.code_dtype."""
+        unsigned = packing.unpack(self.packed, self.spec.bits, self.numel)
+        return _from_unsigned(unsigned, self.spec).view(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return core.dequantize(self.codes(), self.spec, self.scale, self.zero_point, self.dtype)
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes plus scales plus zero-points: what storing this tensor costs."""
+        total = self.packed.nbytes + self.scale.nbytes
+        return total + (self.zero_point.nbytes if self.zero_point is not None else 0)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    # -- safetensors --------------------------------------------------------------------------
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        tensors = {prefix + "packed": self.packed, prefix + "scale": self.scale}
+        if self.zero_point is not None:
+            tensors[prefix + "zero_point"] = self.zero_point
+        return tensors
+
+    def metadata(self) -> dict:
+        return {"spec": self.spec.to_dict(), "shape": list(self.shape), "dtype": _dtype_name(self.dtype)}
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict, meta: dict, prefix: str = "") -> "QTensor":
+        return cls(
+            tensors[prefix + "packed"],
+            tensors[prefix + "scale"],
+            tensors.get(prefix + "zero_point"),
+            QuantSpec.from_dict(meta["spec"]),
+            tuple(meta["shape"]),
+            getattr(torch, meta["dtype"]),
+        )
+
+    def save(self, path) -> None:
+        """Write a .safetensors file atomically: codes, scales, zero-points and the spec."""
+        header = {"format": FORMAT, "version": str(FORMAT_VERSION), "qtensor": json.dumps(self.metadata())}
+        with atomic_path(path) as tmp:
+            save_file(self.state_dict(), str(tmp), metadata=header)
+
+    @classmethod
+    def load(cls, path) -> "QTensor":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a zeropoint QTensor file (format {header.get('format')!r})")
+        if int(header.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has QTensor format version {header['version']}; this zeropoint reads "
+                f"up to {FORMAT_VERSION}"
+            )
+        return cls.from_state_dict(load_file(str(path)), json.loads(header["qtensor"]))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sign_offset(spec: QuantSpec) -> int:
+    # Signed codes are stored biased by 2^(b-1) so that they fit the unsigned b-bit packer.
+    return 1 << (spec.bits - 1)
+
+
+def _to_unsigned(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if not spec.symmetric:
+        return codes.to(torch.uint8)
+    # In uint8 arithmetic modulo 256, q + 2^(b-1) is exact for q in [-2^(b-1), 2^(b-1)).
+    return codes.to(torch.int8).view(torch.uint8) + _sign_offset(spec)
+
+
+def _from_unsigned(unsigned: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if not spec.symmetric:
+        return unsigned
+    return (unsigned - _sign_offset(spec)).view(torch.int8)
