@@ -304,3 +304,35 @@ def test_scalar_and_one_element_tensors():
         _, scale, _, recon = roundtrip(x, QuantSpec(8, "symmetric"))
         assert recon.shape == x.shape
         assert math.isclose(float(recon.reshape(-1)[0]), float(x.reshape(-1)[0]), rel_tol=1e-6)
+
+
+# -- the C fast path and the eager path compute the same codes ---------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
+def test_fast_path_and_eager_path_are_bit_identical(gen, spec, dtype):
+    from zeropoint import ckernels
+
+    if ckernels.library() is None:
+        pytest.skip("no C compiler: only the eager path exists here")
+    x = torch.randn(256, 1024 + 64, generator=gen) * 3
+    # Near-ties: values that sit on or next to a .5 step of a fixed scale.
+    x[:64] = (torch.randint(-60, 60, (64, 1088), generator=gen) + 0.5) * 0.0173
+    x[64:128] = torch.nextafter(x[:64], torch.tensor(float("inf")))
+    x = x.to(dtype)
+    fast = roundtrip(x, spec)
+    with ckernels.disabled():
+        eager = roundtrip(x, spec)
+    for a, b, what in zip(fast, eager, ("codes", "scale", "zero_point", "dequantized")):
+        assert torch.equal(a, b), what
+
+
+def test_fast_path_reports_nan_like_the_eager_path():
+    x = torch.randn(2048, 1024)
+    x[1500, 7] = float("nan")
+    spec = QuantSpec(4, "asymmetric", "per_group", group_size=64)
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\).*index \(1500, 7\)"):
+        quantize(x, spec, torch.ones(2048, 16), torch.zeros(2048, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\).*index \(1500, 7\)"):
+        choose_qparams(x, spec)

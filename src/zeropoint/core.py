@@ -7,6 +7,9 @@ elements is a run of dimensions, the scale broadcasts over those runs, and the s
 ops serve per-tensor, per-channel and per-group alike. The elementwise work walks the tensor in
 chunks of about a megabyte so that its four passes (divide, round, shift, clamp) stay in cache:
 eager PyTorch, no compiler, no Python loop over elements or groups.
+
+Where a C compiler is at hand, float32 work takes the fused one-pass loops of ckernels.py
+instead; they compute the same codes bit for bit, which the tests check.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from math import prod
 
 import torch
 
+from . import ckernels
 from .spec import QuantSpec
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -132,6 +136,12 @@ def block_min_max(x: torch.Tensor, spec: QuantSpec):
     check_float_tensor(x)
     view = BlockView.of(tuple(x.shape), spec.block_size(tuple(x.shape)))
     xv = x.contiguous().view(view.shape)
+    lib = _fast_path(x.dtype, view)
+    if lib is not None:
+        lo, hi, bad = ckernels.min_max(lib, xv.float(), view)
+        if bad:
+            raise_if_not_finite(x)
+        return lo.reshape(view.grid), hi.reshape(view.grid)
     if len(view.block_dims) == 1:
         lo, hi = torch.aminmax(xv, dim=view.block_dims[0], keepdim=True)
     else:
@@ -168,6 +178,13 @@ def _prepare(x_shape, spec: QuantSpec, scale: torch.Tensor, zero_point, compute_
     return view, s, z
 
 
+def _fast_path(dtype: torch.dtype, view: BlockView):
+    """The C library when it can take this work (float32 arithmetic, one scale axis), else None."""
+    if dtype == torch.float64 or ckernels.pcq(view.shape, view.is_block) is None:
+        return None
+    return ckernels.library()
+
+
 def _rows(t: torch.Tensor | None, view: BlockView, rows: slice):
     """The part of a broadcast scale/zero-point that lines up with rows `rows` of the data."""
     if t is None or view.is_block[0]:
@@ -182,6 +199,13 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
     view, s, z = _prepare(x.shape, spec, scale, zero_point, compute)
     xv = x.contiguous().view(view.shape)
     codes = torch.empty(view.shape, dtype=spec.code_dtype)
+    lib = _fast_path(x.dtype, view)
+    if lib is not None:
+        # Half inputs are divided in float32 on the eager path too: same values, same codes.
+        z_flat = None if z is None else z.contiguous()
+        if ckernels.quantize(lib, xv.float(), codes, view, s.contiguous(), z_flat, spec.qmin, spec.qmax):
+            raise_if_not_finite(x)
+        return codes.view(x.shape)
     first = next(view.chunks())
     buf = torch.empty((first.stop,) + view.shape[1:], dtype=compute)
     sums = []
@@ -210,6 +234,13 @@ def dequantize(
         raise TypeError(f"dtype must be a float dtype, got {dtype}")
     view, s, z = _prepare(codes.shape, spec, scale, zero_point, _compute_dtype(dtype))
     cv = codes.contiguous().view(view.shape)
+    lib = _fast_path(dtype, view)
+    if lib is not None:
+        out = torch.empty(view.shape, dtype=torch.float32)
+        z_flat = None if z is None else z.contiguous()
+        ckernels.dequantize(lib, cv, out, view, s.contiguous(), z_flat)
+        # The eager path also rounds the float32 product once into a half dtype.
+        return out.to(dtype).view(codes.shape)
     out = torch.empty(view.shape, dtype=dtype)
     for rows in view.chunks():
         o = out[rows]
