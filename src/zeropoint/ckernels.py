@@ -1,4 +1,5 @@
-"""Optional C fast path for float32 quantize, dequantize and block min/max (csrc/affine.c).
+"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), and
+bit packing (csrc/pack.c).
 
 Eager PyTorch needs one pass over memory per op (divide, round, shift, clamp, cast); the C
 loop does them all in one pass, about 2-5x faster on a CPU. It compiles in well under a second
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "affine.c"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties.
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
@@ -47,17 +48,17 @@ def _cpu_signature() -> str:
 
 
 def _build(cache: Path) -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     cc = os.environ.get("CC", "cc")
     key = hashlib.sha256(source + " ".join([cc, *CFLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache / f"affine-{key}.so"
+    target = cache / f"kernels-{key}.so"
     if target.exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".affine-", suffix=".so", dir=cache)
+    fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -78,6 +79,8 @@ def _library():
     lib.zp_dequantize_f32.restype = None
     lib.zp_minmax_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p]
     lib.zp_minmax_f32.restype = _int
+    lib.zp_pack.argtypes = lib.zp_unpack.argtypes = [_p, _i64, _int, _p]
+    lib.zp_pack.restype = lib.zp_unpack.restype = None
     return lib
 
 

@@ -6,11 +6,15 @@ nibble), 2-bit four per byte, 6-bit four codes in three bytes, and 3, 5 and 7 bi
 A run of n codes takes exactly ceil(n * b / 8) bytes.
 
 Packing works on unsigned codes in [0, 2^b); signed codes are offset first (see QTensor).
+The C loops of csrc/pack.c do the work where a compiler is at hand; the torch code below is
+the portable path, and the tests hold both to the same bytes.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import ckernels
 
 
 def packed_nbytes(n: int, bits: int) -> int:
@@ -31,6 +35,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = flat.numel()
     if bits == 8:
         return flat.clone()
+    lib = ckernels.library()
+    if lib is not None:
+        flat = flat.contiguous()
+        out = torch.empty(packed_nbytes(n, bits), dtype=torch.uint8)
+        lib.zp_pack(flat.data_ptr(), n, bits, out.data_ptr())
+        return out
     per_byte = 8 // bits if 8 % bits == 0 else None
     if per_byte:
         packed = _pack_aligned(flat, bits, per_byte)
@@ -48,6 +58,11 @@ def unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     if bits == 8:
         return data.reshape(-1).clone()
+    lib = ckernels.library()
+    if lib is not None:
+        codes = torch.empty(n, dtype=torch.uint8)
+        lib.zp_unpack(data.contiguous().data_ptr(), n, bits, codes.data_ptr())
+        return codes
     if 8 % bits == 0:
         return _unpack_aligned(data, bits, 8 // bits)[:n]
     return _unpack_dense(data, bits)[:n]
