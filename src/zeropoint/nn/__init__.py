@@ -1,0 +1,1 @@
+"""Quantized modules and the CPU kernels they run on (see `zeropoint.nn.kernels`)."""
