@@ -1,0 +1,275 @@
+"""ggml's legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in torch, vectorized over blocks.
+
+Bytes identical to gguf-py's ``gguf.quants.quantize`` for float32 input: every step is the same
+float32 operation in the same order (no fused multiply-add), so every rounding matches.
+One block holds 32 values; all fields are little-endian:
+
+    Q8_0: d:f16 | 32 x int8                       x = d * q
+    Q4_0: d:f16 | 16 bytes of nibbles             x = d * (q - 8)
+    Q5_0: d:f16 | qh:4 bytes | 16 bytes nibbles   x = d * (q - 16)
+    Q4_1: d:f16 | m:f16 | 16 bytes of nibbles     x = d * q + m
+    Q5_1: d:f16 | m:f16 | qh:4 bytes | 16 bytes   x = d * q + m
+
+Nibble byte j holds element j (low nibble) and element j + 16 (high nibble); for the 5-bit types,
+bit j of qh (as a little-endian uint32) is bit 4 of element j.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+if sys.byteorder != "little":  # ggml's fields are little-endian; the byte views below assume it
+    raise ImportError("zeropoint.gguf.blocks needs a little-endian machine")
+
+# 32768 blocks = 4 MiB of floats per chunk: the fastest of 4K..1M blocks measured at 2 threads
+# (temporaries stay in cache), and few enough torch calls to cope with busy cores.
+_CHUNK_BLOCKS = 32768
+_JUST_BELOW_HALF = 0.5 - 2.0**-25  # nextafter(0.5, 0) in float32
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    bits: int  # bits per code: 4, 5 or 8
+    has_min: bool  # the "_1" types store the block minimum m next to the step d
+    block_size: int = 32
+
+    @property
+    def type_size(self) -> int:
+        """Bytes per block: fp16 d (and m), the 5-bit types' high bits, then the codes."""
+        fields = 4 if self.has_min else 2
+        high_bits = self.block_size // 8 if self.bits == 5 else 0
+        codes = self.block_size if self.bits == 8 else self.block_size // 2  # bytes or nibbles
+        return fields + high_bits + codes
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        BlockFormat("Q8_0", 8, False),
+        BlockFormat("Q4_0", 4, False),
+        BlockFormat("Q4_1", 4, True),
+        BlockFormat("Q5_0", 5, False),
+        BlockFormat("Q5_1", 5, True),
+    )
+}
+BLOCK_SIZE = {name: f.block_size for name, f in FORMATS.items()}
+TYPE_SIZE = {name: f.type_size for name, f in FORMATS.items()}
+
+
+def block_format(qtype: str) -> BlockFormat:
+    if qtype not in FORMATS:
+        raise ValueError(f"unknown ggml block type {qtype!r}; accepted: {', '.join(FORMATS)}")
+    return FORMATS[qtype]
+
+
+# --- quantize ---------------------------------------------------------------------------------
+
+
+def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """(..., n) floats, n a multiple of 32 -> (..., n // 32 * type_size) uint8: ggml's bytes."""
+    fmt = block_format(qtype)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {got}")
+    if x.dim() == 0 or x.shape[-1] % fmt.block_size:
+        raise ValueError(f"last dimension must be a multiple of {fmt.name}'s block size "
+                         f"{fmt.block_size}, got {x.shape[-1] if x.dim() else 'a scalar'}")
+    x = x.to(torch.float32).contiguous()  # gguf-py rounds to float32 first too
+    blocks = x.view(-1, fmt.block_size)  # (n_blocks, 32)
+    out = torch.empty(blocks.shape[0], fmt.type_size, dtype=torch.uint8, device=x.device)
+    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+        stop = start + _CHUNK_BLOCKS
+        _quantize_chunk(blocks[start:stop], fmt, out[start:stop], start)
+    return out.view(*x.shape[:-1], x.shape[-1] // fmt.block_size * fmt.type_size)
+
+
+def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
+    """blocks (n, 32) float32 -> out (n, type_size) bytes; first = index of blocks[0] overall."""
+    # (n, 1) each, NaN and inf propagate. Two reductions: aminmax is 3x slower on rows of 32.
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    if fmt.bits == 8:
+        fields, codes = _quantize_q8(blocks, lo, hi)
+    elif fmt.has_min:
+        fields, codes = _quantize_with_min(blocks, lo, hi, fmt.bits)
+    else:
+        fields, codes = _quantize_signed_max(blocks, lo, hi, fmt.bits)
+
+    # NaN/inf input propagates into d, so this one check catches it as well as fp16 overflow.
+    halves = torch.cat(fields, dim=-1).to(torch.float16)  # (n, 1) or (n, 2): d [, m]
+    if not torch.isfinite(halves).all():
+        _raise_for_block(blocks, halves, fmt, first)
+    col = 2 * halves.shape[-1]
+    out[:, :col] = halves.view(torch.uint8)  # (n, k) fp16 -> (n, 2k) bytes
+    if fmt.bits == 8:
+        out[:, col:] = codes.view(torch.uint8)
+        return
+    if fmt.bits == 5:
+        _pack_high_bits(codes, out[:, col : col + 4])
+        col += 4
+    _pack_nibbles(codes, out[:, col:])
+
+
+def _raise_for_block(blocks, halves, fmt: BlockFormat, first: int):  # says which and why
+    i = int((~torch.isfinite(halves)).any(-1).nonzero()[0, 0])
+    if not torch.isfinite(blocks[i]).all():
+        raise ValueError(f"x must be finite; block {first + i} holds NaN or inf")
+    raise ValueError(f"{fmt.name} block {first + i}: its scale or minimum overflows float16 "
+                     f"(largest |x| {float(blocks[i].abs().max()):.4g}); ggml cannot store it")
+
+
+# Each family returns its fp16 fields as float32 (n, 1) tensors, and its (n, 32) int8 codes.
+
+
+def _quantize_signed_max(blocks, lo, hi, bits):
+    """Q4_0/Q5_0: d = (the x of largest |x|) / -o, code = trunc(x / d + o + 0.5), o = 2^(bits-1).
+
+    The signed max puts that extreme exactly on code 0, so its side gets the extra level.
+    """
+    offset = 1 << (bits - 1)  # o: 8 or 16
+    d = _signed_absmax(blocks, lo, hi) / -offset  # (n, 1)
+    inv = _inverse(d)
+    v = blocks * inv
+    v += offset + 0.5  # a separate add, as numpy does: no FMA, same rounding
+    return [d], _truncate_to_codes(v, inv, 2 * offset - 1)
+
+
+def _quantize_with_min(blocks, lo, hi, bits):
+    """Q4_1/Q5_1: d = (max - min) / (2^bits - 1), m = min, code = trunc((x - min) / d + 0.5)."""
+    lo, hi = _first_zero_sign(blocks, lo), _first_zero_sign(blocks, hi)
+    d = (hi - lo) / ((1 << bits) - 1)  # (n, 1)
+    inv = _inverse(d)
+    v = blocks - lo
+    v *= inv
+    v += 0.5
+    return [d, lo], _truncate_to_codes(v, inv, (1 << bits) - 1)
+
+
+def _quantize_q8(blocks, lo, hi):
+    """Q8_0: d = max|x| / 127, code = round-half-away-from-zero(x / d) as int8."""
+    d = torch.maximum(-lo, hi).abs_() / 127  # abs_: an all -0.0 block gives +0.0, as |x| does
+    inv = _inverse(d)
+    v = blocks * inv
+    # Round half away from zero: add sign(v) * nextafter(0.5, 0), then truncate (the int cast
+    # does). Adding 0.5 itself would round 0.5 - 2^-25 up (the sum rounds to 1.0); with this
+    # constant every |v| < 2^22 rounds as gguf-py's floor-based np_roundf. sign * constant is
+    # exact, so whether torch fuses the multiply-add changes nothing.
+    v.add_(v.sign(), alpha=_JUST_BELOW_HALF)
+    return [d], _zero_nonfinite(v, inv).to(torch.int8)
+
+
+def _signed_absmax(blocks, lo, hi):
+    """(n, 32) -> (n, 1): the first element of largest |x|, as gguf-py's argmax(|x|) picks it."""
+    total = lo + hi  # its sign is that of |hi| - |lo|, exactly; 0 only when |lo| == |hi|
+    out = torch.maximum(-lo, hi).copysign_(total)  # lo or hi, without a (slow) where()
+    # "First" matters only when +a and -a both occur, or in an all-zero block (the first zero's
+    # sign becomes d's). Those rare blocks take the slow path.
+    tie = (total == 0).view(-1).nonzero().view(-1)
+    if tie.numel():
+        sub = blocks[tie]  # (n_tie, 32)
+        out[tie] = sub.gather(-1, sub.abs().argmax(-1, keepdim=True))
+    return out
+
+
+def _first_zero_sign(blocks, extreme):
+    """A zero min/max takes the sign of the block's first zero, as in ggml's C loop (`if (v <
+    min) min = v`). numpy's SIMD min picks 0.0 or -0.0 by lane order: gguf-py is not stable."""
+    rows = (extreme == 0).view(-1).nonzero().view(-1)
+    if rows.numel():
+        sub = blocks[rows]  # (n_zero, 32)
+        extreme = extreme.clone()
+        extreme[rows] = sub.gather(-1, (sub == 0).to(torch.uint8).argmax(-1, keepdim=True))
+    return extreme
+
+
+def _inverse(d: torch.Tensor) -> torch.Tensor:
+    """1/d, and 0 where d == 0 (a constant block): every value then gets the middle/zero code."""
+    return d.reciprocal().masked_fill_(d == 0, 0.0)
+
+
+def _zero_nonfinite(v: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Where 1/d overflowed (|max| < ~1e-37), codes are 0: what gguf-py's cast of inf/NaN gives
+    on x86, spelled out rather than left to an undefined cast. Such blocks' fp16 d is 0 anyway."""
+    if torch.isinf(inv).any():
+        v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+    return v
+
+
+def _truncate_to_codes(v: torch.Tensor, inv: torch.Tensor, top: int) -> torch.Tensor:
+    """v > -1 -> int8 trunc(v) clipped to 0..top, as gguf-py's trunc, uint8 cast and clip.
+    The cast truncates by itself; int8 because torch casts float -> int8 3x faster than uint8."""
+    return _zero_nonfinite(v, inv).to(torch.int8).clamp_(max=top)
+
+
+# The packers view the codes as int32: 4 codes per word, so one shift or mask moves 4 at once
+# (torch vectorizes int32 shifts, not uint8 or int64 ones). Codes < 32 keep the sign bit clear.
+def _pack_nibbles(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 32) codes -> out (n, 16): element j in the low nibble, element j + 16 in the high."""
+    words = codes.view(torch.int32)  # (n, 8): words 0-3 hold elements 0..15, 4-7 hold 16..31
+    low = words[:, :4] & 0x0F0F0F0F  # the mask drops bit 4 of 5-bit codes before it can spill
+    high = words[:, 4:] & 0x0F0F0F0F
+    high <<= 4
+    high |= low
+    out.copy_(high.view(torch.uint8))  # (n, 4) int32 -> (n, 16) bytes
+
+
+def _pack_high_bits(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """(n, 32) 5-bit codes -> out (n, 4): bit 4 of element j -> bit j % 8 of byte j // 8."""
+    bits = codes.view(torch.int32) >> 4
+    bits &= 0x01010101  # (n, 8): one 0/1 per byte
+    # Fold each word's four one-bit bytes into its low nibble: >> 7 puts byte k+1's bit beside
+    # byte k's, then >> 14 brings bytes k+2 and k+3 beside those two.
+    bits |= bits >> 7
+    bits |= bits >> 14
+    bits &= 0x0F
+    pairs = bits.view(-1, 4, 2)  # (n, 4, 2): the two words whose nibbles make one byte
+    out.copy_(pairs[..., 0] | (pairs[..., 1] << 4))  # (n, 4) int32 -> (n, 4) bytes
+
+
+# --- dequantize -------------------------------------------------------------------------------
+
+
+def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
+    """uint8 bytes of ggml blocks -> float32 tensor of `shape` (last dim a multiple of 32)."""
+    fmt = block_format(qtype)
+    shape = tuple(int(s) for s in shape)
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+        got = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
+        raise TypeError(f"data must be a uint8 torch.Tensor, got {got}")
+    if not shape or shape[-1] % fmt.block_size:
+        raise ValueError(f"shape's last dimension must be a multiple of {fmt.name}'s block size "
+                         f"{fmt.block_size}, got shape {shape}")
+    n_blocks = math.prod(shape) // fmt.block_size
+    if data.numel() != n_blocks * fmt.type_size:
+        raise ValueError(f"{fmt.name} shape {shape} needs {n_blocks * fmt.type_size} bytes "
+                         f"({n_blocks} blocks x {fmt.type_size}), got {data.numel()}")
+    raw = data.contiguous().view(n_blocks, fmt.type_size)
+
+    col = 4 if fmt.has_min else 2
+    if fmt.bits == 8:
+        q = raw[:, col:].contiguous().view(torch.int8)  # (n, 32)
+    else:
+        packed = raw[:, col + (4 if fmt.bits == 5 else 0) :]  # (n, 16)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # (n, 32): low nibbles first
+        if fmt.bits == 5:
+            q |= _unpack_high_bits(raw[:, col : col + 4]) << 4
+        # The _0 types store q + 2^(bits-1); subtract in int8, as gguf-py does.
+        q = q.to(torch.int8) - (0 if fmt.has_min else 1 << (fmt.bits - 1))
+    x = _fp16_field(raw, 0) * q.to(torch.float32)
+    if fmt.has_min:
+        x += _fp16_field(raw, 2)  # a separate add after the multiply: no FMA, as numpy
+    return x.view(shape)
+
+
+def _fp16_field(raw: torch.Tensor, col: int) -> torch.Tensor:
+    """(n, type_size) bytes -> (n, 1) float32 from the little-endian fp16 at byte col."""
+    return raw[:, col : col + 2].contiguous().view(torch.float16).to(torch.float32)
+
+
+def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(n, 4) bytes -> (n, 32) of 0/1: bit j % 8 of byte j // 8 is element j's bit 4."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=qh.device)
+    return ((qh.unsqueeze(-1) >> shifts) & 1).view(qh.shape[0], -1)  # (n, 4, 8) -> (n, 32)
