@@ -24,6 +24,8 @@ SPECS = [
     QuantSpec(1, "asymmetric", "per_group", group_size=16),
     QuantSpec(5, "asymmetric"),
     QuantSpec(7, "symmetric", "per_channel", axis=-1),
+    QuantSpec(4, "asymmetric", "per_group", group_size=20),  # 48 columns: a last group of 8
+    QuantSpec(3, "symmetric", "per_group", group_size=10, axis=0),  # 32 rows: a last group of 2
 ]
 
 
@@ -95,7 +97,7 @@ def slow_reference(x: np.ndarray, spec: QuantSpec):
     block = spec.block_size(x.shape)
     codes = np.zeros(x.shape, dtype=np.int64)
     recon = np.zeros(x.shape, dtype=np.float32)
-    grid = [n // b for n, b in zip(x.shape, block)]
+    grid = [-(-n // b) for n, b in zip(x.shape, block)]  # a shorter last block where b does not divide
     for idx in np.ndindex(*grid):
         sl = tuple(slice(i * b, (i + 1) * b) for i, b in zip(idx, block))
         blk = x[sl]

@@ -55,10 +55,13 @@ def test_block_sizes():
     assert QuantSpec(8, granularity="per_group", group_size=2, axis=0).block_size((4, 6)) == (2, 1)
 
 
-def test_group_size_must_divide_the_axis():
+def test_group_size_that_does_not_divide_leaves_a_shorter_last_group():
+    from zeropoint.core import grid_shape, padded_shape
+
     spec = QuantSpec(4, granularity="per_group", group_size=128)
-    with pytest.raises(ValueError, match="group_size 128 does not divide axis 1 of size 576.*96"):
-        spec.block_size((8, 576))
+    assert spec.block_size((8, 576)) == (1, 128)
+    assert padded_shape((8, 576), spec) == (8, 640)
+    assert grid_shape((8, 576), spec) == (8, 5)
 
 
 def test_axis_out_of_range():

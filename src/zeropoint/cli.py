@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from . import model_commands
 from .atomic import atomic_path
 
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--plot", metavar="PATH", default="zeropoint-exercise.png",
                     help="PNG plot path, or 'none'")
     ex.set_defaults(func=cmd_exercise)
+    model_commands.add_parsers(sub)
     return p
 
 
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except UserError as e:
+    except (UserError, model_commands.CommandError) as e:
         print(f"zeropoint {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

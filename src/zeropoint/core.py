@@ -75,6 +75,37 @@ class BlockView:
             yield slice(start, min(start + step, rows))
 
 
+def padded_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """`shape` rounded up to whole blocks. Only a group size that does not divide its axis
+    changes anything: the last group of that axis is then shorter, and is computed as if padded
+    with zeros, which is exact, since every block's range holds 0 anyway."""
+    block = spec.block_size(tuple(shape))
+    return tuple(-(-n // b) * b for n, b in zip(shape, block))
+
+
+def grid_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    """One entry per block: the shape of the scale and zero-point of a tensor of `shape`."""
+    return tuple(n // b for n, b in zip(padded_shape(shape, spec), spec.block_size(tuple(shape))))
+
+
+def _blocked(t: torch.Tensor, spec: QuantSpec):
+    """(t zero-padded to whole blocks and viewed as the BlockView, the view, the padded shape)."""
+    full = padded_shape(tuple(t.shape), spec)
+    if full != tuple(t.shape):
+        pads = []
+        for have, want in zip(reversed(t.shape), reversed(full)):
+            pads += [0, want - have]
+        t = torch.nn.functional.pad(t, pads)
+    view = BlockView.of(full, spec.block_size(tuple(t.shape)))
+    return t.contiguous().view(view.shape), view, full
+
+
+def _crop(t: torch.Tensor, full: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+    if full == tuple(shape):
+        return t.view(shape)
+    return t.view(full)[tuple(slice(0, n) for n in shape)].contiguous()
+
+
 def check_float_tensor(x: torch.Tensor, name: str = "tensor") -> None:
     """TypeError/ValueError for what the quantizer cannot take: not a float tensor, or empty."""
     if not isinstance(x, torch.Tensor):
@@ -134,8 +165,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
 def block_min_max(x: torch.Tensor, spec: QuantSpec):
     """Minimum and maximum of every block, in the grid shape. Raises on NaN/Inf."""
     check_float_tensor(x)
-    view = BlockView.of(tuple(x.shape), spec.block_size(tuple(x.shape)))
-    xv = x.contiguous().view(view.shape)
+    xv, view, _ = _blocked(x, spec)
     lib = _fast_path(x.dtype, view)
     if lib is not None:
         lo, hi, bad = ckernels.min_max(lib, xv.float(), view)
@@ -156,14 +186,13 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec):
     """Min/max scale and zero-point for `x`: (scale float32, zero_point int32), grid-shaped.
 
     The grid shape is x.shape // block_size: (1, 1) per-tensor for a matrix, (N, 1)
-    per-channel on axis 0, (N, K // group_size) per-group on the last axis.
+    per-channel on axis 0, (N, ceil(K / group_size)) per-group on the last axis.
     """
     lo, hi = block_min_max(x, spec)
     return qparams_from_range(lo, hi, spec)
 
 
-def _prepare(x_shape, spec: QuantSpec, scale: torch.Tensor, zero_point, compute_dtype):
-    view = BlockView.of(tuple(x_shape), spec.block_size(tuple(x_shape)))
+def _prepare(view: BlockView, x_shape, spec: QuantSpec, scale: torch.Tensor, zero_point, compute_dtype):
     if scale.numel() != prod(view.grid):
         raise ValueError(
             f"scale has {scale.numel()} entries but {spec.describe()} on shape {tuple(x_shape)} "
@@ -175,7 +204,7 @@ def _prepare(x_shape, spec: QuantSpec, scale: torch.Tensor, zero_point, compute_
         if zero_point is None:
             raise ValueError("asymmetric quantization needs a zero_point")
         z = zero_point.to(compute_dtype).reshape(view.scale_shape)
-    return view, s, z
+    return s, z
 
 
 def _fast_path(dtype: torch.dtype, view: BlockView):
@@ -196,8 +225,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
     """Integer codes of `x` (dtype spec.code_dtype, shape x.shape) for the given qparams."""
     check_float_tensor(x)
     compute = _compute_dtype(x.dtype)
-    view, s, z = _prepare(x.shape, spec, scale, zero_point, compute)
-    xv = x.contiguous().view(view.shape)
+    xv, view, full = _blocked(x, spec)
+    s, z = _prepare(view, x.shape, spec, scale, zero_point, compute)
     codes = torch.empty(view.shape, dtype=spec.code_dtype)
     lib = _fast_path(x.dtype, view)
     if lib is not None:
@@ -205,7 +234,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
         z_flat = None if z is None else z.contiguous()
         if ckernels.quantize(lib, xv.float(), codes, view, s.contiguous(), z_flat, spec.qmin, spec.qmax):
             raise_if_not_finite(x)
-        return codes.view(x.shape)
+        return _crop(codes, full, x.shape)
     first = next(view.chunks())
     buf = torch.empty((first.stop,) + view.shape[1:], dtype=compute)
     sums = []
@@ -219,7 +248,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
         codes[rows].copy_(y)
     if not torch.isfinite(torch.stack(sums)).all():
         raise_if_not_finite(x)  # a large finite sum can overflow: only raise on real NaN/Inf
-    return codes.view(x.shape)
+    return _crop(codes, full, x.shape)
 
 
 def dequantize(
@@ -232,15 +261,15 @@ def dequantize(
     """(codes - zero_point) * scale, in `dtype` (the dtype the codes were quantized from)."""
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be a float dtype, got {dtype}")
-    view, s, z = _prepare(codes.shape, spec, scale, zero_point, _compute_dtype(dtype))
-    cv = codes.contiguous().view(view.shape)
+    cv, view, full = _blocked(codes, spec)
+    s, z = _prepare(view, codes.shape, spec, scale, zero_point, _compute_dtype(dtype))
     lib = _fast_path(dtype, view)
     if lib is not None:
         out = torch.empty(view.shape, dtype=torch.float32)
         z_flat = None if z is None else z.contiguous()
         ckernels.dequantize(lib, cv, out, view, s.contiguous(), z_flat)
         # The eager path also rounds the float32 product once into a half dtype.
-        return out.to(dtype).view(codes.shape)
+        return _crop(out.to(dtype), full, codes.shape)
     out = torch.empty(view.shape, dtype=dtype)
     for rows in view.chunks():
         o = out[rows]
@@ -248,7 +277,7 @@ def dequantize(
         if z is not None:
             o.sub_(_rows(z, view, rows))
         o.mul_(_rows(s, view, rows))  # one rounding, to the output dtype
-    return out.view(codes.shape)
+    return _crop(out, full, codes.shape)
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -266,11 +295,11 @@ class _FakeQuantize(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale, zero_point = ctx.saved_tensors
         spec = ctx.spec
-        view = BlockView.of(tuple(x.shape), spec.block_size(tuple(x.shape)))
+        xv, view, full = _blocked(x.detach(), spec)
         s = scale.reshape(view.scale_shape)
         z = zero_point.reshape(view.scale_shape) if zero_point.dim() else zero_point
-        q = torch.round(x.detach().reshape(view.shape) / s) + z
-        inside = ((q >= spec.qmin) & (q <= spec.qmax)).reshape(x.shape)
+        q = torch.round(xv / s) + z
+        inside = _crop((q >= spec.qmin) & (q <= spec.qmax), full, x.shape)
         return grad * inside, None, None, None
 
 

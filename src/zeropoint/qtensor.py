@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 @dataclass(frozen=True)
 class QTensor:
     packed: torch.Tensor  # (ceil(numel * bits / 8),) uint8
-    scale: torch.Tensor  # grid shape, float32: shape // spec.block_size(shape)
+    scale: torch.Tensor  # grid shape, float32: ceil(shape / spec.block_size(shape))
     zero_point: torch.Tensor | None  # grid shape, uint8; None for symmetric
     spec: QuantSpec
     shape: tuple[int, ...]
@@ -41,7 +41,7 @@ class QTensor:
 
     @classmethod
     def from_codes(cls, codes, spec: QuantSpec, scale, zero_point, dtype) -> "QTensor":
-        grid = core.BlockView.of(tuple(codes.shape), spec.block_size(tuple(codes.shape))).grid
+        grid = core.grid_shape(tuple(codes.shape), spec)
         unsigned = _to_unsigned(codes, spec)
         zp = None if spec.symmetric else zero_point.reshape(grid).to(torch.uint8)
         return cls(
@@ -57,6 +57,17 @@ class QTensor:
         """The integer codes, shape `self.shape`, dtype spec.code_dtype."""
         unsigned = packing.unpack(self.packed, self.spec.bits, self.numel)
         return _from_unsigned(unsigned, self.spec).view(self.shape)
+
+    def row_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """Codes of the given rows of a 2-D tensor, (len(rows), shape[1]), unpacking only them.
+        Needs whole bytes per row, so that each row starts a fresh run of the bit stream."""
+        n_rows, n_cols = self.shape
+        if (n_cols * self.spec.bits) % 8:
+            raise ValueError(f"a row of {n_cols} codes at {self.spec.bits} bits is not whole bytes")
+        row_bytes = n_cols * self.spec.bits // 8
+        packed = self.packed.view(n_rows, row_bytes)[rows]  # (len(rows), row_bytes)
+        unsigned = packing.unpack(packed.reshape(-1), self.spec.bits, rows.numel() * n_cols)
+        return _from_unsigned(unsigned, self.spec).view(rows.numel(), n_cols)
 
     def dequantize(self) -> torch.Tensor:
         return core.dequantize(self.codes(), self.spec, self.scale, self.zero_point, self.dtype)
@@ -124,14 +135,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _sign_offset(spec: QuantSpec) -> int:
-    # Signed codes are stored biased by 2^(b-1) so that they fit the unsigned b-bit packer.
-    return 1 << (spec.bits - 1)
+    # Signed sub-byte codes are stored biased by 2^(b-1) so that they fit the unsigned b-bit
+    # packer; 8-bit codes are their own two's-complement bytes, which int8 kernels read in place.
+    return 0 if spec.bits == 8 else 1 << (spec.bits - 1)
 
 
 def _to_unsigned(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if not spec.symmetric:
         return codes.to(torch.uint8)
-    # In uint8 arithmetic modulo 256, q + 2^(b-1) is exact for q in [-2^(b-1), 2^(b-1)).
+    # In uint8 arithmetic modulo 256, q + offset is exact for q in [-2^(b-1), 2^(b-1)).
     return codes.to(torch.int8).view(torch.uint8) + _sign_offset(spec)
 
 

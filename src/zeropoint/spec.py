@@ -121,12 +121,8 @@ class QuantSpec:
         axis = self.resolved_axis(len(shape))
         if self.granularity is Granularity.PER_CHANNEL:
             return tuple(1 if d == axis else n for d, n in enumerate(shape))
-        if shape[axis] % self.group_size:
-            raise ValueError(
-                f"group_size {self.group_size} does not divide axis {axis} of size "
-                f"{shape[axis]}; accepted: a divisor of {shape[axis]} "
-                f"(e.g. {_largest_divisor_at_most(shape[axis], self.group_size)})"
-            )
+        # A group size that does not divide the axis leaves a shorter last group (see
+        # core.padded_shape): exact, as every block's range holds 0.
         return tuple(self.group_size if d == axis else 1 for d in range(len(shape)))
 
     def describe(self) -> str:
@@ -153,6 +149,3 @@ class QuantSpec:
     def from_dict(cls, d: dict) -> "QuantSpec":
         return cls(**d)
 
-
-def _largest_divisor_at_most(n: int, k: int) -> int:
-    return max(d for d in range(1, min(n, k) + 1) if n % d == 0)

@@ -187,7 +187,8 @@ def test_int4_float32_input_and_bias(gen):
     ref = int4_reference(x.reshape(4, -1), codes, scale, zp, g) + bias.double()
     # x is rounded to bfloat16 for the kernel: one more 2**-8 relative per input element.
     bound = int4_bound(x.reshape(4, -1), scale, g, ref) + BF16_U * (
-        x.reshape(4, -1).double().abs() @ w.dequantize(torch.float64).abs().T
+        x.reshape(4, -1).double().abs()
+        @ Int4Weight.prepare(codes, scale, zp, g, backend="fallback").dequantize(torch.float64).abs().T
     )
     assert ((y.reshape(4, -1).double() - ref).abs() <= bound).all()
 

@@ -150,8 +150,9 @@ class Int8Weight:
     (bit for bit on the AVX512 machine they were written on).
     """
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, reduce_range: bool, packed):
-        self.codes = codes  # (out_features, in_features) int8
+    def __init__(self, shape, codes, scale: torch.Tensor, reduce_range: bool, packed):
+        self._shape = shape  # (out_features, in_features)
+        self.codes = codes  # (out_features, in_features) int8; kept for the fallback only
         self.scale = scale  # (out_features,) float32
         self.reduce_range = reduce_range
         self._packed = packed  # fbgemm's packed weight, or None for the fallback
@@ -162,7 +163,7 @@ class Int8Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return self._shape
 
     @classmethod
     def prepare(
@@ -188,11 +189,11 @@ class Int8Weight:
         codes = codes.contiguous()
         fast = _resolve(backend, fbgemm_available(), "this torch build has no fbgemm engine")
         packed = _fbgemm_prepack(codes, scale) if fast else None
-        return cls(codes, scale, reduce_range, packed)
+        return cls(tuple(codes.shape), None if fast else codes, scale, reduce_range, packed)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x @ w.T + bias for x (..., in_features); y has x's dtype."""
-        x2 = _as_rows(x, self.codes.shape[1]).float()  # (batch, in_features)
+        x2 = _as_rows(x, self.shape[1]).float()  # (batch, in_features)
         if self._packed is not None:
             y = torch.ops.quantized.linear_dynamic(x2, self._packed, self.reduce_range)
         else:
@@ -202,7 +203,9 @@ class Int8Weight:
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
-        """(out_features, in_features) float32 weight."""
+        """(out_features, in_features) float32 weight. Only the fallback keeps the codes."""
+        if self.codes is None:
+            raise RuntimeError("the fbgemm weight keeps no plain codes; prepare a fallback one")
         return self.codes.float() * self.scale[:, None]
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,6 +243,44 @@ def _fbgemm_prepack(codes: torch.Tensor, scale: torch.Tensor):
         return torch.ops.quantized.linear_prepack(qweight, None)
 
 
+class Int8WeightOnly:
+    """A symmetric per-output-channel int8 weight, activations left alone (weight-only int8).
+
+    Fast path: `aten._weight_int8pack_mm` with bfloat16 activations, which multiplies the int8
+    codes in place (no dequantized copy) and applies the bfloat16 scale per output channel. The
+    fallback computes the same thing in plain torch: (x_bf16 @ codes.T) * scale_bf16, rounded to
+    bfloat16. Both round x to bfloat16, which is what makes the kernel fast on a CPU.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fast: bool):
+        self.codes = codes  # (out_features, in_features) int8, shared with the stored QTensor
+        self.scale = scale.to(torch.bfloat16)  # (out_features,)
+        self.fast = fast
+
+    @property
+    def backend(self) -> str:
+        return "int8pack" if self.fast else "fallback"
+
+    @classmethod
+    def prepare(cls, codes: torch.Tensor, scale: torch.Tensor, *, backend: Backend = "auto"):
+        _check_2d(codes, "codes", torch.int8)
+        if scale.shape != (codes.shape[0],):
+            raise ValueError(f"scale must have shape ({codes.shape[0]},), got {tuple(scale.shape)}")
+        available = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+        fast = _resolve(backend, available, "this torch build has no _weight_int8pack_mm")
+        return cls(codes.contiguous(), _check_scale(scale), fast)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2 = _as_rows(x, self.codes.shape[1]).to(torch.bfloat16).contiguous()  # (batch, in)
+        if self.fast:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.scale)
+        else:
+            y = ((x2.float() @ self.codes.float().T) * self.scale.float()).to(torch.bfloat16)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
 # --- int4 --------------------------------------------------------------------------------------
 
 
@@ -259,8 +300,11 @@ class Int4Weight:
     Activations of another dtype are cast to bfloat16 for the kernel and the result cast back.
     """
 
-    def __init__(self, codes, scale, zero_point, group_size, packed, scales_and_zeros):
-        self.codes = codes  # (out_features, in_features) uint8, 0..15
+    def __init__(self, shape, codes, scale, zero_point, group_size, packed, scales_and_zeros):
+        self._shape = shape  # (out_features, in_features)
+        # (out_features, in_features) uint8, 0..15: kept for the fallback only, so that the fast
+        # path holds nothing but the kernel's packed half-byte weight.
+        self.codes = codes
         self.scale = scale  # (out_features, in_features // group_size) float32
         self.zero_point = zero_point  # (out_features, in_features // group_size) uint8, 0..15
         self.group_size = group_size
@@ -273,7 +317,7 @@ class Int4Weight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)
+        return self._shape
 
     @classmethod
     def prepare(
@@ -326,11 +370,12 @@ class Int4Weight:
                 codes.to(torch.int32).contiguous(), 1  # inner_k_tiles: ignored on CPU
             )
             sz = _int4_scales_and_zeros(scale, zero_point)
-        return cls(codes.contiguous(), scale, zero_point, group_size, packed, sz)
+        kept_codes = None if fast else codes.contiguous()
+        return cls(tuple(codes.shape), kept_codes, scale, zero_point, group_size, packed, sz)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """y = x @ w.T + bias for x (..., in_features); y has x's dtype."""
-        x2 = _as_rows(x, self.codes.shape[1])  # (batch, in_features)
+        x2 = _as_rows(x, self.shape[1])  # (batch, in_features)
         if self._packed is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self._packed, self.group_size,
@@ -343,8 +388,11 @@ class Int4Weight:
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(out_features, in_features) weight (codes - zero_point) * scale, as `dtype`."""
-        out_features, in_features = self.codes.shape
+        """(out_features, in_features) weight (codes - zero_point) * scale, as `dtype`.
+        Only the fallback keeps the codes to do this."""
+        if self.codes is None:
+            raise RuntimeError("the int4pack weight keeps no plain codes; prepare a fallback one")
+        out_features, in_features = self.shape
         codes = self.codes.view(out_features, -1, self.group_size).float()  # (out, groups, size)
         w = (codes - self.zero_point.float()[..., None]).mul_(self.scale[..., None])
         return w.view(out_features, in_features).to(dtype)

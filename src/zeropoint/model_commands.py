@@ -1,0 +1,203 @@
+"""`zeropoint quantize` and `zeropoint eval`: the model-level commands behind cli.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .atomic import atomic_path
+from .spec import QuantSpec
+
+DEFAULT_MODEL = "default"  # the built-in SmolLM2-135M-Instruct GGUF
+
+
+class CommandError(Exception):
+    """A user error: cli.py prints it in one line and exits with code 2."""
+
+
+def _quiet_libraries() -> None:
+    # transformers and tokenizers talk a lot on load; zeropoint prints its own summary.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def open_model(path: str | None, progress: bool = False):
+    """A float model (checkpoint dir, .gguf, or 'default') or a zeropoint directory."""
+    from .checkpoint import is_zeropoint_dir
+    from .models.load import ModelLoadError, load_model
+    from .nn.serialize import load_quantized
+
+    _quiet_libraries()
+    try:
+        if path not in (None, DEFAULT_MODEL) and is_zeropoint_dir(path):
+            return load_quantized(path)
+        return load_model(None if path in (None, DEFAULT_MODEL) else path, progress=progress)
+    except ModelLoadError as e:
+        raise CommandError(str(e)) from None
+
+
+def _recipe_from_args(args):
+    from .nn.recipe import Recipe
+
+    try:
+        if args.recipe:
+            return Recipe.load(args.recipe)
+        group = args.group_size if args.granularity == "per_group" else None
+        spec = QuantSpec(args.bits, args.scheme, args.granularity, group_size=group)
+        return Recipe.uniform(spec, keep_float=tuple(args.keep_float), activations=args.activations)
+    except (ValueError, TypeError) as e:
+        raise CommandError(str(e)) from None
+
+
+def _read_text(path: str | None) -> str:
+    from .models.evaluate import default_text
+
+    if path is None:
+        return default_text()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandError(f"cannot read text file {path!r}: {e}") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def cmd_quantize(args) -> None:
+    from .models.evaluate import perplexity
+    from .nn.quantize_model import quantize_model
+    from .nn.serialize import load_quantized, save_quantized
+
+    from .checkpoint import is_zeropoint_dir
+
+    out = Path(args.output)
+    if args.model and is_zeropoint_dir(args.model):
+        raise CommandError(f"{args.model!r} is already quantized; quantize its float source instead")
+    if out.exists() and not args.force:
+        raise CommandError(f"output {str(out)!r} already exists; pass --force to replace it")
+    recipe = _recipe_from_args(args)
+    text = _read_text(args.text) if args.eval else None
+    started = time.perf_counter()
+    loaded = open_model(args.model, progress=not args.quiet)
+    before = None
+    if args.eval and loaded.kind == "causal-lm":
+        before = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=args.max_tokens)
+    float_reference = None
+    if args.eval and loaded.kind == "encoder":
+        float_reference = open_model(args.model).model
+    try:
+        report = quantize_model(loaded.model, recipe, progress=not args.quiet)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    with atomic_path(out, directory=True) as tmp:
+        manifest = save_quantized(
+            loaded.model, tmp, recipe=recipe, kind=loaded.kind, tokenizer=loaded.tokenizer,
+            config=loaded.config, source=str(args.model or DEFAULT_MODEL), method="rtn",
+        )
+    elapsed = time.perf_counter() - started
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    rows = [
+        ("size of weights", _mib(report.float_bytes), _mib(manifest.total_bytes)),
+        ("bits per weight", f"{8 * report.float_bytes / report.params:.2f}", f"{manifest.bits_per_weight:.3f}"),
+        ("quantized layers", "", f"{len(report.layers)} ({manifest.quantized_bits_per_weight:.3f} bits/weight)"),
+        ("safetensors on disk", "", _mib(on_disk)),
+    ]
+    if args.eval:
+        quantized = load_quantized(out)
+        if loaded.kind == "causal-lm":
+            after = perplexity(quantized.model, quantized.tokenizer, text, max_tokens=args.max_tokens)
+            rows.append((f"perplexity ({after.tokens} tokens)", f"{before.perplexity:.3f}", f"{after.perplexity:.3f}"))
+        else:
+            from .models.evaluate import embedding_cosine
+
+            cos = embedding_cosine(float_reference, quantized.model, quantized.tokenizer, _sentences(text))
+            rows.append(("embedding cosine vs float", "1", f"{cos:.5f}"))
+    if not args.quiet:
+        print(f"\nwrote {out} in {elapsed:.1f} s ({recipe.default.describe() if recipe.default else 'float'})")
+        width = max(len(r[0]) for r in rows) + 2
+        print(f"{'':<{width}}{'before':>14}{'after':>22}")
+        for name, a, b in rows:
+            print(f"{name:<{width}}{a:>14}{b:>22}")
+
+
+def _sentences(text: str, limit: int = 64) -> list[str]:
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 20]
+    return lines[:limit] or [text[:512]]
+
+
+def _model_figures(loaded) -> dict:
+    from .checkpoint import is_zeropoint_dir, read_manifest
+    from .nn.quantize_model import model_bytes
+
+    if is_zeropoint_dir(loaded.source):
+        m = read_manifest(loaded.source)
+        return {"model": loaded.source, "bytes": m.total_bytes, "bits_per_weight": m.bits_per_weight}
+    nbytes, params = model_bytes(loaded.model)
+    return {"model": loaded.source, "bytes": nbytes, "bits_per_weight": 8 * nbytes / params}
+
+
+def cmd_eval(args) -> None:
+    from .models.evaluate import embedding_cosine, perplexity
+
+    text = _read_text(args.text)
+    models = [open_model(p, progress=False) for p in [args.model] + ([args.quantized] if args.quantized else [])]
+    results = []
+    for loaded in models:
+        fig = _model_figures(loaded)
+        if loaded.kind == "causal-lm":
+            r = perplexity(loaded.model, loaded.tokenizer, text, window=args.window, max_tokens=args.max_tokens)
+            fig.update(perplexity=r.perplexity, tokens=r.tokens)
+        results.append(fig)
+    if models[0].kind == "encoder":
+        if len(models) < 2:
+            raise CommandError("an encoder is scored by cosine against a quantized copy: give MODEL QUANTIZED")
+        sentences = _sentences(text)
+        cos = embedding_cosine(models[0].model, models[1].model, models[1].tokenizer, sentences)
+        results[1].update(cosine=cos, tokens=sum(len(models[1].tokenizer(s)["input_ids"]) for s in sentences))
+    for fig in results:
+        score = f"perplexity {fig['perplexity']:.3f} over {fig['tokens']} tokens" if "perplexity" in fig \
+            else (f"cosine {fig['cosine']:.5f}" if "cosine" in fig else "reference")
+        print(f"{fig['model']}: {score}; {fig['bits_per_weight']:.3f} bits/weight, {_mib(fig['bytes'])}")
+    if args.json:
+        payload = dict(results[-1])
+        if len(results) > 1:
+            payload["reference"] = results[0]
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def add_parsers(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model into a zeropoint directory")
+    q.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M)")
+    q.add_argument("-o", "--output", required=True, help="output directory")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--scheme", default="symmetric", help="symmetric or asymmetric")
+    q.add_argument("--granularity", default="per_group", help="per_group or per_channel")
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--keep-float", nargs="*", default=["lm_head"], metavar="PATTERN",
+                   help="module-name patterns to keep in float (default: lm_head)")
+    q.add_argument("--activations", choices=["int8-dynamic"], default=None,
+                   help="also quantize activations at run time (needs --bits 8 --granularity per_channel)")
+    q.add_argument("--recipe", metavar="FILE", help="a recipe JSON file (overrides the spec options)")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.add_argument("--eval", action="store_true", help="measure perplexity (or cosine) before and after")
+    q.add_argument("--text", metavar="FILE", help="evaluation text (default: Python's pydoc topics)")
+    q.add_argument("--max-tokens", type=int, default=2048)
+    q.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
+    e.add_argument("model", help="float model ('default', a checkpoint dir, a .gguf) or a zeropoint dir")
+    e.add_argument("quantized", nargs="?", help="a zeropoint directory to compare with MODEL")
+    e.add_argument("--text", metavar="FILE", help="text to score (default: Python's pydoc topics)")
+    e.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
+    e.add_argument("--max-tokens", type=int, default=2048)
+    e.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    e.set_defaults(func=cmd_eval)

@@ -1,0 +1,166 @@
+"""Quantized modules: QLinear and QEmbedding hold a packed QTensor and compute with it.
+
+QLinear picks the fastest matmul the weight's spec allows (see kernels.py):
+- up to 4 bits, per-group along in_features (or per-channel): the int4 kernel. Codes of 2 and 3
+  bits, and symmetric codes, are exact in its asymmetric 4-bit form (q + 8 with zero-point 8).
+- 5 to 8 bits, symmetric, per output channel: the int8 weight-only kernel (bfloat16 activations),
+  or fbgemm's dynamic int8 linear when the recipe quantizes activations ("int8-dynamic").
+- anything else: dequantize the weight and call F.linear; correct for every spec, but slow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..qtensor import QTensor
+from ..spec import Granularity, QuantSpec
+from .kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, Int8WeightOnly
+
+
+def _int4_form(q: QTensor):
+    """(codes 0..15, scale, zero_point, group_size) for the int4 kernel, or None.
+
+    The kernel takes a few group sizes that must divide in_features; any of our groups (per
+    channel, or per group, also with a shorter last group) is a run of whole kernel groups of
+    size gcd(group, in_features) or a divisor of it, each repeating the group's scale."""
+    spec = q.spec
+    if spec.bits > 4 or len(q.shape) != 2:
+        return None
+    out_features, in_features = q.shape
+    if spec.granularity is Granularity.PER_GROUP and spec.resolved_axis(2) == 1:
+        group = spec.group_size
+    elif spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0:
+        group = in_features
+    else:
+        return None
+    common = math.gcd(group, in_features)
+    kernel_group = max((g for g in INT4_GROUP_SIZES if common % g == 0), default=None)
+    if kernel_group is None:
+        return None
+    per_group = group // kernel_group  # kernel groups in one of ours
+    n_kernel_groups = in_features // kernel_group
+    scale = q.scale.repeat_interleave(per_group, dim=1)[:, :n_kernel_groups]
+    codes = q.codes()
+    if spec.symmetric:  # q in [-8, 7] is (q + 8) - 8: unsigned codes with zero-point 8
+        codes = (codes.to(torch.int16) + 8).to(torch.uint8)
+        zero_point = torch.full(scale.shape, 8, dtype=torch.uint8)
+    else:
+        zero_point = q.zero_point.repeat_interleave(per_group, dim=1)[:, :n_kernel_groups]
+    return codes, scale.contiguous(), zero_point.contiguous(), kernel_group
+
+
+def _is_int8_per_channel(spec: QuantSpec, shape) -> bool:
+    return (
+        spec.symmetric and spec.bits >= 5 and len(shape) == 2
+        and spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
+    )
+
+
+class _Dequantizing:
+    """The portable path for any spec: dequantize, then F.linear in the activation dtype."""
+
+    backend = "dequantize"
+
+    def __init__(self, q: QTensor):
+        self.q = q
+
+    def linear(self, x, bias=None):
+        return F.linear(x, self.q.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def select_kernel(q: QTensor, activations: str | None = None, backend: str = "auto"):
+    """The matmul object for weight `q` (see the module docstring for the order)."""
+    if activations == "int8-dynamic":
+        if not (_is_int8_per_channel(q.spec, q.shape) and q.spec.bits == 8):
+            raise ValueError(
+                f"int8-dynamic activations need 8-bit symmetric per-channel weights, got "
+                f"{q.spec.describe()}"
+            )
+        return Int8Weight.prepare(q.codes(), q.scale.reshape(-1), backend=backend)
+    if backend == "dequantize":
+        return _Dequantizing(q)
+    form = _int4_form(q)
+    if form is not None:
+        return Int4Weight.prepare(*form, backend=backend)
+    if _is_int8_per_channel(q.spec, q.shape):
+        return Int8WeightOnly.prepare(q.codes(), q.scale.reshape(-1), backend=backend)
+    return _Dequantizing(q)
+
+
+class QLinear(nn.Module):
+    """A Linear layer whose weight is a packed QTensor (out_features, in_features)."""
+
+    def __init__(self, weight: QTensor, bias: torch.Tensor | None, activations: str | None = None,
+                 backend: str = "auto"):
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"QLinear needs a 2-D weight, got shape {weight.shape}")
+        self.weight_q = weight
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.activations = activations
+        self.kernel = select_kernel(weight, activations, backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, activations: str | None = None,
+                    backend: str = "auto", weight: QTensor | None = None) -> "QLinear":
+        q = weight if weight is not None else QTensor.quantize(linear.weight.detach(), spec)
+        return cls(q, linear.bias, activations, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel.linear(x, self.bias)
+
+    def resident_bytes(self) -> int:
+        """Bytes this layer holds: the stored QTensor plus what its kernel packed for itself."""
+        total = self.weight_q.nbytes + (self.bias.nbytes if self.bias is not None else 0)
+        for name in ("_packed", "_scales_and_zeros"):
+            t = getattr(self.kernel, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.nbytes
+        return total
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.weight_q.spec.describe()}, kernel={self.kernel.backend}")
+
+
+class QEmbedding(nn.Module):
+    """An Embedding whose table is a QTensor quantized per row (per-channel on axis 0, or
+    per-group along the embedding dimension). A lookup unpacks only the rows it needs."""
+
+    def __init__(self, weight: QTensor, padding_idx=None):
+        super().__init__()
+        spec = weight.spec
+        rows_ok = spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
+        groups_ok = spec.granularity is Granularity.PER_GROUP and spec.resolved_axis(2) == 1
+        if len(weight.shape) != 2 or not (rows_ok or groups_ok):
+            raise ValueError(
+                f"QEmbedding needs a 2-D table quantized per row or per group along the "
+                f"embedding dimension, got {spec.describe()} on shape {weight.shape}"
+            )
+        if (weight.shape[1] * spec.bits) % 8:
+            raise ValueError(
+                f"an embedding row of {weight.shape[1]} codes at {spec.bits} bits is not whole "
+                "bytes, so rows cannot be unpacked on their own"
+            )
+        self.weight_q = weight
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q, dim = self.weight_q, self.embedding_dim
+        flat = ids.reshape(-1)
+        codes = q.row_codes(flat).float()  # (n, dim)
+        groups = q.scale.shape[1]
+        codes = codes.view(flat.numel(), groups, dim // groups)  # (n, groups, group_size)
+        if q.zero_point is not None:
+            codes = codes - q.zero_point[flat].float().unsqueeze(-1)
+        rows = codes * q.scale[flat].unsqueeze(-1)
+        return rows.reshape(*ids.shape, dim).to(q.dtype)
+
+    def resident_bytes(self) -> int:
+        return self.weight_q.nbytes

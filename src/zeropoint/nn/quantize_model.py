@@ -1,0 +1,111 @@
+"""quantize_model: replace a model's Linear (and optionally Embedding) layers with packed ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..qtensor import QTensor
+from .qlinear import QEmbedding, QLinear
+from .recipe import Recipe
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, ...]
+    spec: str
+    bytes: int  # codes + scales + zero-points
+    bits_per_weight: float
+    kernel: str
+
+
+@dataclass
+class ModelReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    params: int = 0  # parameters of the float model (tied ones once)
+    float_bytes: int = 0  # measured: bytes of the float model's parameters and buffers
+    resident_bytes: int = 0  # measured: what the quantized model holds, kernel copies included
+    stored_bytes: int = 0  # what its weights take on disk: packed layers plus float tensors
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per parameter over the whole model, float layers and scales included."""
+        return 8.0 * self.stored_bytes / max(1, self.params)
+
+
+def _distinct(tensors):
+    """Each tensor once, however many names share it (tied weights)."""
+    seen = set()
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            yield t
+
+
+def model_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes, elements) of the distinct tensors a model holds: parameters, buffers and the
+    packed weights of quantized layers. Tied parameters count once."""
+    total = elements = 0
+    for t in _distinct(list(model.parameters()) + list(model.buffers())):
+        total += t.nbytes
+        elements += t.numel()
+    for m in model.modules():
+        if isinstance(m, (QLinear, QEmbedding)):
+            total += m.resident_bytes() - (m.bias.nbytes if getattr(m, "bias", None) is not None else 0)
+            elements += m.weight_q.numel
+    return total, elements
+
+
+def _targets(model: nn.Module, recipe: Recipe):
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or (recipe.quantize_embeddings and isinstance(module, nn.Embedding)):
+            spec = recipe.spec_for(name)
+            if spec is not None:
+                yield name, module, spec
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: bool = False,
+                   backend: str = "auto", quantize_fn=None) -> ModelReport:
+    """Replace, in place, every Linear (and Embedding, if the recipe says so) that the recipe
+    gives a spec with a QLinear/QEmbedding holding the packed weight. Returns what it did and
+    the measured sizes.
+
+    quantize_fn(name, weight, spec) -> QTensor lets error-correcting methods supply the codes;
+    the default is round-to-nearest with min/max scales.
+    """
+    recipe = recipe or Recipe()
+    params = sum(t.numel() for t in _distinct(model.parameters()))
+    report = ModelReport(params=params, float_bytes=model_bytes(model)[0])
+    targets = list(_targets(model, recipe))
+    for name, module, spec in tqdm(targets, desc="quantize", unit="tensor", disable=not progress):
+        w = module.weight.detach()
+        try:
+            q = quantize_fn(name, w, spec) if quantize_fn else QTensor.quantize(w, spec)
+        except ValueError as e:
+            raise ValueError(f"{name}.weight {tuple(w.shape)}: {e}") from None
+        if isinstance(module, nn.Linear):
+            new = QLinear(q, module.bias, recipe.activations, backend)
+            kernel = new.kernel.backend
+        else:
+            new = QEmbedding(q, module.padding_idx)
+            kernel = "lookup"
+        _set_module(model, name, new)
+        report.layers.append(LayerReport(name, q.shape, spec.describe(), q.nbytes, q.bits_per_weight, kernel))
+    report.resident_bytes, _ = model_bytes(model)
+    stored_float = sum(t.nbytes for t in _distinct(model.parameters()))
+    report.stored_bytes = sum(layer.bytes for layer in report.layers) + stored_float
+    return report
+
+
+def quantized_layers(model: nn.Module):
+    """(name, module) of every QLinear/QEmbedding in the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]

@@ -1,0 +1,100 @@
+"""Recipe: which spec each layer of a model gets.
+
+A default spec plus rules by module-name pattern (fnmatch: `lm_head`, `*.down_proj`,
+`model.layers.0.*`). The last rule that matches a name wins, so a general rule can come first and
+exceptions after it. A rule with spec None keeps the layer in float.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from ..atomic import atomic_path
+from ..spec import QuantSpec
+
+ACTIVATION_MODES = (None, "int8-dynamic")
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str  # fnmatch pattern over the module's qualified name
+    spec: QuantSpec | None  # None: keep this module in float
+
+
+@dataclass(frozen=True)
+class Recipe:
+    # 4-bit group-128 is the common default of local LLM tools: ~4.3 bits per weight.
+    default: QuantSpec | None = field(
+        default_factory=lambda: QuantSpec(4, "symmetric", "per_group", group_size=128)
+    )
+    # The output head sees every token's full hidden state; it is the most sensitive layer.
+    rules: tuple[Rule, ...] = (Rule("lm_head", None),)
+    quantize_embeddings: bool = False  # embeddings are a lookup, not a matmul: no speed to gain
+    # "int8-dynamic": 8-bit weights with activations quantized to 8 bits at run time.
+    activations: str | None = None
+
+    def __post_init__(self):
+        if self.activations not in ACTIVATION_MODES:
+            raise ValueError(
+                f"unknown activation mode {self.activations!r}; accepted: None, 'int8-dynamic'"
+            )
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    def spec_for(self, name: str) -> QuantSpec | None:
+        """The spec for the module called `name`, or None to keep it in float."""
+        spec = self.default
+        for rule in self.rules:
+            if fnmatchcase(name, rule.pattern):
+                spec = rule.spec
+        return spec
+
+    @classmethod
+    def uniform(cls, spec: QuantSpec | None, keep_float=("lm_head",), **kw) -> "Recipe":
+        return cls(spec, tuple(Rule(p, None) for p in keep_float), **kw)
+
+    def to_dict(self) -> dict:
+        return {
+            "default": _spec_dict(self.default),
+            "rules": [{"pattern": r.pattern, "spec": _spec_dict(r.spec)} for r in self.rules],
+            "quantize_embeddings": self.quantize_embeddings,
+            "activations": self.activations,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        unknown = set(d) - {"default", "rules", "quantize_embeddings", "activations"}
+        if unknown:
+            raise ValueError(
+                f"unknown recipe keys {sorted(unknown)}; accepted: default, rules, "
+                "quantize_embeddings, activations"
+            )
+        rules = tuple(Rule(r["pattern"], _spec_from(r.get("spec"))) for r in d.get("rules", ()))
+        return cls(
+            _spec_from(d.get("default")), rules, bool(d.get("quantize_embeddings", False)),
+            d.get("activations"),
+        )
+
+    def save(self, path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Recipe":
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"recipe file {str(path)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"recipe file {str(path)!r} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+
+def _spec_dict(spec: QuantSpec | None):
+    return None if spec is None else spec.to_dict()
+
+
+def _spec_from(d) -> QuantSpec | None:
+    return None if d is None else QuantSpec.from_dict(d)

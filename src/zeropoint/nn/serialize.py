@@ -1,0 +1,73 @@
+"""Save a quantized model as a zeropoint directory (see checkpoint.py) and load it back.
+
+Loading rebuilds the architecture from config.json, swaps in QLinear/QEmbedding layers built
+from the stored QTensors and loads every other tensor as stored, so the loaded model computes
+bit-identical logits to the model that was saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointWriter, Manifest, read_tensors
+from .qlinear import QEmbedding, QLinear
+from .quantize_model import _distinct, _set_module, quantized_layers
+from .recipe import Recipe
+
+
+def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, tokenizer=None,
+                   config=None, **extra) -> Manifest:
+    """Write `model` into the (new, empty) `directory`. Tied tensors are written once."""
+    directory = Path(directory)
+    writer = CheckpointWriter(directory)
+    for name, module in quantized_layers(model):
+        q = module.weight_q
+        writer.add_quantized(name + ".weight", q, source_bytes=q.numel * torch.finfo(q.dtype).bits // 8)
+    state = model.state_dict()
+    # A tied weight is written under its first name; the architecture ties it again on load.
+    for t in _distinct(state.values()):
+        writer.add_kept(next(k for k, v in state.items() if v is t), t)
+    if config is not None:
+        config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return writer.finish(recipe=recipe.to_dict(), kind=kind, **extra)
+
+
+def load_quantized(directory, backend: str = "auto"):
+    """A zeropoint directory -> models.LoadedModel with the quantized model in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models.load import LoadedModel
+
+    directory = Path(directory)
+    manifest, quantized, kept = read_tensors(directory)
+    kind = manifest.extra.get("kind", "causal-lm")
+    recipe = Recipe.from_dict(manifest.extra["recipe"]) if "recipe" in manifest.extra else Recipe()
+    config = AutoConfig.from_pretrained(directory)
+    auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+    model = auto.from_config(config).float()
+    for name, q in quantized.items():
+        module_name = name.removesuffix(".weight")
+        module = model.get_submodule(module_name)
+        if isinstance(module, nn.Embedding):
+            new = QEmbedding(q, module.padding_idx)
+        else:
+            new = QLinear(q, kept.get(module_name + ".bias"), recipe.activations, backend)
+        _set_module(model, module_name, new)
+    missing, unexpected = model.load_state_dict(kept, strict=False)
+    if unexpected:
+        raise ValueError(f"{directory} holds tensors the architecture does not have: {unexpected[:5]}")
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in kept}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"{directory} lacks tensors the architecture needs: {untied[:5]}")
+    model.eval()
+    has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
+    return LoadedModel(model, tokenizer, kind, str(directory), config)
+
