@@ -1,0 +1,132 @@
+"""`zeropoint quantize` and `zeropoint eval` end to end, on a tiny checkpoint built here."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zeropoint.checkpoint as checkpoint_module
+from zeropoint import load
+from zeropoint.cli import main
+from zeropoint.models.evaluate import perplexity
+
+WORDS = [f"w{i}" for i in range(120)]
+TEXT = " ".join(WORDS[(i * 7) % 120] for i in range(400))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer Llama with a word-level tokenizer, saved as a Hugging Face checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny")
+    vocab = {w: i for i, w in enumerate(["<unk>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    (path / "text.txt").write_text(TEXT)
+    return path
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "zeropoint.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_quantize_writes_a_directory_that_loads_and_evaluates(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "q"
+    text = tiny_checkpoint / "text.txt"
+    assert main(["quantize", str(tiny_checkpoint), "-o", str(out), "--bits", "4", "--group-size", "32",
+                 "--eval", "--text", str(text)]) == 0
+    table = capsys.readouterr().out
+    assert "bits per weight" in table and "perplexity" in table
+    assert {"zeropoint.json", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    manifest = json.loads((out / "zeropoint.json").read_text())
+    assert manifest["format"] == "zeropoint" and manifest["version"] == 1
+    assert manifest["quantized"]["model.layers.0.mlp.up_proj.weight"]["spec"]["bits"] == 4
+    assert "lm_head.weight" not in manifest["quantized"]  # kept in float by default
+    loaded = load(out)
+    ppl = perplexity(loaded.model, loaded.tokenizer, TEXT).perplexity
+    assert f"{ppl:.3f}" in table  # the table reports the saved model, not an in-memory one
+
+    json_path = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_checkpoint), str(out), "--text", str(text), "--json", str(json_path)]) == 0
+    figures = json.loads(json_path.read_text())
+    assert figures["perplexity"] == pytest.approx(ppl, rel=1e-6)
+    assert {"tokens", "bits_per_weight", "bytes"} <= figures.keys()
+    assert figures["bits_per_weight"] < figures["reference"]["bits_per_weight"] == pytest.approx(32.0)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["quantize", "/no/such/model", "-o", "OUT"], "does not exist"),
+        (["quantize", ".", "-o", "OUT"], "has no config.json"),
+        (["quantize", "TINY", "-o", "OUT", "--bits", "12"], "bits must be 1..8, got 12"),
+        (["quantize", "TINY", "-o", "OUT", "--scheme", "affine"], "unknown scheme 'affine'"),
+        (["eval", "/no/such/model"], "does not exist"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(tiny_checkpoint, tmp_path, args, message):
+    args = [str(tiny_checkpoint) if a == "TINY" else a for a in args]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper-x", "architectures": ["WhisperXModel"]}))
+    proc = run_cli("quantize", tmp_path, "-o", tmp_path / "out")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "whisper-x" in proc.stderr or "WhisperXModel" in proc.stderr
+
+
+def test_existing_output_needs_force(tiny_checkpoint, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = run_cli("quantize", tiny_checkpoint, "-o", out, "--group-size", "32", "--quiet")
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    proc = run_cli("quantize", tiny_checkpoint, "-o", out, "--group-size", "32", "--quiet", "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # --quiet: no table
+    assert not (out / "precious.txt").exists() and (out / "zeropoint.json").exists()
+
+
+def test_a_failed_run_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkeypatch):
+    def fail_midway(self, **extra):
+        self._flush()  # shards are on disk by now
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "finish", fail_midway)
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        main(["quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"), "--group-size", "32", "--quiet"])
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
+
+
+def test_an_interrupted_run_leaves_no_partial_output(tiny_checkpoint, tmp_path):
+    """SIGINT while shards are being written: KeyboardInterrupt unwinds through atomic_path."""
+    script = (
+        "import os, signal, sys\n"
+        "import zeropoint.checkpoint as c\n"
+        "real = c.CheckpointWriter._flush\n"
+        "def flush_then_interrupt(self):\n"
+        "    real(self)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "c.CheckpointWriter._flush = flush_then_interrupt\n"
+        "from zeropoint.cli import main\n"
+        f"sys.exit(main(['quantize', {str(tiny_checkpoint)!r}, '-o', {str(tmp_path / 'q')!r}, "
+        "'--group-size', '32', '--quiet']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
