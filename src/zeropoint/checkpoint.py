@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from math import prod
@@ -154,7 +153,7 @@ class CheckpointWriter:
         for chunk in chunks:
             if chunk.dtype != dtype:
                 raise TypeError(f"{key}: a piece has dtype {chunk.dtype}, expected {dtype}")
-            data = chunk.detach().contiguous().reshape(-1).view(torch.uint8)
+            data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
             self._spool.write(memoryview(data.numpy()))
             self._spool_bytes += data.numel()
         if self._spool_bytes - begin != nbytes:
@@ -166,6 +165,13 @@ class CheckpointWriter:
             "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
             "data_offsets": [begin, self._spool_bytes],
         }
+
+    def close(self) -> None:
+        """Close the open shard's spool file without writing the shard (after a failure; the
+        caller discards the directory)."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
     def _spool_path(self, index: int) -> Path:
         return self.directory / f".shard-{index:05d}.data"
@@ -243,7 +249,9 @@ def _copy_file(src: Path, dst, nbytes: int) -> None:
         if hasattr(os, "copy_file_range"):
             try:
                 while done < nbytes:
-                    n = os.copy_file_range(f.fileno(), dst.fileno(), nbytes - done, done, start + done)
+                    n = os.copy_file_range(
+                        f.fileno(), dst.fileno(), nbytes - done, done, start + done
+                    )
                     if n == 0:
                         break
                     done += n
