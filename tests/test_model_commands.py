@@ -83,7 +83,10 @@ def test_user_errors_exit_2_without_traceback(tiny_checkpoint, tmp_path, args, m
 
 
 def test_unsupported_architecture_is_named(tmp_path):
+    from safetensors.torch import save_file
+
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "whisper-x", "architectures": ["WhisperXModel"]}))
+    save_file({"encoder.weight": torch.zeros(4, 4)}, str(tmp_path / "model.safetensors"))
     proc = run_cli("quantize", tmp_path, "-o", tmp_path / "out")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "whisper-x" in proc.stderr or "WhisperXModel" in proc.stderr

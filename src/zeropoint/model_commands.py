@@ -69,11 +69,46 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def cmd_quantize(args) -> None:
-    from .models.evaluate import perplexity
-    from .nn.quantize_model import quantize_model
-    from .nn.serialize import load_quantized, save_quantized
+def _is_checkpoint_dir(path) -> bool:
+    return path is not None and (Path(path) / "config.json").is_file()
 
+
+def _write_quantized(args, recipe, out: Path):
+    """Quantize args.model into `out` atomically. A Hugging Face checkpoint directory streams
+    tensor by tensor (bounded memory); a GGUF file is loaded whole by transformers first."""
+    from .nn.quantize_model import quantize_model
+    from .nn.serialize import save_quantized
+    from .streaming import quantize_checkpoint
+
+    with atomic_path(out, directory=True) as tmp:
+        try:
+            if _is_checkpoint_dir(args.model):
+                return quantize_checkpoint(args.model, tmp, recipe, progress=not args.quiet)
+            loaded = open_model(args.model, progress=not args.quiet)
+            quantize_model(loaded.model, recipe, progress=not args.quiet)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
+        return save_quantized(
+            loaded.model, tmp, recipe=recipe, kind=loaded.kind, tokenizer=loaded.tokenizer,
+            config=loaded.config, source=str(args.model or DEFAULT_MODEL), method="rtn",
+        )
+
+
+def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
+    """(row name, float figure, quantized figure): perplexity, or cosine for an encoder."""
+    from .models.evaluate import embedding_cosine, perplexity
+
+    float_model = open_model(args.model)
+    quantized = open_model(str(out))
+    if float_model.kind == "encoder":
+        cos = embedding_cosine(float_model.model, quantized.model, quantized.tokenizer, _sentences(text))
+        return "embedding cosine vs float", "1", f"{cos:.5f}"
+    before = perplexity(float_model.model, float_model.tokenizer, text, max_tokens=args.max_tokens)
+    after = perplexity(quantized.model, quantized.tokenizer, text, max_tokens=args.max_tokens)
+    return f"perplexity ({after.tokens} tokens)", f"{before.perplexity:.3f}", f"{after.perplexity:.3f}"
+
+
+def cmd_quantize(args) -> None:
     from .checkpoint import is_zeropoint_dir
 
     out = Path(args.output)
@@ -83,47 +118,26 @@ def cmd_quantize(args) -> None:
         raise CommandError(f"output {str(out)!r} already exists; pass --force to replace it")
     recipe = _recipe_from_args(args)
     text = _read_text(args.text) if args.eval else None
+    _quiet_libraries()
     started = time.perf_counter()
-    loaded = open_model(args.model, progress=not args.quiet)
-    before = None
-    if args.eval and loaded.kind == "causal-lm":
-        before = perplexity(loaded.model, loaded.tokenizer, text, max_tokens=args.max_tokens)
-    float_reference = None
-    if args.eval and loaded.kind == "encoder":
-        float_reference = open_model(args.model).model
-    try:
-        report = quantize_model(loaded.model, recipe, progress=not args.quiet)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    with atomic_path(out, directory=True) as tmp:
-        manifest = save_quantized(
-            loaded.model, tmp, recipe=recipe, kind=loaded.kind, tokenizer=loaded.tokenizer,
-            config=loaded.config, source=str(args.model or DEFAULT_MODEL), method="rtn",
-        )
+    manifest = _write_quantized(args, recipe, out)
     elapsed = time.perf_counter() - started
+    params = manifest.quantized_params + manifest.kept_params
     on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     rows = [
-        ("size of weights", _mib(report.float_bytes), _mib(manifest.total_bytes)),
-        ("bits per weight", f"{8 * report.float_bytes / report.params:.2f}", f"{manifest.bits_per_weight:.3f}"),
-        ("quantized layers", "", f"{len(report.layers)} ({manifest.quantized_bits_per_weight:.3f} bits/weight)"),
+        ("size of weights", _mib(manifest.float_bytes), _mib(manifest.total_bytes)),
+        ("bits per weight", f"{8 * manifest.float_bytes / params:.2f}", f"{manifest.bits_per_weight:.3f}"),
+        ("quantized tensors", "", f"{len(manifest.quantized)} at {manifest.quantized_bits_per_weight:.3f} bits/weight"),
         ("safetensors on disk", "", _mib(on_disk)),
     ]
     if args.eval:
-        quantized = load_quantized(out)
-        if loaded.kind == "causal-lm":
-            after = perplexity(quantized.model, quantized.tokenizer, text, max_tokens=args.max_tokens)
-            rows.append((f"perplexity ({after.tokens} tokens)", f"{before.perplexity:.3f}", f"{after.perplexity:.3f}"))
-        else:
-            from .models.evaluate import embedding_cosine
-
-            cos = embedding_cosine(float_reference, quantized.model, quantized.tokenizer, _sentences(text))
-            rows.append(("embedding cosine vs float", "1", f"{cos:.5f}"))
+        rows.append(_evaluate_both(args, out, text))
     if not args.quiet:
         print(f"\nwrote {out} in {elapsed:.1f} s ({recipe.default.describe() if recipe.default else 'float'})")
         width = max(len(r[0]) for r in rows) + 2
-        print(f"{'':<{width}}{'before':>14}{'after':>22}")
+        print(f"{'':<{width}}{'before':>14}{'after':>26}")
         for name, a, b in rows:
-            print(f"{name:<{width}}{a:>14}{b:>22}")
+            print(f"{name:<{width}}{a:>14}{b:>26}")
 
 
 def _sentences(text: str, limit: int = 64) -> list[str]:
