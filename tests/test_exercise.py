@@ -66,3 +66,59 @@ def test_bad_arguments_exit_2_without_traceback(args, message, tmp_path):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# -- range methods (issue #3) ----------------------------------------------------------------------
+
+
+def test_default_rows_use_minmax_range():
+    rows = exercise.run_exercise(exercise.ExerciseConfig(n=5000, bits=(4,)))
+    assert {r.range_method for r in rows} == {"minmax"}
+
+
+def test_student_t_mse_clipping_beats_minmax_by_3db():
+    # The issue's figure: 1,000,000 samples of Student-t (3 degrees of freedom) at 4 bits.
+    # Min/max spends the 16 levels on a few outliers (|x| ~ 100) and rounds most values to 0.
+    cfg = exercise.ExerciseConfig(n=1_000_000, bits=(4,), dist="student-t", ranges=("minmax", "mse"))
+    rows = {(r.scheme, r.range_method): r for r in exercise.run_exercise(cfg)}
+    for scheme in ("symmetric", "asymmetric"):
+        gain = rows[(scheme, "mse")].sqnr_db - rows[(scheme, "minmax")].sqnr_db
+        assert gain >= 3.0, (scheme, gain)
+    text = exercise.interpret(list(rows.values()), cfg)
+    sym_gain = rows[("symmetric", "mse")].sqnr_db - rows[("symmetric", "minmax")].sqnr_db
+    assert f"mse {sym_gain:+.1f} dB" in text and "outliers" in text
+
+
+def test_range_flag_compares_methods_in_table_and_json(tmp_path, capsys):
+    out_json = tmp_path / "rows.json"
+    assert main(["exercise", "--range", "minmax,percentile,mse,entropy", "--dist", "student-t",
+                 "--bits", "4", "--n", "200000", "--json", str(out_json), "--plot", "none"]) == 0
+    text = capsys.readouterr().out
+    assert "range" in text.splitlines()[2] and "entropy" in text and "SQNR against minmax" in text
+    rows = json.loads(out_json.read_text())
+    assert {(r["scheme"], r["range_method"]) for r in rows} == {
+        (s, m) for s in ("symmetric", "asymmetric") for m in ("minmax", "percentile", "mse", "entropy")
+    }
+    by = {(r["scheme"], r["range_method"]): r for r in rows}
+    for s in ("symmetric", "asymmetric"):
+        for m in ("percentile", "mse", "entropy"):  # every clipping method beats min/max on heavy tails
+            assert by[(s, m)]["sqnr_db"] > by[(s, "minmax")]["sqnr_db"] + 2
+
+
+def test_light_tails_gain_little_from_clipping():
+    cfg = exercise.ExerciseConfig(n=200_000, bits=(8,), dist="uniform", ranges=("minmax", "mse"),
+                                  schemes=("asymmetric",))
+    rows = exercise.run_exercise(cfg)
+    assert "the tails are light" in exercise.interpret(rows, cfg)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--range", "minmax,max"], "unknown range method 'max'"),
+     (["--range", "percentile", "--percentile", "100.5"], r"percentile must be in (0, 100]")],
+)
+def test_bad_range_arguments_exit_2(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "zeropoint.cli", "exercise", *args, "--plot", "none",
+                           "--n", "1000"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -40,7 +40,8 @@ def cmd_exercise(args) -> None:
     try:
         cfg = exercise.ExerciseConfig(
             n=args.n, bits=args.bits, dist=args.dist, granularities=args.granularity,
-            group_size=args.group_size, seed=args.seed,
+            group_size=args.group_size, seed=args.seed, ranges=args.range,
+            percentile=args.percentile,
         )
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--granularity", type=_str_list, default=("per_tensor",),
                     help="comma list of per_tensor, per_channel, per_group (on a 2-D matrix)")
     ex.add_argument("--group-size", type=int, default=128)
+    ex.add_argument("--range", type=_str_list, default=("minmax",),
+                    help="comma list of range methods: minmax, percentile, mse, entropy")
+    ex.add_argument("--percentile", type=float, default=99.99,
+                    help="percentile for --range percentile, in (0, 100]")
     ex.add_argument("--n", type=int, default=1_000_000, help="number of samples")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--json", metavar="PATH", help="write the rows as JSON")

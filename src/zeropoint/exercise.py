@@ -1,7 +1,8 @@
 """The chapter's exercise: symmetric vs asymmetric MSE at several bit widths, against theory.
 
 Quantize a random float32 tensor with both schemes at each bit width and compare the measured
-MSE with the uniform-noise model scale^2 / 12.
+MSE with the uniform-noise model scale^2 / 12. Optionally compare range methods (min/max,
+percentile, MSE-optimal clipping, entropy): on heavy tails, min/max spends its levels on outliers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import metrics
+from .calibrate.estimators import (
+    DEFAULT_PERCENTILE,
+    RangeMethod,
+    check_percentile,
+    estimate_qparams,
+)
 from .qtensor import QTensor
 from .spec import Granularity, QuantSpec, Scheme, parse_enum
 
@@ -28,6 +35,8 @@ class ExerciseConfig:
     group_size: int = 128  # the usual group size of 4-bit LLM weights
     seed: int = 0
     schemes: tuple[str, ...] = ("symmetric", "asymmetric")
+    ranges: tuple[str, ...] = ("minmax",)  # the chapter's range: every value kept
+    percentile: float = DEFAULT_PERCENTILE  # for the "percentile" range method
 
     def __post_init__(self):
         if self.dist not in DISTRIBUTIONS:
@@ -41,6 +50,12 @@ class ExerciseConfig:
             parse_enum(Granularity, g, "granularity")
         for s in self.schemes:
             parse_enum(Scheme, s, "scheme")
+        if not self.ranges:
+            accepted = ", ".join(m.value for m in RangeMethod)
+            raise ValueError(f"ranges needs at least one of: {accepted}")
+        for m in self.ranges:
+            parse_enum(RangeMethod, m, "range method")
+        check_percentile(self.percentile)
         if self.n < 1:
             raise ValueError(f"n must be positive, got {self.n}")
         if self.granularities != ("per_tensor",) and self.n < MATRIX_COLUMNS:
@@ -57,6 +72,7 @@ class Row:
     theory_mse: float
     mse_over_theory: float
     bits_per_weight: float
+    range_method: str = "minmax"
 
 
 def sample(dist: str, n: int, seed: int) -> torch.Tensor:
@@ -95,11 +111,15 @@ def run_exercise(cfg: ExerciseConfig) -> list[Row]:
             for bits in cfg.bits:
                 if scheme == "symmetric" and bits < 2:
                     continue  # a sign needs a bit of its own; reported in the reading
-                q = QTensor.quantize(data, _spec(scheme, bits, granularity, cfg.group_size))
-                approx = q.dequantize()
-                m, theory = metrics.mse(data, approx), metrics.uniform_noise_mse(q.scale)
-                out.append(Row(scheme, bits, granularity, m, metrics.sqnr_db(data, approx), theory,
-                               m / theory, q.bits_per_weight))
+                spec = _spec(scheme, bits, granularity, cfg.group_size)
+                for method in cfg.ranges:
+                    scale, zp = estimate_qparams(data, spec, method, percentile=cfg.percentile)
+                    q = QTensor.quantize(data, spec, scale, zp)
+                    approx = q.dequantize()
+                    # theory: rounding noise only; a clipping range adds its clipping error.
+                    m, theory = metrics.mse(data, approx), metrics.uniform_noise_mse(q.scale)
+                    out.append(Row(scheme, bits, granularity, m, metrics.sqnr_db(data, approx),
+                                   theory, m / theory, q.bits_per_weight, method))
     return out
 
 
@@ -108,13 +128,14 @@ def rows_as_dicts(rows: list[Row]) -> list[dict]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = f"{'scheme':<11}{'bits':>5}  {'granularity':<12}{'MSE':>11}{'SQNR dB':>9}" \
+    head = f"{'scheme':<11}{'bits':>5}  {'granularity':<12}{'range':<11}{'MSE':>11}{'SQNR dB':>9}" \
            f"{'theory s²/12':>14}{'MSE/theory':>12}{'bits/w':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r.scheme:<11}{r.bits:>5}  {r.granularity:<12}{r.mse:>11.3e}{r.sqnr_db:>9.2f}"
-            f"{r.theory_mse:>14.3e}{r.mse_over_theory:>12.3f}{r.bits_per_weight:>8.3f}"
+            f"{r.scheme:<11}{r.bits:>5}  {r.granularity:<12}{r.range_method:<11}{r.mse:>11.3e}"
+            f"{r.sqnr_db:>9.2f}{r.theory_mse:>14.3e}{r.mse_over_theory:>12.3f}"
+            f"{r.bits_per_weight:>8.3f}"
         )
     return "\n".join(lines)
 
@@ -136,6 +157,8 @@ def _reference_bits(bits) -> int:
 def interpret(rows: list[Row], cfg: ExerciseConfig) -> str:
     """A few sentences that read the measured table; every number comes from `rows`."""
     said = []
+    all_rows = rows
+    rows = [r for r in rows if r.range_method == cfg.ranges[0]]  # the scheme/bits story: one range
     first = cfg.granularities[0]
     by = {(r.scheme, r.bits, r.granularity): r for r in rows}
     slopes = [s for s in (_slope_db_per_bit([r for r in rows if r.scheme == sc and r.granularity == first])
@@ -163,8 +186,9 @@ def interpret(rows: list[Row], cfg: ExerciseConfig) -> str:
                         "rounding noise.")
         elif ratio < 1:
             said.append(f"The MSE falls below scale²/12 (down to {ratio:.2f}x, {worst.scheme} "
-                        f"{worst.bits}-bit {worst.granularity}): many values sit exactly on a code, "
-                        "such as exact zeros, and make no error at all.")
+                        f"{worst.bits}-bit {worst.granularity}): values are not spread evenly "
+                        "inside a step: exact zeros make no error, and a peaked distribution under a "
+                        "coarse step clusters next to its codes.")
         else:
             said.append(f"The MSE exceeds scale²/12 (up to {ratio:.2f}x, {worst.scheme} "
                         f"{worst.bits}-bit {worst.granularity}): the steps are coarse against the "
@@ -181,9 +205,42 @@ def interpret(rows: list[Row], cfg: ExerciseConfig) -> str:
             said.append(f"At {b} bits {sc}, {best.granularity} gains {best.sqnr_db - base.sqnr_db:+.1f} dB "
                         f"over {base.granularity} for {best.bits_per_weight - base.bits_per_weight:.3f} "
                         "extra bits per weight of scales: smaller blocks see smaller ranges.")
+    if len(cfg.ranges) > 1:
+        said.extend(_interpret_ranges(all_rows, cfg))
     if 1 in cfg.bits and "symmetric" in cfg.schemes:
         said.append("Symmetric 1-bit is skipped: a sign needs a bit of its own.")
     return " ".join(said)
+
+
+def _interpret_ranges(rows: list[Row], cfg: ExerciseConfig) -> list[str]:
+    """The SQNR each range method gains over the first one (minmax, by default), at the
+    reference bit width and first granularity, per scheme; then why."""
+    b, g, base_method = _reference_bits(cfg.bits), cfg.granularities[0], cfg.ranges[0]
+    by = {(r.scheme, r.range_method): r for r in rows if r.bits == b and r.granularity == g}
+    parts, gains = [], {}
+    for sc in cfg.schemes:
+        base = by.get((sc, base_method))
+        if base is None:
+            continue
+        each = []
+        for m in cfg.ranges[1:]:
+            gain = by[(sc, m)].sqnr_db - base.sqnr_db
+            gains[(sc, m)] = gain
+            each.append(f"{m} {gain:+.1f} dB")
+        parts.append(f"{sc}: " + ", ".join(each))
+    if not parts:
+        return []
+    said = [f"Range methods at {b} bits {g}, SQNR against {base_method}: " + "; ".join(parts) + "."]
+    best_key = max(gains, key=gains.get)
+    best = gains[best_key]
+    if best >= 3:
+        said.append(f"The best, {best_key[1]} ({best_key[0]}), gains {best:.1f} dB: {base_method} "
+                    "spends its levels on a few outliers, and clipping them buys finer steps for "
+                    "everything else.")
+    else:
+        said.append(f"No method gains more than {max(best, 0.0):.1f} dB: the tails are light, so "
+                    f"{base_method} wastes few levels and clipping has little to win.")
+    return said
 
 
 def plot(rows: list[Row], cfg: ExerciseConfig, path) -> None:
@@ -194,15 +251,20 @@ def plot(rows: list[Row], cfg: ExerciseConfig, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (g, sc) in enumerate((g, sc) for g in cfg.granularities for sc in cfg.schemes):
-        sel = sorted((r for r in rows if r.granularity == g and r.scheme == sc), key=lambda r: r.bits)
+    lines = [(g, sc, m) for g in cfg.granularities for sc in cfg.schemes for m in cfg.ranges]
+    for i, (g, sc, m) in enumerate(lines):
+        sel = sorted((r for r in rows if (r.granularity, r.scheme, r.range_method) == (g, sc, m)),
+                     key=lambda r: r.bits)
         if not sel:
             continue
         label = sc if len(cfg.granularities) == 1 else f"{sc} {g}"
-        color = f"C{i}"
+        if len(cfg.ranges) > 1:
+            label += f" {m}"
+        color = f"C{i % 10}"
         ax.plot([r.bits for r in sel], [r.mse for r in sel], "o-", color=color, label=label)
-        ax.plot([r.bits for r in sel], [r.theory_mse for r in sel], "--", color=color,
-                alpha=0.7, label=f"{label}: theory s²/12")
+        if m == cfg.ranges[0]:  # one theory line per scheme: clipped ranges also clip
+            ax.plot([r.bits for r in sel], [r.theory_mse for r in sel], "--", color=color,
+                    alpha=0.7, label=f"{label}: theory s²/12")
     ax.set_yscale("log")
     ax.set_xlabel("bits")
     ax.set_ylabel("MSE")
