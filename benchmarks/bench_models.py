@@ -1,0 +1,144 @@
+"""Quantized layers and whole models against float on the CPU, in one run at 2 threads.
+
+1. One 4096x4096 Linear at batch 1 and 32: float32 F.linear, bfloat16, zeropoint int8 and int4.
+2. SmolLM2-135M greedy decoding at batch 1 (transformers' generate loop): tokens per second for
+   float32, bfloat16, int8 per-channel and int4 group-128 (every Linear quantized, lm_head too),
+   with the quantize time; llama.cpp on the same model as the anchor when llama-cpp-python is
+   installed.
+
+    .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from zeropoint import QTensor, QuantSpec, Recipe, quantize_model
+from zeropoint.nn.qlinear import QLinear
+
+INT8 = QuantSpec(8, "symmetric", "per_channel")
+INT4 = QuantSpec(4, "symmetric", "per_group", group_size=128)
+
+
+def median_seconds(fn, repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_layer(repeat: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 4096, generator=g) * 0.02
+    layers = {
+        "float32": lambda x: F.linear(x, w),
+        "bfloat16": (lambda wb: lambda x: F.linear(x.bfloat16(), wb))(w.bfloat16()),
+        "zeropoint int8": QLinear(QTensor.quantize(w, INT8), None),
+        "zeropoint int4 g128": QLinear(QTensor.quantize(w, INT4), None),
+    }
+    print("4096x4096 Linear, median ms (ratio = float32 time / this time)")
+    print(f"{'':<22}{'batch 1':>10}{'ratio':>8}{'batch 32':>10}{'ratio':>8}")
+    base = {}
+    for name, layer in layers.items():
+        line = f"{name:<22}"
+        for batch in (1, 32):
+            x = torch.randn(batch, 4096, generator=g)
+            with torch.inference_mode():
+                t = median_seconds(lambda: layer(x), repeat * 20)
+            base.setdefault(batch, t)
+            line += f"{t * 1e3:>10.3f}{base[batch] / t:>7.2f}x"
+        print(line)
+
+
+def decode_tokens_per_second(model, ids, tokens: int, repeat: int) -> float:
+    def run():
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    with torch.inference_mode():
+        return tokens / median_seconds(run, repeat, warmup=1)
+
+
+def llama_cpp_tokens_per_second(path: str, prompt: str, tokens: int, repeat: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=path, n_threads=2, n_ctx=512, verbose=False)
+
+    def run():
+        llm.reset()
+        llm(prompt, max_tokens=tokens, temperature=0.0, top_k=1)
+
+    return tokens / median_seconds(run, repeat, warmup=1)
+
+
+def llama_cpp_requantize(src: str, dst: str, ftype: int) -> bool:
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.allow_requantize = ftype, 2, True
+    return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) == 0
+
+
+def bench_decode(tokens: int, repeat: int) -> None:
+    from zeropoint.models.load import default_model_path, load_model
+
+    loaded = load_model(None, progress=False)
+    prompt = "The history of the printing press"
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    rows = [("float32", loaded.model, None), ("bfloat16", copy.deepcopy(loaded.model).bfloat16(), None)]
+    for name, spec in (("zeropoint int8", INT8), ("zeropoint int4 g128", INT4)):
+        model = copy.deepcopy(loaded.model)
+        t0 = time.perf_counter()
+        quantize_model(model, Recipe.uniform(spec, keep_float=()))
+        rows.append((name, model, time.perf_counter() - t0))
+    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, median of {repeat}")
+    print(f"{'':<22}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}")
+    base = None
+    for name, model, quantize_s in rows:
+        tps = decode_tokens_per_second(model, ids, tokens, repeat)
+        base = base or tps
+        q = f"{quantize_s:>12.2f}" if quantize_s is not None else f"{'':>12}"
+        print(f"{name:<22}{tps:>10.1f}{tps / base:>11.2f}x{q}")
+    gguf = str(default_model_path())
+    anchors = [("llama.cpp Q4_1 (its file)", gguf)]
+    with tempfile.TemporaryDirectory() as tmp:
+        q8 = os.path.join(tmp, "q8_0.gguf")
+        if llama_cpp_requantize(gguf, q8, 7):  # LLAMA_FTYPE_MOSTLY_Q8_0
+            anchors.append(("llama.cpp Q8_0", q8))
+        for name, path in anchors:
+            tps = llama_cpp_tokens_per_second(path, prompt, tokens, repeat)
+            if tps is None:
+                print("(llama-cpp-python is not installed: no llama.cpp anchor)")
+                break
+            print(f"{name:<22}{tps:>10.1f}{tps / base:>11.2f}x")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--skip-decode", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    bench_layer(args.repeat)
+    if not args.skip_decode:
+        bench_decode(args.tokens, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
