@@ -12,11 +12,10 @@ jump tenfold (a descheduled OpenMP thread stalls every op): rerun when it is qui
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
+
 
 from zeropoint import QuantSpec
 from zeropoint.calibrate import (
@@ -31,6 +30,8 @@ from zeropoint.calibrate import (
     percentile_qparams,
 )
 
+from timing import median_seconds  # benchmarks/timing.py
+
 warnings.filterwarnings("ignore")  # torch.ao's deprecation notices
 
 try:
@@ -39,14 +40,6 @@ except Exception:  # the peer is optional: its rows are skipped
     ao = None
 
 
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def estimators(x, repeat: int) -> None:

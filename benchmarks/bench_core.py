@@ -7,13 +7,14 @@ torchao, measured in the same run at 2 threads. Prints medians and ratios (peer 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
 
+
 from zeropoint import QTensor, QuantSpec, choose_qparams, dequantize, quantize
+
+from timing import median_seconds  # benchmarks/timing.py
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 
@@ -23,14 +24,6 @@ except Exception:  # torchao is optional: its rows are skipped
     quantize_affine = dequantize_affine = None
 
 
-def median_seconds(fn, repeat: int) -> float:
-    fn()  # warm-up: allocator, thread pool
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def torchao_fns(x, spec, scale, zp, block):

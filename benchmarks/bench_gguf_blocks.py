@@ -10,26 +10,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 from importlib.metadata import version
 
 import gguf
 import numpy as np
 import torch
+
 from gguf.quants import quantize as gguf_quantize
 
 from zeropoint.gguf import FORMATS, quantize_blocks
 
+from timing import median_seconds  # benchmarks/timing.py
 
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up: first-touch allocations, lazy init
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
 
 
 def main() -> None:

@@ -14,29 +14,22 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
 import time
 
 import torch
+
 import torch.nn.functional as F
 
 from zeropoint import QTensor, QuantSpec, Recipe, quantize_model
 from zeropoint.nn.qlinear import QLinear
 
+from timing import median_seconds  # benchmarks/timing.py
+
 INT8 = QuantSpec(8, "symmetric", "per_channel")
 INT4 = QuantSpec(4, "symmetric", "per_group", group_size=128)
 
 
-def median_seconds(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_layer(repeat: int) -> None:
