@@ -1,5 +1,5 @@
-"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), and
-bit packing (csrc/pack.c).
+"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
+packing (csrc/pack.c), and ggml's K-quant super-blocks (csrc/kquants.c, used by gguf.kquants).
 
 Eager PyTorch needs one pass over memory per op (divide, round, shift, clamp, cast); the C
 loop does them all in one pass, about 2-5x faster on a CPU. It compiles in well under a second
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c", "kquants.c")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Full-width vectors
 # (512-bit where the CPU has them) measured 1.5x faster than gcc's default 256-bit choice.
@@ -82,6 +82,8 @@ def _library():
     lib.zp_minmax_f32.restype = _int
     lib.zp_pack.argtypes = lib.zp_unpack.argtypes = [_p, _i64, _int, _p]
     lib.zp_pack.restype = lib.zp_unpack.restype = None
+    lib.zp_quantize_kquant.argtypes = [_int, _p, _i64, _p, _p]
+    lib.zp_quantize_kquant.restype = _i64
     return lib
 
 

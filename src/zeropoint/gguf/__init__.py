@@ -1,4 +1,5 @@
-"""ggml block formats in torch (bit-exact with gguf-py), and GGUF files through gguf-py."""
+"""ggml block formats in torch (bit-exact with gguf-py; the K-quants with llama.cpp), and GGUF
+files through gguf-py."""
 from zeropoint.gguf.blocks import (
     BLOCK_SIZE,
     FORMATS,
@@ -8,12 +9,15 @@ from zeropoint.gguf.blocks import (
     dequantize_blocks,
     quantize_blocks,
 )
+from zeropoint.gguf.kquants import K_FORMATS, KQuantFormat
 
 __all__ = [
     "BLOCK_SIZE",
     "FORMATS",
+    "K_FORMATS",
     "TYPE_SIZE",
     "BlockFormat",
+    "KQuantFormat",
     "block_format",
     "dequantize_blocks",
     "quantize_blocks",

@@ -1,4 +1,5 @@
-"""ggml's legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in torch, vectorized over blocks.
+"""ggml's legacy block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) in torch, vectorized over blocks,
+and the one entry point (quantize_blocks / dequantize_blocks) for the K-quants too (kquants.py).
 
 Bytes identical to gguf-py's ``gguf.quants.quantize`` for float32 input: every step is the same
 float32 operation in the same order (no fused multiply-add), so every rounding matches.
@@ -20,6 +21,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+from zeropoint.gguf.kquants import K_FORMATS, KQuantFormat, dequantize_kblocks, quantize_kblocks
 
 if sys.byteorder != "little":  # ggml's fields are little-endian; the byte views below assume it
     raise ImportError("zeropoint.gguf.blocks needs a little-endian machine")
@@ -55,12 +58,12 @@ FORMATS = {
         BlockFormat("Q5_0", 5, False),
         BlockFormat("Q5_1", 5, True),
     )
-}
+} | K_FORMATS
 BLOCK_SIZE = {name: f.block_size for name, f in FORMATS.items()}
 TYPE_SIZE = {name: f.type_size for name, f in FORMATS.items()}
 
 
-def block_format(qtype: str) -> BlockFormat:
+def block_format(qtype: str) -> BlockFormat | KQuantFormat:
     if qtype not in FORMATS:
         raise ValueError(f"unknown ggml block type {qtype!r}; accepted: {', '.join(FORMATS)}")
     return FORMATS[qtype]
@@ -70,7 +73,8 @@ def block_format(qtype: str) -> BlockFormat:
 
 
 def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
-    """(..., n) floats, n a multiple of 32 -> (..., n // 32 * type_size) uint8: ggml's bytes."""
+    """(..., n) floats, n a multiple of the block size (32; 256 for the K types)
+    -> (..., n // block_size * type_size) uint8: ggml's bytes."""
     fmt = block_format(qtype)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
@@ -79,12 +83,15 @@ def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
         raise ValueError(f"last dimension must be a multiple of {fmt.name}'s block size "
                          f"{fmt.block_size}, got {x.shape[-1] if x.dim() else 'a scalar'}")
     x = x.to(torch.float32).contiguous()  # gguf-py rounds to float32 first too
+    row_bytes = x.shape[-1] // fmt.block_size * fmt.type_size
+    if isinstance(fmt, KQuantFormat):
+        return quantize_kblocks(x.view(-1, fmt.block_size), qtype).view(*x.shape[:-1], row_bytes)
     blocks = x.view(-1, fmt.block_size)  # (n_blocks, 32)
     out = torch.empty(blocks.shape[0], fmt.type_size, dtype=torch.uint8, device=x.device)
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
         stop = start + _CHUNK_BLOCKS
         _quantize_chunk(blocks[start:stop], fmt, out[start:stop], start)
-    return out.view(*x.shape[:-1], x.shape[-1] // fmt.block_size * fmt.type_size)
+    return out.view(*x.shape[:-1], row_bytes)
 
 
 def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
@@ -233,7 +240,8 @@ def _pack_high_bits(codes: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
-    """uint8 bytes of ggml blocks -> float32 tensor of `shape` (last dim a multiple of 32)."""
+    """uint8 bytes of ggml blocks -> float32 tensor of `shape` (last dim a multiple of the block
+    size)."""
     fmt = block_format(qtype)
     shape = tuple(int(s) for s in shape)
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
@@ -247,6 +255,8 @@ def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
         raise ValueError(f"{fmt.name} shape {shape} needs {n_blocks * fmt.type_size} bytes "
                          f"({n_blocks} blocks x {fmt.type_size}), got {data.numel()}")
     raw = data.contiguous().view(n_blocks, fmt.type_size)
+    if isinstance(fmt, KQuantFormat):
+        return dequantize_kblocks(raw, qtype).view(shape)
 
     col = 4 if fmt.has_min else 2
     if fmt.bits == 8:
