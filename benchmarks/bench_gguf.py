@@ -1,0 +1,154 @@
+"""Requantize the default model (SmolLM2-135M, Q4_1 GGUF) to Q8_0, Q4_0 and Q4_K: zeropoint vs
+llama.cpp's llama_model_quantize (nthread = 2) vs gguf-py's numpy quantizer, end to end (read,
+dequantize, quantize, write), in the same run; then the model table: bits per weight, file size
+and llama.cpp's perplexity of zeropoint's file beside llama.cpp's own.
+
+    python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q4_K] [--runs 3] [--threads 2]
+                                    [--ppl-tokens 2048] [--ppl-types Q8_0,Q4_0,Q4_K,Q4_K_M]
+
+Targets (issue #6): no slower than llama.cpp for every type, at least 10x faster than gguf-py.
+"""
+from __future__ import annotations
+
+import os
+
+# libgomp's default spin-waiting turns every OpenMP barrier into a lost time slice when the
+# machine has more runnable threads than cores; llama.cpp's evaluation ran 3-20x slower here
+# because of it. Read once, when torch loads libgomp: so set before any import. It changes
+# speed only, not a single logit (and zeropoint's requantization uses no OpenMP regions).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from importlib.metadata import version  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gguf  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from zeropoint.gguf.cli import llama_cpp_perplexity  # noqa: E402
+from zeropoint.gguf.io import TensorData, read_gguf, write_gguf  # noqa: E402
+from zeropoint.gguf.mixes import ModelParams, llama_cpp_quantize, plan_types  # noqa: E402
+from zeropoint.gguf.requantize import available_types, output_metadata, requantize  # noqa: E402
+from zeropoint.models.evaluate import default_text  # noqa: E402
+from zeropoint.models.load import default_model_path  # noqa: E402
+
+
+def gguf_py_requantize(src_path: Path, out: Path, target: str) -> None:
+    """The same file, made with gguf-py's numpy dequantize/quantize (one thread)."""
+    src = read_gguf(src_path)
+    plan = plan_types([(t.name, t.type, t.shape) for t in src.tensors], target,
+                      ModelParams.from_metadata(src.metadata))
+
+    def produce(c):
+        info = src[c.name]
+        if c.copied:
+            return lambda: src.raw(info)
+
+        def convert():
+            x = gguf.quants.dequantize(src.raw(info), gguf.GGMLQuantizationType[info.type])
+            return gguf.quants.quantize(np.asarray(x, np.float32).reshape(c.shape),
+                                        gguf.GGMLQuantizationType[c.type])
+        return convert
+
+    write_gguf(out, output_metadata(src.metadata, plan.target.file_type),
+               [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices])
+
+
+def gguf_py_can(src_path: Path, target: str) -> bool:
+    src = read_gguf(src_path)
+    plan = plan_types([(t.name, t.type, t.shape) for t in src.tensors], target,
+                      ModelParams.from_metadata(src.metadata))
+    x = np.zeros((1, 256), np.float32)
+    for qtype in {c.type for c in plan.choices if not c.copied}:
+        try:
+            gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+        except NotImplementedError:
+            return False
+    return True
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default="Q8_0,Q4_0,Q4_K")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ppl-tokens", type=int, default=2048)
+    parser.add_argument("--ppl-types", default="Q8_0,Q4_0,Q4_K,Q4_K_M")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_gguf_") as work:
+        run(args, default_model_path(), Path(work))
+
+
+def run(args, src: Path, work: Path) -> None:
+    have_k = "Q4_K" in available_types()
+    types = [t for t in args.types.split(",") if have_k or "_K" not in t]
+
+    print(f"source: {src.name} ({src.stat().st_size / 2**20:.1f} MiB), torch threads and "
+          f"llama.cpp nthread = {args.threads}, median of {args.runs} runs (interleaved)")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.2f} at start; torch {torch.__version__}, gguf-py "
+          f"{version('gguf')}, llama-cpp-python {version('llama_cpp_python')}")
+    if not have_k:
+        print("(K types are not available in zeropoint yet: Q4_K rows skipped)")
+    print()
+    header = (f"{'type':<7}{'zeropoint s':>12}{'llama.cpp s':>13}{'gguf-py s':>11}"
+              f"{'vs llama.cpp':>14}{'vs gguf-py':>12}{'same bytes':>12}")
+    print(header)
+    print("-" * len(header))
+    for qtype in types:
+        ours, theirs, numpy_times = [], [], []
+        zp, ll, gp = (work / f"{who}_{qtype}.gguf" for who in ("zp", "ll", "gp"))
+        numpy_ok = gguf_py_can(src, qtype)
+        for run in range(args.runs):
+            ours.append(timed(lambda: requantize(src, zp, qtype, progress=False)))
+            theirs.append(timed(lambda: llama_cpp_quantize(src, ll, qtype, nthread=args.threads)))
+            if numpy_ok and run == 0:  # one run: it is the slow one
+                numpy_times.append(timed(lambda: gguf_py_requantize(src, gp, qtype)))
+        a, b = statistics.median(ours), statistics.median(theirs)
+        same = zp.read_bytes() == ll.read_bytes()
+        numpy_s, numpy_ratio = "n/a", "n/a"
+        if numpy_ok:
+            c = statistics.median(numpy_times)
+            same = same and gp.read_bytes() == zp.read_bytes()
+            numpy_s, numpy_ratio = f"{c:.2f}", f"{c / a:.1f}x"
+        print(f"{qtype:<7}{a:>12.2f}{b:>13.2f}{numpy_s:>11}{b / a:>13.2f}x{numpy_ratio:>12}"
+              f"{str(same):>12}")
+    print("\n(ratios: the other's time / zeropoint's; above 1 means zeropoint is faster)")
+
+    text = default_text()
+    print(f"\ndefault model, llama.cpp perplexity on the first {args.ppl_tokens} tokens of the "
+          "pydoc topics (windows of 512)")
+    header = (f"{'type':<8}{'bits/weight':>12}{'MiB':>9}{'zeropoint ppl':>15}"
+              f"{'llama.cpp ppl':>15}{'same file':>11}")
+    print(header)
+    print("-" * len(header))
+    src_ppl = llama_cpp_perplexity(src, text, max_tokens=args.ppl_tokens, threads=args.threads)
+    f = read_gguf(src)
+    bpw = 8 * sum(t.nbytes for t in f.tensors) / sum(t.n_elements for t in f.tensors)
+    print(f"{'Q4_1 src':<8}{bpw:>12.3f}{src.stat().st_size / 2**20:>9.1f}"
+          f"{src_ppl.perplexity:>15.3f}")
+    for qtype in [t for t in args.ppl_types.split(",") if have_k or "_K" not in t]:
+        zp, ll = work / f"zp_{qtype}.gguf", work / f"ll_{qtype}.gguf"
+        report = requantize(src, zp, qtype)
+        llama_cpp_quantize(src, ll, qtype, nthread=args.threads)
+        a = llama_cpp_perplexity(zp, text, max_tokens=args.ppl_tokens, threads=args.threads)
+        b = llama_cpp_perplexity(ll, text, max_tokens=args.ppl_tokens, threads=args.threads)
+        print(f"{qtype:<8}{report.bits_per_weight:>12.3f}{report.file_bytes / 2**20:>9.1f}"
+              f"{a.perplexity:>15.3f}{b.perplexity:>15.3f}"
+              f"{str(zp.read_bytes() == ll.read_bytes()):>11}")
+
+
+if __name__ == "__main__":
+    main()

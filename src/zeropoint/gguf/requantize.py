@@ -1,0 +1,272 @@
+"""GGUF -> GGUF in other ggml types, the way llama.cpp's llama_model_quantize does it.
+
+Each tensor is read, dequantized to float32, and quantized to the type `mixes.plan_types` chose
+for it with zeropoint's `quantize_blocks`; a tensor already in its chosen type is copied as is,
+and tensors that are not 2-D weights (norms) are kept. Metadata and tokenizer are copied; as in
+llama.cpp, `general.quantization_version` and `general.file_type` are set (and moved last) and
+split keys are dropped, and the tensors are written in llama.cpp's order. For the legacy types
+the result is the same file as llama.cpp's, byte for byte.
+
+`write_quantized` is the shared back half: `export.py` feeds it float tensors from a Hugging Face
+checkpoint instead of a GGUF file.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
+
+from . import blocks
+from .io import (GGUFFile, Metadata, MetaValue, TensorData, read_gguf, tensor_nbytes,
+                 write_gguf)
+from .mixes import ModelParams, Plan, Target, parse_target, plan_types
+
+QUANTIZATION_VERSION_KEY = "general.quantization_version"
+FILE_TYPE_KEY = "general.file_type"
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+@dataclass
+class SourceTensor:
+    """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes."""
+
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    read: Callable[[], np.ndarray]  # flat uint8: the tensor's bytes in `type`
+
+
+# --- one tensor -------------------------------------------------------------------------------
+
+
+def decode(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """Bytes of a `qtype` tensor -> float32 tensor of `shape`.
+
+    zeropoint's torch kernels where it has the type (bit-identical to gguf-py and to ggml's
+    dequantize_row_*); gguf-py's `gguf.quants.dequantize` for the rest.
+    """
+    shape = tuple(int(s) for s in shape)
+    data = np.ascontiguousarray(data).reshape(-1)
+    if qtype == "F32":
+        return torch.from_numpy(data.view(np.float32)).view(shape)
+    if qtype == "F16":
+        return torch.from_numpy(data.view(np.float16)).to(torch.float32).view(shape)
+    if qtype == "BF16":  # bf16 is the top half of a float32
+        wide = data.view(np.uint16).astype(np.uint32) << 16
+        return torch.from_numpy(wide.view(np.float32)).view(shape)
+    if qtype in blocks.TYPE_SIZE:
+        return blocks.dequantize_blocks(torch.from_numpy(data), qtype, shape)
+    from gguf.quants import dequantize
+
+    try:
+        out = dequantize(data, GGMLQuantizationType[qtype])
+    except (KeyError, NotImplementedError) as e:
+        raise ValueError(f"cannot dequantize ggml type {qtype}: {e}") from None
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(shape)
+
+
+def encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
+    """float32 tensor (rows = last dim) -> flat uint8 bytes of ggml type `qtype`."""
+    if qtype == "F32":
+        out = x.to(torch.float32)
+    elif qtype in ("F16", "BF16"):
+        out = x.to(torch.float16 if qtype == "F16" else torch.bfloat16)  # round to nearest even
+        if not torch.isfinite(out).all():
+            big = float(x.abs().max())
+            raise ValueError(f"{name}: values up to {big:.4g} are not finite in {qtype}")
+        out = out.view(torch.int16)
+    else:
+        try:
+            out = blocks.quantize_blocks(x.reshape(-1, x.shape[-1]), qtype)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return out.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def available_types() -> tuple[str, ...]:
+    """The ggml types zeropoint can write now (K types appear once blocks has them)."""
+    return ("F32", "F16", "BF16", *blocks.TYPE_SIZE)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizeReport:
+    path: Path
+    source: str
+    plan: Plan
+    file_bytes: int
+    tensor_bytes: int  # sum of tensor data, no header or padding
+    n_elements: int
+    seconds: float
+
+    @property
+    def bits_per_weight(self) -> float:  # llama.cpp's figure: tensor bytes over all elements
+        return 8 * self.tensor_bytes / self.n_elements
+
+    @property
+    def fallbacks(self):
+        return self.plan.fallbacks
+
+    def rows(self) -> list[tuple[str, int, int, int]]:
+        """(type, tensors, elements, bytes) per type written, largest share first."""
+        acc: dict[str, list[int]] = {}
+        for c in self.plan.choices:
+            n = int(np.prod(c.shape))
+            row = acc.setdefault(c.type, [0, 0, 0])
+            row[0] += 1
+            row[1] += n
+            row[2] += tensor_nbytes(c.type, c.shape)
+        return sorted(((t, *v) for t, v in acc.items()), key=lambda r: -r[3])
+
+    def table(self) -> str:
+        lines = [f"{'type':<6} {'tensors':>8} {'weights':>13} {'MiB':>9} {'bits/weight':>12}"]
+        for qtype, count, n, nbytes in self.rows():
+            lines.append(f"{qtype:<6} {count:>8} {n:>13,} {nbytes / 2**20:>9.2f} "
+                         f"{8 * nbytes / n:>12.3f}")
+        lines.append(f"{'total':<6} {len(self.plan.choices):>8} {self.n_elements:>13,} "
+                     f"{self.tensor_bytes / 2**20:>9.2f} {self.bits_per_weight:>12.3f}")
+        lines.append(f"file {self.file_bytes / 2**20:.2f} MiB ({self.file_bytes:,} bytes)")
+        return "\n".join(lines)
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+
+def output_metadata(metadata: Mapping[str, MetaValue], file_type: int) -> Metadata:
+    """The source's metadata as llama.cpp writes it back: split keys dropped, quantization
+    version and file type set and moved to the end."""
+    out = {k: v for k, v in metadata.items()
+           if k not in SPLIT_KEYS and k not in (QUANTIZATION_VERSION_KEY, FILE_TYPE_KEY)}
+    out[QUANTIZATION_VERSION_KEY] = MetaValue.u32(GGML_QUANT_VERSION)
+    out[FILE_TYPE_KEY] = MetaValue.u32(file_type)
+    return out
+
+
+def check_writable(plan: Plan) -> None:
+    """Fail before writing anything if a chosen type has no encoder here (yet)."""
+    available = available_types()
+    missing: dict[str, list[str]] = {}
+    for c in plan.choices:
+        if not c.copied and c.type not in available:
+            missing.setdefault(c.type, []).append(c.name)
+    if missing:
+        detail = "; ".join(f"{t} for {len(n)} tensor(s), e.g. {n[0]}" for t, n in missing.items())
+        raise ValueError(f"zeropoint cannot write {', '.join(missing)} yet ({detail}); "
+                         f"types available: {', '.join(available)}")
+
+
+def write_quantized(
+    sources: Sequence[SourceTensor],
+    metadata: Mapping[str, MetaValue],
+    target: Target | str,
+    out: str | os.PathLike,
+    *,
+    params: ModelParams | None = None,
+    source_name: str = "",
+    progress: bool = False,
+    threads: int | None = None,
+) -> QuantizeReport:
+    """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
+
+    `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
+    while the writer stores them in order. One tensor per thread beats torch's intra-op threads
+    here: a model's tensors are small (~1M values), and on a busy machine an OpenMP team waiting
+    at barriers for a descheduled member ran 20x slower.
+    """
+    started = time.perf_counter()
+    target = parse_target(target) if isinstance(target, str) else target
+    params = params or ModelParams.from_metadata(metadata)
+    by_name = {s.name: s for s in sources}
+    if len(by_name) != len(sources):
+        raise ValueError("duplicate tensor names in the source")
+    plan = plan_types([(s.name, s.type, s.shape) for s in sources], target, params)
+    check_writable(plan)
+
+    def produce(choice) -> Callable[[], np.ndarray]:
+        src = by_name[choice.name]
+        if choice.copied:
+            return src.read
+        return lambda: encode(decode(src.read(), src.type, src.shape), choice.type, choice.name)
+
+    threads = max(1, threads or torch.get_num_threads())
+    with _Prefetcher([produce(c) for c in plan.choices], threads) as fetch:
+        tensors = [TensorData(c.name, c.type, c.shape, fetch.getter(i))
+                   for i, c in enumerate(plan.choices)]
+        size = write_gguf(out, output_metadata(metadata, target.file_type), tensors,
+                          progress=progress, progress_desc=f"quantizing to {target.name}")
+    return QuantizeReport(
+        path=Path(out), source=source_name, plan=plan, file_bytes=size,
+        tensor_bytes=sum(t.nbytes for t in tensors),
+        n_elements=sum(int(np.prod(c.shape)) for c in plan.choices),
+        seconds=time.perf_counter() - started,
+    )
+
+
+class _Prefetcher:
+    """Runs jobs[i] on a pool of `workers` threads, at most `workers + 1` ahead of the reader, and
+    hands the results back in order. Torch runs single-threaded meanwhile (restored on exit)."""
+
+    def __init__(self, jobs: Sequence[Callable[[], np.ndarray]], workers: int):
+        self.jobs, self.workers = list(jobs), workers
+        self.futures: dict[int, object] = {}
+        self.next = 0
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._torch_threads = torch.get_num_threads()
+        if self.workers > 1:
+            torch.set_num_threads(1)
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zeropoint-gguf")
+        else:
+            self.pool = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(self._torch_threads)
+
+    def getter(self, i: int) -> Callable[[], np.ndarray]:
+        return lambda: self.get(i)
+
+    def get(self, i: int) -> np.ndarray:
+        if self.pool is None:
+            return self.jobs[i]()
+        while self.next < min(len(self.jobs), i + self.workers + 1):
+            self.futures[self.next] = self.pool.submit(self.jobs[self.next])
+            self.next += 1
+        return self.futures.pop(i).result()
+
+
+def gguf_sources(src: GGUFFile) -> list[SourceTensor]:
+    return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t))) for t in src.tensors]
+
+
+def requantize(
+    src: str | os.PathLike | GGUFFile,
+    out: str | os.PathLike,
+    target: Target | str,
+    *,
+    progress: bool = False,
+) -> QuantizeReport:
+    """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes)."""
+    source = src if isinstance(src, GGUFFile) else read_gguf(src)
+    if Path(out).resolve() == source.path.resolve():
+        raise ValueError(f"output {str(out)!r} is the input file; write to another path")
+    return write_quantized(gguf_sources(source), source.metadata, target, out,
+                           source_name=str(source.path), progress=progress)
+
+
+__all__ = [
+    "QuantizeReport", "SourceTensor", "available_types", "decode", "encode", "gguf_sources",
+    "output_metadata", "requantize", "write_quantized",
+]
