@@ -80,18 +80,45 @@ def _write_quantized(args, recipe, out: Path):
     from .nn.serialize import save_quantized
     from .streaming import quantize_checkpoint
 
+    method = getattr(args, "method", "rtn")
     with atomic_path(out, directory=True) as tmp:
         try:
-            if _is_checkpoint_dir(args.model):
+            if method == "rtn" and _is_checkpoint_dir(args.model):
                 return quantize_checkpoint(args.model, tmp, recipe, progress=not args.quiet)
             loaded = open_model(args.model, progress=not args.quiet)
-            quantize_model(loaded.model, recipe, progress=not args.quiet)
+            if method == "gptq":  # error-correcting methods need the whole model in memory
+                _gptq(args, loaded, recipe)
+            elif method == "hqq":
+                from .algorithms.hqq import hqq_quantize
+
+                quantize_model(loaded.model, recipe, progress=not args.quiet,
+                               quantize_fn=lambda name, w, spec: hqq_quantize(w, spec))
+            else:
+                quantize_model(loaded.model, recipe, progress=not args.quiet)
         except ValueError as e:
             raise CommandError(str(e)) from None
         return save_quantized(
             loaded.model, tmp, recipe=recipe, kind=loaded.kind, tokenizer=loaded.tokenizer,
-            config=loaded.config, source=str(args.model or DEFAULT_MODEL), method="rtn",
+            config=loaded.config, source=str(args.model or DEFAULT_MODEL), method=method,
         )
+
+
+CALIB_SEQUENCE_TOKENS = 512  # GPTQ calibration sequences are cut to this many tokens
+
+
+def _gptq(args, loaded, recipe) -> None:
+    from .algorithms.sequential import calibration_ids, gptq_model
+
+    if loaded.kind != "causal-lm":
+        raise CommandError("--method gptq needs a causal language model (llama family)")
+    if args.calib_tokens < 2:
+        raise CommandError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    length = min(CALIB_SEQUENCE_TOKENS, args.calib_tokens)
+    ids = calibration_ids(loaded.tokenizer, _read_text(args.calib), args.calib_tokens // length, length)
+    report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet)
+    if not args.quiet:
+        print(f"gptq: {report.layers} layers, {report.sequences} x {length} calibration tokens, "
+              f"{report.seconds:.1f} s, peak memory (VmHWM) {_mib(report.peak_rss_bytes)}")
 
 
 def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
@@ -111,6 +138,9 @@ def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
 def cmd_quantize(args) -> None:
     from .checkpoint import is_zeropoint_dir
 
+    if args.type and getattr(args, "method", "rtn") != "rtn":
+        raise CommandError(f"--method {args.method} writes zeropoint directories; GGUF output (--type) "
+                           "takes --method rtn for now")
     if args.type:  # a GGUF file out, in ggml block formats
         from .gguf.cli import quantize_gguf
 
@@ -203,7 +233,7 @@ def add_parsers(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model into a zeropoint directory")
     q.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M)")
-    q.add_argument("-o", "--output", required=True, help="output directory")
+    q.add_argument("-o", "--output", required=True, help="output directory (a .gguf file with --type)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--scheme", default="symmetric", help="symmetric or asymmetric")
     q.add_argument("--granularity", default="per_group", help="per_group or per_channel")
@@ -222,6 +252,13 @@ def add_parsers(sub) -> None:
                    help="write a GGUF file in this ggml type or llama.cpp mix (Q8_0, Q4_K_M, ...)")
     q.add_argument("--budget-bpw", type=float, metavar="BITS",
                    help="choose a spec per layer for this average bits per weight")
+    q.add_argument("--method", choices=["rtn", "gptq", "hqq"], default="rtn",
+                   help="rtn: round to nearest (streams checkpoints); gptq: error-correcting, needs "
+                        "calibration text; hqq: calibration-free qparam fitting")
+    q.add_argument("--calib", metavar="FILE",
+                   help="gptq calibration text (default: Python's pydoc topics)")
+    q.add_argument("--calib-tokens", type=int, default=65536, metavar="N",
+                   help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
