@@ -11,6 +11,7 @@ import json
 import sys
 
 from . import model_commands
+from .analysis import cli as analysis_cli
 from .atomic import atomic_path
 
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="PNG plot path, or 'none'")
     ex.set_defaults(func=cmd_exercise)
     model_commands.add_parsers(sub)
+    analysis_cli.add_parser(sub)
     return p
 
 

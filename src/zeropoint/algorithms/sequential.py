@@ -1,0 +1,279 @@
+"""GPTQ over a whole decoder model, one layer after another (GPTQ Sec. 4 "Step 3"; the
+`--true-sequential` order of the GPTQ repository).
+
+The calibration set's inputs to the first decoder layer are captured once. Then, layer by layer,
+the Linears that read one tensor (q/k/v; gate/up) are quantized together in the order the layer
+calls them, each from a Hessian of its inputs as computed with everything before it already
+quantized; the layer's outputs, recomputed with all its Linears quantized, feed the next layer.
+Only one layer's activations for the calibration set are held at a time, and each Hessian is
+freed once its Linears are done. Quantized Linears keep fake-quantized float weights (exactly
+their QTensor's dequantized values) until the end, when quantize_model swaps in QLinear.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..nn.quantize_model import ModelReport, quantize_model
+from ..nn.recipe import Recipe
+from ..qtensor import QTensor
+from ..spec import Granularity, QuantSpec
+from .gptq import DEFAULT_BLOCK_SIZE, DEFAULT_PERCDAMP, HessianAccumulator, gptq
+
+BATCH_SEQUENCES = 8  # calibration sequences per forward: bounds the attention's working memory
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass once the inputs it was run for are seen."""
+
+
+@dataclass
+class SequentialReport:
+    model: ModelReport
+    layers: int
+    sequences: int
+    tokens: int
+    seconds: float
+    peak_rss_bytes: int  # VmHWM: the process's peak resident memory so far
+    # GPTQ's proxy loss of each GPTQ run: Linears stacked into one run are named together,
+    # 'model.layers.0.self_attn.q_proj,k_proj,v_proj'
+    losses: dict[str, float]
+
+
+def calibration_ids(tokenizer, text: str, sequences: int, length: int) -> torch.Tensor:
+    """(sequences, length) token ids: non-overlapping windows spread evenly over `text`."""
+    if sequences < 1 or length < 2:
+        raise ValueError(f"need at least 1 sequence of 2 tokens, got {sequences} of {length}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < sequences * length:
+        raise ValueError(
+            f"calibration text has {ids.numel()} tokens; {sequences} sequences of {length} need "
+            f"{sequences * length}: use a longer text or fewer tokens"
+        )
+    stride = ids.numel() // sequences  # >= length
+    return torch.stack([ids[i * stride : i * stride + length] for i in range(sequences)])
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder stack of a llama-family model (model.model.layers)."""
+    for path in ("model.layers", "layers"):
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return layers
+    raise ValueError(
+        f"sequential GPTQ needs a decoder stack at model.model.layers (llama family: Llama, "
+        f"Mistral, Qwen2, ...); {type(model).__name__} has none"
+    )
+
+
+@torch.no_grad()
+def gptq_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_ids: torch.Tensor,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    act_order: bool = False,
+    true_sequential: bool = True,
+    batch: int = BATCH_SEQUENCES,
+    progress: bool = False,
+    backend: str = "auto",
+) -> SequentialReport:
+    """Quantize `model` in place with GPTQ, layer by layer, calibrated on `calib_ids` (N, L).
+
+    Linears inside the decoder layers that the recipe gives a spec get GPTQ; any other target
+    (an lm_head the recipe quantizes, embeddings) gets round-to-nearest. Returns the measured
+    sizes, the time and the peak memory.
+    """
+    started = time.perf_counter()
+    if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
+        raise ValueError(
+            f"calib_ids must be (sequences, length >= 2), got {tuple(calib_ids.shape)}"
+        )
+    model.eval()
+    layers = decoder_layers(model)
+    prefix = _prefix_of(model, layers)
+    inputs, kwargs = _first_layer_inputs(model, layers[0], calib_ids, batch)
+    qtensors: dict[str, QTensor] = {}
+    losses: dict[str, float] = {}
+    bar = tqdm(range(len(layers)), desc="gptq", unit="layer", disable=not progress)
+    groups, names = None, None
+    for i in bar:
+        layer = layers[i]
+        if tuple(_linears(layer)) != names:  # layers of one stack share their structure
+            names = tuple(_linears(layer))
+            groups = _input_groups(layer, inputs[0], kwargs)
+        stages = groups if true_sequential else [sum(groups, [])]
+        for stage in stages:
+            shared = _shared_inputs(stage, groups)  # a fresh list: popped below
+            hessians = _collect(layer, shared, inputs, kwargs)
+            while hessians:
+                members, acc = shared.pop(0), hessians.pop(0)  # freed once its Linears are done
+                _quantize_group(layer, members, acc.hessian, recipe, f"{prefix}{i}.",
+                                (block_size, percdamp, act_order), qtensors, losses)
+                del acc
+        for b, x in enumerate(inputs):  # the quantized layer's outputs feed the next layer
+            inputs[b] = _output(layer(x, **kwargs[x.shape[0]]))
+    del inputs
+
+    def supply(name, weight, spec):
+        return qtensors[name] if name in qtensors else QTensor.quantize(weight, spec)
+
+    report = quantize_model(model, recipe, progress=False, backend=backend, quantize_fn=supply)
+    return SequentialReport(report, len(layers), calib_ids.shape[0], calib_ids.numel(),
+                            time.perf_counter() - started, peak_rss_bytes(), losses)
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM from /proc/self/status (the peak resident set), else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _prefix_of(model: nn.Module, layers: nn.ModuleList) -> str:
+    name = next(n for n, m in model.named_modules() if m is layers)
+    return name + "."
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+
+
+def _first_layer_inputs(model, first_layer, calib_ids, batch):
+    """Hidden states entering layer 0 for every batch, and the layer's keyword arguments
+    (attention mask, rotary embeddings, ...) for each batch size."""
+    inputs, kwargs = [], {}
+
+    def catch(module, args, kw):
+        x = args[0] if args else kw.pop("hidden_states")
+        inputs.append(x.detach())
+        kwargs.setdefault(x.shape[0], {k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = first_layer.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, calib_ids.shape[0], batch):
+            try:
+                model(input_ids=calib_ids[start : start + batch].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return inputs, kwargs
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _input_groups(layer, x, kwargs) -> list[list[str]]:
+    """The layer's Linears grouped by the tensor they read, in calling order: for llama
+    [[q, k, v], [o], [gate, up], [down]]. Found by running one batch with hooks that keep each
+    input alive, so that identity (not a reusable address) tells shared inputs apart."""
+    seen: list[tuple[torch.Tensor, list[str]]] = []
+    handles = []
+
+    def hook_for(name):
+        def hook(module, args):
+            for t, names in seen:
+                if t is args[0]:
+                    names.append(name)
+                    return
+            seen.append((args[0], [name]))
+        return hook
+
+    for name, lin in _linears(layer).items():
+        handles.append(lin.register_forward_pre_hook(hook_for(name)))
+    try:
+        layer(x, **kwargs[x.shape[0]])
+    finally:
+        for h in handles:
+            h.remove()
+    return [names for _, names in seen]
+
+
+def _shared_inputs(stage: list[str], groups: list[list[str]]) -> list[list[str]]:
+    """A stage's Linears split back into the groups that share one input."""
+    return [g for g in groups if g[0] in stage]
+
+
+def _collect(layer, shared, inputs, kwargs) -> list[HessianAccumulator]:
+    """One Hessian per input group, over every calibration batch; the forward stops as soon as
+    the last group's last Linear has been reached."""
+    linears = _linears(layer)
+    accs = [HessianAccumulator(linears[g[0]].in_features) for g in shared]
+    handles = []
+    for gi, group in enumerate(shared):
+        def add(module, args, acc=accs[gi]):
+            acc.add(args[0])
+        handles.append(linears[group[0]].register_forward_pre_hook(add))
+    def stop(module, args):
+        raise _Stop
+    handles.append(linears[shared[-1][-1]].register_forward_pre_hook(stop))
+    try:
+        for x in inputs:
+            try:
+                layer(x, **kwargs[x.shape[0]])
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _stackable(spec: QuantSpec) -> bool:
+    """Specs whose scales never span rows: weights that share a Hessian can then be stacked
+    along out_features and run through GPTQ once."""
+    if spec.granularity is Granularity.PER_GROUP:
+        return spec.resolved_axis(2) == 1
+    return spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
+
+
+def _quantize_group(layer, members, H, recipe, prefix, options, qtensors, losses) -> None:
+    """GPTQ for Linears sharing the Hessian H, into `qtensors` (full name -> QTensor) and
+    `losses`; each Linear's weight is left fake-quantized for the rest of the layer's passes."""
+    block_size, percdamp, act_order = options
+    linears = _linears(layer)
+    by_spec: dict[QuantSpec, list[str]] = {}
+    for name in members:
+        spec = recipe.spec_for(prefix + name)
+        if spec is not None:
+            by_spec.setdefault(spec, []).append(name)
+    for spec, names in by_spec.items():
+        batches = [names] if _stackable(spec) else [[n] for n in names]
+        for batch in batches:
+            weights = [linears[n].weight for n in batch]
+            stacked = torch.cat([w.detach() for w in weights])  # (sum of out_features, in)
+            r = gptq(stacked, H, spec, block_size=block_size, percdamp=percdamp,
+                     act_order=act_order)
+            losses[prefix + ",".join(batch)] = r.loss
+            row = 0
+            for n, w in zip(batch, weights):
+                rows = slice(row, row + w.shape[0])
+                row += w.shape[0]
+                zp = None if r.zero_point is None else r.zero_point[rows]
+                q = QTensor.from_codes(r.codes[rows], spec, r.scale[rows], zp, w.dtype)
+                w.data.copy_(q.dequantize())
+                qtensors[prefix + n] = q
