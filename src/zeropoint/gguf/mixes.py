@@ -420,9 +420,18 @@ def llama_cpp_quantize(src: str | Path, dst: str | Path, target: str, nthread: i
     params.allow_requantize = True
     params.pure = pure
     params.dry_run = dry_run
-    with _captured_stderr() as log:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
-                                            ctypes.byref(params))
+    # A Llama(verbose=False) made earlier in the process turns llama-cpp-python's log callback
+    # down to errors; the per-tensor log is the answer here, so turn it up for this call.
+    from llama_cpp._logger import logger, set_verbose
+
+    level = logger.level
+    set_verbose(True)
+    try:
+        with _captured_stderr() as log:
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
+                                                ctypes.byref(params))
+    finally:
+        logger.setLevel(level)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src}, {target}) failed ({rc}): "
                            f"{log.text[-2000:]}")
