@@ -252,6 +252,10 @@ def add_parsers(sub) -> None:
                    help="write a GGUF file in this ggml type or llama.cpp mix (Q8_0, Q4_K_M, ...)")
     q.add_argument("--budget-bpw", type=float, metavar="BITS",
                    help="choose a spec per layer for this average bits per weight")
+    q.add_argument("--recipe-out", metavar="FILE",
+                   help="with --budget-bpw: where to write the chosen recipe (default: OUTPUT.recipe.json)")
+    q.add_argument("--budget-tokens", type=int, default=1024,
+                   help="with --budget-bpw: calibration tokens")
     q.add_argument("--method", choices=["rtn", "gptq", "hqq"], default="rtn",
                    help="rtn: round to nearest (streams checkpoints); gptq: error-correcting, needs "
                         "calibration text; hqq: calibration-free qparam fitting")
