@@ -1,5 +1,6 @@
 """Quantize and dequantize a 4096x4096 float32 matrix: zeropoint against torch's own kernels and
-torchao, measured in the same run at 2 threads. Prints medians and ratios (peer time / ours).
+torchao, measured in the same run at 2 threads, interleaved. Prints medians and ratios
+(peer time / ours).
 
     .venv/bin/python benchmarks/bench_core.py [--repeat 15]
 """
@@ -14,7 +15,7 @@ import torch
 
 from zeropoint import QTensor, QuantSpec, choose_qparams, dequantize, quantize
 
-from timing import median_seconds  # benchmarks/timing.py
+from timing import interleaved_medians  # benchmarks/timing.py
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 
@@ -83,14 +84,15 @@ def main():
         if spec.bits < 8:  # what storing 4-bit costs end to end: qparams, codes and packing
             ops.append(("+pack", lambda: QTensor.quantize(x, spec), None, None))
         for op, ours, peer, ao in ops:
-            t = median_seconds(ours, args.repeat)
+            peers = [f for f in (peer, ao) if f is not None]
+            t, *tp = interleaved_medians([ours, *peers], args.repeat)
             line = f"{name:<22}{op:<11}{gb / t:>10.2f}"
             for other in (peer, ao):
                 if other is None:
                     line += f"{'-':>9}{'-':>7}"
                 else:
-                    tp = median_seconds(other, args.repeat)
-                    line += f"{gb / tp:>9.2f}{tp / t:>7.2f}"
+                    tq = tp.pop(0)
+                    line += f"{gb / tq:>9.2f}{tq / t:>7.2f}"
             print(line)
     print("\n'+pack' is choose_qparams + quantize + bit packing into a QTensor; torch and torchao "
           "have no packed sub-byte equivalent.")

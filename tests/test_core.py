@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeropoint import QuantSpec, choose_qparams, dequantize, fake_quantize, quantize
+from zeropoint.core import grid_shape
 
 
 
@@ -338,3 +339,37 @@ def test_fast_path_reports_nan_like_the_eager_path():
         quantize(x, spec, torch.ones(2048, 16), torch.zeros(2048, 16, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"1 non-finite value\(s\).*index \(1500, 7\)"):
         choose_qparams(x, spec)
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel_last_axis", "per_group"])
+def test_fast_path_keeps_division_codes_where_a_reciprocal_would_not(gen, granularity):
+    """The C loop multiplies by 1/scale and redoes chunks near a .5 tie with the division. Inputs
+    here sit on and a few ulps around ties, where the two disagree (the test checks that they do,
+    so it would catch a fast path that skipped the redo), for per-tensor, per-element (Q = 1) and
+    per-group scales."""
+    from zeropoint import ckernels
+
+    if ckernels.library() is None:
+        pytest.skip("no C compiler: only the eager path exists here")
+    spec = {"per_tensor": QuantSpec(8, "asymmetric"),
+            "per_channel_last_axis": QuantSpec(8, "asymmetric", "per_channel", axis=-1),
+            "per_group": QuantSpec(8, "asymmetric", "per_group", group_size=64)}[granularity]
+    shape = (512, 1024)
+    grid = grid_shape(shape, spec)
+    scale = torch.rand(grid, generator=gen) * 0.05 + 0.001
+    zero_point = torch.randint(0, 256, grid, generator=gen, dtype=torch.int32)
+    s_full = scale.repeat_interleave(shape[0] // grid[0], 0).repeat_interleave(shape[1] // grid[1], 1)
+    ties = (torch.randint(-120, 120, shape, generator=gen) + 0.5) * s_full  # (512, 1024)
+    ulps = torch.randint(-4, 5, shape, generator=gen)
+    x = ties
+    for _ in range(4):  # walk |ulps| steps up or down from the tie
+        step = torch.where(ulps > 0, float("inf"), float("-inf"))
+        x = torch.where(ulps != 0, torch.nextafter(x, step), x)
+        ulps = ulps - ulps.sign()
+    by_division = torch.round(x / s_full)
+    by_reciprocal = torch.round(x * (1.0 / s_full))
+    assert int((by_division != by_reciprocal).sum()) > 10  # the input really tests the redo
+    fast = quantize(x, spec, scale, zero_point)
+    with ckernels.disabled():
+        eager = quantize(x, spec, scale, zero_point)
+    assert torch.equal(fast, eager)

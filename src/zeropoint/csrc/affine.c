@@ -3,43 +3,108 @@
  * The data is viewed as (P, C, Q) with one scale per c: per-tensor is (1, 1, n), per-group
  * over the last axis (1, groups, group_size), per-channel over axis 0 (1, rows, cols) and over
  * the last axis (rows, cols, 1). The arithmetic is exactly the eager path's in core.py:
- * float32 division, round half to even (nearbyintf in the default rounding mode), integer
- * zero-point, clamp. No -ffast-math: the division must stay a correctly rounded division.
+ * the codes of float32 division, round half to even (nearbyintf in the default rounding mode),
+ * integer zero-point, clamp. No -ffast-math: the division must stay a correctly rounded division
+ * (quantize_run multiplies where that provably gives the same codes).
  */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
 #define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
 
+/* Quantizing divides by the scale, and a division costs the CPU about ten times a multiply (on
+ * a core whose two hyperthreads share one divider, the division alone capped this loop at half
+ * of torch's multiply-by-reciprocal kernel). So each chunk is first computed as x * (1/s). That
+ * product differs from the correctly rounded x / s by at most 3 ulps of |x/s| (one rounding for
+ * 1/s, one for the product, one for the quotient), so it rounds to the same integer unless it
+ * lies within that distance of a .5 tie. A chunk with any element that close (about 1 in 10^4
+ * elements) is recomputed with the division: codes stay exactly those of core.py's eager path. */
+#define CHUNK 256
+#define TIE_MARGIN 0x1p-21f /* 8 ulps relative: more than the 3 the argument above needs */
+
+/* n codes of x with scale s[i * step], reciprocal inv[i * step], zero-point z[i * step]: step is
+ * 0 for one scale over the whole run, 1 for one scale per element. Returns 1 on NaN/Inf. */
+static inline __attribute__((always_inline)) int
+quantize_run(const float *restrict x, uint8_t *restrict out, int64_t n, const float *s,
+             const float *inv, const float *z, int step, float qmin, float qmax) {
+  int bad = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+    const int64_t m = n - i0 < CHUNK ? n - i0 : CHUNK;
+    int near_tie = 0;
+    for (int64_t i = i0; i < i0 + m; i++) {
+      float v = x[i];
+      bad |= (v - v) != 0.0f;
+      float y = v * inv[i * step];
+      float r = nearbyintf(y);
+      /* y - r is exact; NaN (from Inf) compares false and is caught by `bad` */
+      near_tie |= 0.5f - fabsf(y - r) <= fabsf(y) * TIE_MARGIN;
+      float q = r + z[i * step];
+      out[i] = (uint8_t)(int32_t)CLAMP(q, qmin, qmax);
+    }
+    if (near_tie)
+      for (int64_t i = i0; i < i0 + m; i++) {
+        float q = nearbyintf(x[i] / s[i * step]) + z[i * step];
+        out[i] = (uint8_t)(int32_t)CLAMP(q, qmin, qmax);
+      }
+  }
+  return bad;
+}
+
+/* The reciprocal is usable when it is a normal float: a subnormal 1/s (s > 2^126) would carry
+ * less relative precision than the tie test assumes, and an infinite one (tiny s) none. */
+static float reciprocal(float s) {
+  float inv = 1.0f / s;
+  return isnormal(inv) ? inv : NAN;
+}
+
+static int quantize_divide(const float *x, uint8_t *out, int64_t n, float s, float z, float qmin,
+                           float qmax) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; i++) {
+    float v = x[i];
+    bad |= (v - v) != 0.0f;
+    float q = nearbyintf(v / s) + z;
+    out[i] = (uint8_t)(int32_t)CLAMP(q, qmin, qmax);
+  }
+  return bad;
+}
+
 /* Returns 1 if any element is NaN or Inf (x - x is NaN exactly for those), else 0. */
 int zp_quantize_f32(const float *x, uint8_t *out, int64_t P, int64_t C, int64_t Q,
                     const float *scale, const float *zero_point, float qmin, float qmax) {
   int bad = 0;
-  for (int64_t p = 0; p < P; p++) {
-    const float *xp = x + p * C * Q;
-    uint8_t *op = out + p * C * Q;
-    if (Q == 1) { /* the scale changes every element: vectorize across c */
-      for (int64_t c = 0; c < C; c++) {
-        float v = xp[c];
-        bad |= (v - v) != 0.0f;
-        float q = nearbyintf(v / scale[c]) + (zero_point ? zero_point[c] : 0.0f);
-        op[c] = (uint8_t)(int32_t)CLAMP(q, qmin, qmax);
-      }
-      continue;
+  if (Q == 1) { /* the scale changes every element: reciprocals once, reused for every p */
+    float *inv = malloc(2 * C * sizeof(float)); /* C reciprocals, then C zero-points */
+    int fast = inv != NULL;
+    for (int64_t c = 0; fast && c < C; c++) {
+      inv[c] = reciprocal(scale[c]);
+      inv[C + c] = zero_point ? zero_point[c] : 0.0f;
+      fast = !isnan(inv[c]);
     }
-    for (int64_t c = 0; c < C; c++) {
-      const float s = scale[c], z = zero_point ? zero_point[c] : 0.0f;
-      const float *xc = xp + c * Q;
-      uint8_t *oc = op + c * Q;
-      for (int64_t i = 0; i < Q; i++) {
-        float v = xc[i];
-        bad |= (v - v) != 0.0f;
-        float q = nearbyintf(v / s) + z;
-        oc[i] = (uint8_t)(int32_t)CLAMP(q, qmin, qmax);
+    for (int64_t p = 0; p < P; p++) {
+      const float *xp = x + p * C;
+      uint8_t *op = out + p * C;
+      if (fast) {
+        bad |= quantize_run(xp, op, C, scale, inv, inv + C, 1, qmin, qmax);
+      } else {
+        for (int64_t c = 0; c < C; c++)
+          bad |= quantize_divide(xp + c, op + c, 1, scale[c], zero_point ? zero_point[c] : 0.0f,
+                                 qmin, qmax);
       }
     }
+    free(inv);
+    return bad;
   }
+  for (int64_t p = 0; p < P; p++)
+    for (int64_t c = 0; c < C; c++) {
+      const float s = scale[c], z = zero_point ? zero_point[c] : 0.0f, inv = reciprocal(s);
+      const float *xc = x + (p * C + c) * Q;
+      uint8_t *oc = out + (p * C + c) * Q;
+      bad |= isnan(inv) ? quantize_divide(xc, oc, Q, s, z, qmin, qmax)
+                        : quantize_run(xc, oc, Q, &s, &inv, &z, 0, qmin, qmax);
+    }
   return bad;
 }
 
