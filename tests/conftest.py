@@ -14,3 +14,24 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-layer Llama with a word-level tokenizer, saved as a Hugging Face checkpoint, with a
+    600-word text.txt beside it: the model every command-line test quantizes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(120)]
+    path = tmp_path_factory.mktemp("tiny")
+    vocab = {w: i for i, w in enumerate(["<unk>"] + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    (path / "text.txt").write_text(" ".join(words[(i * 7) % 120] for i in range(600)))
+    return path

@@ -12,28 +12,6 @@ from zeropoint import load
 from zeropoint.cli import main
 from zeropoint.models.evaluate import perplexity
 
-WORDS = [f"w{i}" for i in range(120)]
-TEXT = " ".join(WORDS[(i * 7) % 120] for i in range(400))
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A 2-layer Llama with a word-level tokenizer, saved as a Hugging Face checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    vocab = {w: i for i, w in enumerate(["<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(path)
-    (path / "text.txt").write_text(TEXT)
-    return path
-
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "zeropoint.cli", *map(str, args)],
@@ -53,7 +31,7 @@ def test_quantize_writes_a_directory_that_loads_and_evaluates(tiny_checkpoint, t
     assert manifest["quantized"]["model.layers.0.mlp.up_proj.weight"]["spec"]["bits"] == 4
     assert "lm_head.weight" not in manifest["quantized"]  # kept in float by default
     loaded = load(out)
-    ppl = perplexity(loaded.model, loaded.tokenizer, TEXT).perplexity
+    ppl = perplexity(loaded.model, loaded.tokenizer, text.read_text()).perplexity
     assert f"{ppl:.3f}" in table  # the table reports the saved model, not an in-memory one
 
     json_path = tmp_path / "eval.json"

@@ -13,7 +13,7 @@ from zeropoint.analysis.allocate import LayerOptions, Option, _hull, allocate, q
 from zeropoint.analysis.specs import menu
 from zeropoint.cli import main
 
-from test_sensitivity import TinyLM, exact_kl, lm_batches
+from test_sensitivity import TinyLM, lm_batches
 
 SPECS = menu()
 
@@ -170,39 +170,21 @@ def test_budget_must_be_positive(budget):
 # --- quantize --budget-bpw -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = [f"w{i}" for i in range(120)]
-    path = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>"] + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(path)
-    (path / "text.txt").write_text(" ".join(words[(i * 7) % 120] for i in range(600)))
-    return path
-
-
-def test_quantize_with_a_budget_writes_a_recipe_that_quantize_accepts(tiny_llama, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_quantize_with_a_budget_writes_a_recipe_that_quantize_accepts(tiny_checkpoint, tmp_path,
+                                                                     capsys, monkeypatch):
     from argparse import Namespace
 
     from zeropoint.analysis.cli import allocate_recipe
 
     out = tmp_path / "q"
-    args = Namespace(model=str(tiny_llama), output=str(out), budget_bpw=5.0, quiet=False,
-                     calib=str(tiny_llama / "text.txt"), budget_tokens=512, recipe_out=None)
+    args = Namespace(model=str(tiny_checkpoint), output=str(out), budget_bpw=5.0, quiet=False,
+                     calib=str(tiny_checkpoint / "text.txt"), budget_tokens=512, recipe_out=None)
     recipe = allocate_recipe(args, Recipe())
     printed = capsys.readouterr().out
     path = tmp_path / "q.recipe.json"  # beside the output
     assert path.is_file() and Recipe.load(path) == recipe
     assert "allocation" in printed and "uniform int4 sym g128" in printed
-    assert main(["quantize", str(tiny_llama), "-o", str(out), "--recipe", str(path), "--quiet"]) == 0
+    assert main(["quantize", str(tiny_checkpoint), "-o", str(out), "--recipe", str(path), "--quiet"]) == 0
     manifest = json.loads((out / "zeropoint.json").read_text())
     quantized = manifest["quantized"]
     assert "lm_head.weight" not in quantized and len(quantized) == 14
@@ -213,10 +195,10 @@ def test_quantize_with_a_budget_writes_a_recipe_that_quantize_accepts(tiny_llama
     assert specs == {n: recipe.spec_for(n) for n in specs}
 
 
-def test_quantize_budget_flag_end_to_end(tiny_llama, tmp_path):
+def test_quantize_budget_flag_end_to_end(tiny_checkpoint, tmp_path):
     """Through the real `quantize --budget-bpw` hook in model_commands."""
     out = tmp_path / "q"
-    code = main(["quantize", str(tiny_llama), "-o", str(out), "--budget-bpw", "4.5", "--quiet"])
+    code = main(["quantize", str(tiny_checkpoint), "-o", str(out), "--budget-bpw", "4.5", "--quiet"])
     assert code == 0
     recipe = Recipe.load(tmp_path / "q.recipe.json")
     assert len(recipe.rules) == 15  # lm_head kept float, then one rule per allocated layer
@@ -224,8 +206,8 @@ def test_quantize_budget_flag_end_to_end(tiny_llama, tmp_path):
     assert manifest["quantized_bytes"] * 8 <= 4.5 * manifest["quantized_params"]
 
 
-def test_budget_below_the_menu_exits_2(tiny_llama, tmp_path, capsys):
-    code = main(["quantize", str(tiny_llama), "-o", str(tmp_path / "q"), "--budget-bpw", "1.0", "--quiet"])
+def test_budget_below_the_menu_exits_2(tiny_checkpoint, tmp_path, capsys):
+    code = main(["quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"), "--budget-bpw", "1.0", "--quiet"])
     assert code == 2
     assert "below the smallest the menu can reach" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
