@@ -6,6 +6,8 @@ and llama.cpp's perplexity of zeropoint's file beside llama.cpp's own.
     python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q4_K] [--runs 3] [--threads 2]
                                     [--ppl-tokens 2048] [--ppl-types Q8_0,Q4_0,Q4_K,Q4_K_M]
 
+`--ppl-types ""` prints the speed table only.
+
 Targets (issue #6): no slower than llama.cpp for every type, at least 10x faster than gguf-py.
 """
 from __future__ import annotations
@@ -127,6 +129,9 @@ def run(args, src: Path, work: Path) -> None:
               f"{str(same):>12}")
     print("\n(ratios: the other's time / zeropoint's; above 1 means zeropoint is faster)")
 
+    ppl_types = [t for t in args.ppl_types.split(",") if t and (have_k or "_K" not in t)]
+    if not ppl_types:  # --ppl-types "": the speed table only
+        return
     text = default_text()
     print(f"\ndefault model, llama.cpp perplexity on the first {args.ppl_tokens} tokens of the "
           "pydoc topics (windows of 512)")
@@ -139,7 +144,7 @@ def run(args, src: Path, work: Path) -> None:
     bpw = 8 * sum(t.nbytes for t in f.tensors) / sum(t.n_elements for t in f.tensors)
     print(f"{'Q4_1 src':<8}{bpw:>12.3f}{src.stat().st_size / 2**20:>9.1f}"
           f"{src_ppl.perplexity:>15.3f}")
-    for qtype in [t for t in args.ppl_types.split(",") if have_k or "_K" not in t]:
+    for qtype in ppl_types:
         zp, ll = work / f"zp_{qtype}.gguf", work / f"ll_{qtype}.gguf"
         report = requantize(src, zp, qtype)
         llama_cpp_quantize(src, ll, qtype, nthread=args.threads)

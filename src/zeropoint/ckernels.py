@@ -1,5 +1,6 @@
 """Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
-packing (csrc/pack.c), and ggml's K-quant super-blocks (csrc/kquants.c, used by gguf.kquants).
+packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c, used by gguf.kquants) and
+legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks).
 
 Eager PyTorch needs one pass over memory per op (divide, round, shift, clamp, cast); the C
 loop does them all in one pass, about 2-5x faster on a CPU. It compiles in well under a second
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c", "kquants.c")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c", "kquants.c",
+                                                                "legacy.c")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Full-width vectors
 # (512-bit where the CPU has them) measured 1.5x faster than gcc's default 256-bit choice.
@@ -84,6 +86,11 @@ def _library():
     lib.zp_pack.restype = lib.zp_unpack.restype = None
     lib.zp_quantize_kquant.argtypes = [_int, _p, _i64, _p, _p]
     lib.zp_quantize_kquant.restype = _i64
+    lib.zp_quantize_legacy.argtypes = [_int, _p, _i64, _p, _p]
+    lib.zp_quantize_legacy.restype = _i64
+    lib.zp_dequantize_legacy.argtypes = [_int, _p, _i64, _p]
+    lib.zp_dequantize_legacy.restype = _int
+    lib.zp_legacy_available.restype = _int
     return lib
 
 

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from zeropoint.gguf import BLOCK_SIZE, TYPE_SIZE, dequantize_blocks, quantize_blocks
+from zeropoint import ckernels
+from zeropoint.gguf import BLOCK_SIZE, TYPE_SIZE, blocks, dequantize_blocks, quantize_blocks
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 WITH_MIN = {"Q4_1", "Q5_1"}
@@ -23,6 +24,18 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
+
+
+@pytest.fixture(autouse=True, params=["c", "torch"])
+def kernel(request):
+    """Every test here runs twice: on the C kernels (csrc/legacy.c) and on the torch code."""
+    if request.param == "torch":
+        with ckernels.disabled():
+            yield request.param
+        return
+    if blocks._legacy_library() is None:
+        pytest.skip("the C kernels did not build here (no compiler, or no _Float16)")
+    yield request.param
 
 
 def gguf_type(name: str) -> gguf.GGMLQuantizationType:

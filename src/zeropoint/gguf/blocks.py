@@ -3,6 +3,9 @@ and the one entry point (quantize_blocks / dequantize_blocks) for the K-quants t
 
 Bytes identical to gguf-py's ``gguf.quants.quantize`` for float32 input: every step is the same
 float32 operation in the same order (no fused multiply-add), so every rounding matches.
+csrc/legacy.c does the same arithmetic in one pass over memory, several times faster, and is used
+when it compiles (zeropoint.ckernels); the torch code below is the fallback, and the tests hold
+both to gguf-py.
 One block holds 32 values; all fields are little-endian:
 
     Q8_0: d:f16 | 32 x int8                       x = d * q
@@ -16,12 +19,14 @@ bit j of qh (as a little-endian uint32) is bit 4 of element j.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 from dataclasses import dataclass
 
 import torch
 
+from zeropoint import ckernels
 from zeropoint.gguf.kquants import K_FORMATS, KQuantFormat, dequantize_kblocks, quantize_kblocks
 
 if sys.byteorder != "little":  # ggml's fields are little-endian; the byte views below assume it
@@ -88,10 +93,80 @@ def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
         return quantize_kblocks(x.view(-1, fmt.block_size), qtype).view(*x.shape[:-1], row_bytes)
     blocks = x.view(-1, fmt.block_size)  # (n_blocks, 32)
     out = torch.empty(blocks.shape[0], fmt.type_size, dtype=torch.uint8, device=x.device)
-    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        stop = start + _CHUNK_BLOCKS
-        _quantize_chunk(blocks[start:stop], fmt, out[start:stop], start)
+    lib = _legacy_library()
+    if lib is not None and x.device.type == "cpu":
+        problem = _quantize_c(lib, blocks, fmt, out)
+        if problem is not None:
+            _refuse(blocks, fmt, *problem)
+    else:
+        for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
+            stop = start + _CHUNK_BLOCKS
+            _quantize_chunk(blocks[start:stop], fmt, out[start:stop], start)
     return out.view(*x.shape[:-1], row_bytes)
+
+
+# --- the C kernels (csrc/legacy.c): the same bytes as the torch code below, in one pass -------
+
+_C_TYPE = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}  # legacy.c's type numbers
+_NOT_FINITE, _OVERFLOW = 1, 2  # legacy.c's reasons for refusing a block
+
+
+def _legacy_library():
+    """The C library when it is enabled and its compiler had half floats, else None."""
+    lib = ckernels.library()
+    return lib if lib is not None and lib.zp_legacy_available() else None
+
+
+def _piece_bounds(n_blocks: int) -> list[tuple[int, int]]:
+    """One (start, stop) range of blocks per torch thread; one only for small inputs (a second
+    thread would start after the first had finished)."""
+    parts = min(torch.get_num_threads(),
+                max(1, n_blocks * 32 // ckernels.PARALLEL_MIN_ELEMENTS))
+    bounds = [n_blocks * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _quantize_c(lib, blocks, fmt: BlockFormat, out):
+    """blocks (n, 32) float32 -> out (n, type_size); returns (first bad block, why) or None.
+    ctypes drops the GIL, so the pieces run in parallel."""
+    type_id = _C_TYPE[fmt.name]
+
+    def piece(a, b):
+        def run():
+            why = ctypes.c_int(0)
+            i = lib.zp_quantize_legacy(type_id, blocks[a].data_ptr(), b - a, out[a].data_ptr(),
+                                       ctypes.byref(why))
+            return None if i < 0 else (a + i, why.value)
+        return run
+
+    found = [p for p in ckernels._run(piece(a, b) for a, b in _piece_bounds(blocks.shape[0]))
+             if p is not None]
+    return min(found) if found else None
+
+
+def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:
+    """raw (n, type_size) bytes -> (n, 32) float32."""
+    out = torch.empty(raw.shape[0], fmt.block_size, dtype=torch.float32)
+    type_id = _C_TYPE[fmt.name]
+
+    def piece(a, b):
+        return lambda: lib.zp_dequantize_legacy(type_id, raw[a].data_ptr(), b - a,
+                                                out[a].data_ptr())
+
+    ckernels._run(piece(a, b) for a, b in _piece_bounds(raw.shape[0]))
+    return out
+
+
+def _refuse(blocks, fmt: BlockFormat, i: int, why: int, first: int = 0):
+    """Raise for blocks[i] (block first + i overall): it holds NaN or inf, or its d or m
+    overflows fp16."""
+    if why == _NOT_FINITE:
+        raise ValueError(f"x must be finite; block {first + i} holds NaN or inf")
+    raise ValueError(f"{fmt.name} block {first + i}: its scale or minimum overflows float16 "
+                     f"(largest |x| {float(blocks[i].abs().max()):.4g}); ggml cannot store it")
+
+
+# --- the torch code ---------------------------------------------------------------------------
 
 
 def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
@@ -122,10 +197,8 @@ def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
 
 def _raise_for_block(blocks, halves, fmt: BlockFormat, first: int):  # says which and why
     i = int((~torch.isfinite(halves)).any(-1).nonzero()[0, 0])
-    if not torch.isfinite(blocks[i]).all():
-        raise ValueError(f"x must be finite; block {first + i} holds NaN or inf")
-    raise ValueError(f"{fmt.name} block {first + i}: its scale or minimum overflows float16 "
-                     f"(largest |x| {float(blocks[i].abs().max()):.4g}); ggml cannot store it")
+    why = _OVERFLOW if torch.isfinite(blocks[i]).all() else _NOT_FINITE
+    _refuse(blocks, fmt, i, why, first)
 
 
 # Each family returns its fp16 fields as float32 (n, 1) tensors, and its (n, 32) int8 codes.
@@ -258,6 +331,9 @@ def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
     if isinstance(fmt, KQuantFormat):
         return dequantize_kblocks(raw, qtype).view(shape)
 
+    lib = _legacy_library()
+    if lib is not None and raw.device.type == "cpu":
+        return _dequantize_c(lib, raw, fmt).view(shape)
     col = 4 if fmt.has_min else 2
     if fmt.bits == 8:
         q = raw[:, col:].contiguous().view(torch.int8)  # (n, 32)

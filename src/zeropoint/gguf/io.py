@@ -12,19 +12,24 @@ A string is a u64 length and UTF-8 bytes; an array is an element type u32, a cou
 elements. ggml's ne[0] is the row length (the fastest dimension): `TensorInfo.shape` gives the
 dimensions in torch order, ne reversed, so `shape[-1]` is the row that ggml blocks tile.
 
-Writing goes through gguf-py's `GGUFWriter`, into a temporary file renamed into place only when
-the whole file is written. Reading is zeropoint's own parser (gguf-py's `GGUFReader` builds a numpy
-view for every string and takes seconds over a 49k-token vocabulary; this one takes a fraction of
-that) that checks every length and offset against the file, so a truncated or corrupt file is a
-`ValueError` that says what is wrong and where, never a crash or a silent short read. The tests
-compare it with `GGUFReader`.
+Writing goes through gguf-py's `GGUFWriter` for the header, into a temporary file renamed into
+place only when the whole file is written; tensor data goes in with one positioned write per
+tensor (or piece), from several threads at once if asked. Reading is zeropoint's own parser
+(gguf-py's `GGUFReader` builds a numpy view for every string and takes seconds over a 49k-token
+vocabulary; this one takes a fraction of that) that checks every length and offset against the
+file, so a truncated or corrupt file is a `ValueError` that says what is wrong and where, never a
+crash or a silent short read. The tests compare it with `GGUFReader`.
 """
 from __future__ import annotations
 
+import gc
+import itertools
 import math
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -150,7 +155,8 @@ class GGUFFile:
         # written to them ever reaches the file.
         self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
         parser = _Parser(memoryview(self._map), self.path)
-        self.version, self.metadata, infos, self.alignment, self.data_offset = parser.parse()
+        with gc_paused():
+            self.version, self.metadata, infos, self.alignment, self.data_offset = parser.parse()
         self.tensors: list[TensorInfo] = self._check_tensors(infos)
         self._by_name = {t.name: t for t in self.tensors}
 
@@ -363,12 +369,14 @@ TensorBytes = Union[np.ndarray, torch.Tensor, bytes]
 @dataclass
 class TensorData:
     """A tensor to write: its bytes, or a function that makes them when the writer gets there
-    (so a whole model never has to sit in memory at once)."""
+    (so a whole model never has to sit in memory at once). The function may return the bytes or
+    an iterator of consecutive pieces of them; each piece is stored before the next is asked for,
+    so a piece may be a view of a buffer the function then reuses."""
 
     name: str
     type: str  # ggml type name
     shape: tuple[int, ...]  # torch order, as TensorInfo.shape
-    data: TensorBytes | Callable[[], TensorBytes]
+    data: TensorBytes | Callable[[], TensorBytes | Iterator[TensorBytes]]
 
     @property
     def nbytes(self) -> int:
@@ -392,16 +400,13 @@ class _Writer(GGUFWriter):
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
-def _as_bytes(data: TensorBytes, t: TensorData) -> np.ndarray:
+def _as_bytes(data: TensorBytes) -> np.ndarray:
+    """Any of the accepted byte containers -> flat uint8 array (no copy where possible)."""
     if isinstance(data, torch.Tensor):
         data = data.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
     elif isinstance(data, (bytes, bytearray, memoryview)):
         data = np.frombuffer(data, dtype=np.uint8)
-    arr = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    if arr.nbytes != t.nbytes:
-        raise ValueError(f"tensor {t.name!r} ({t.type}, shape {t.shape}) needs {t.nbytes} bytes, "
-                         f"got {arr.nbytes}")
-    return arr
+    return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
 def write_gguf(
@@ -411,13 +416,16 @@ def write_gguf(
     *,
     progress: bool = False,
     progress_desc: str = "writing",
+    threads: int = 1,
 ) -> int:
     """Write a GGUF file atomically; returns its size in bytes.
 
     `metadata` is written in its order, `tensors` in theirs. The data alignment is the metadata's
     `general.alignment` (a u32 power of two) or 32. A tensor's `data` may be a function: it is
     called when that tensor's turn comes, and if it (or anything else) raises, no file is left
-    behind. `progress` shows a bar over the tensors.
+    behind. With `threads` > 1 that many tensors are made at once, each stored at its own offset
+    by the thread that made it (the functions must then be safe to run side by side).
+    `progress` shows a bar over the tensors.
     """
     tensors = list(tensors)
     meta = dict(metadata)
@@ -440,34 +448,112 @@ def write_gguf(
     with atomic_path(path) as tmp:
         writer = _Writer(tmp, arch="")  # arch "" adds no key: metadata keeps its own order
         writer.data_alignment = alignment
-        try:
-            for key, m in meta.items():
-                if not isinstance(m, MetaValue):
-                    raise TypeError(f"metadata {key!r} must be a MetaValue, got {type(m).__name__}")
-                writer.add_key_value(key, m.value, m.type, sub_type=m.sub_type)
-            for t in tensors:
-                # A non-uint8 dtype makes gguf-py take `shape` as elements, not bytes.
-                writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
-                                       raw_dtype=ggml_type(t.type))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            bar = _progress(tensors, progress, progress_desc)
-            for t in bar:
-                data = t.data() if callable(t.data) else t.data
-                writer.write_tensor_data(_as_bytes(data, t))
-            if not tensors:  # the header still gets padded, as llama.cpp pads it
-                writer.write_padding(writer.fout[0], writer.fout[0].tell())
-            writer.flush()
-        finally:
-            writer.close()
-        size = tmp.stat().st_size
+        with gc_paused():
+            data_offset = _write_header(writer, meta, tensors)
+        # Each tensor at data_offset + the sum of the padded sizes before it, as the tensor
+        # infos (written by gguf-py) say; the zero padding is what the file holds past its end.
+        padded = [-(-t.nbytes // alignment) * alignment for t in tensors]
+        starts = [data_offset + s for s in itertools.accumulate([0, *padded[:-1]])]
+        size = data_offset + sum(padded)
+        _store_tensors(tmp, tensors, starts, size, threads,
+                       _progress(len(tensors), progress, progress_desc))
     return size
 
 
-def _progress(items, enabled: bool, desc: str):
+def _write_header(writer: _Writer, meta: Mapping[str, MetaValue],
+                  tensors: list[TensorData]) -> int:
+    """Header, metadata and tensor infos, padded to the alignment; returns the data offset."""
+    try:
+        for key, m in meta.items():
+            if not isinstance(m, MetaValue):
+                raise TypeError(f"metadata {key!r} must be a MetaValue, got {type(m).__name__}")
+            writer.add_key_value(key, m.value, m.type, sub_type=m.sub_type)
+        for t in tensors:
+            # A non-uint8 dtype makes gguf-py take `shape` as elements, not bytes.
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
+                                   raw_dtype=ggml_type(t.type))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        writer.write_padding(fout, fout.tell())  # the data section starts aligned
+        data_offset = fout.tell()
+        writer.flush()
+    finally:
+        writer.close()
+    return data_offset
+
+
+@contextmanager
+def gc_paused():
+    """Python's cycle collector off for a burst of allocations that makes no cycles (a
+    vocabulary's tens of thousands of entries): every collection walks all of the process's
+    objects, torch's included, and such a burst set off enough of them to cost ~0.1 s."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], size: int,
+                   threads: int, bar) -> None:
+    """Write each tensor's bytes at its offset, in a file first extended to `size` (so padding
+    reads back as zeros): large positioned writes, made in parallel when threads > 1."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+
+        def store(t: TensorData, start: int) -> None:
+            data = t.data() if callable(t.data) else t.data
+            pieces = data if isinstance(data, Iterator) else (data,)
+            at = start
+            for piece in pieces:
+                at += _pwrite_all(fd, _as_bytes(piece), at)
+            if at - start != t.nbytes:
+                raise ValueError(f"tensor {t.name!r} ({t.type}, shape {t.shape}) needs "
+                                 f"{t.nbytes} bytes, got {at - start}")
+
+        if threads <= 1 or len(tensors) <= 1:
+            for t, start in zip(tensors, starts):
+                store(t, start)
+                bar.update()
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="zeropoint-gguf") as pool:
+            futures = [pool.submit(store, t, start) for t, start in zip(tensors, starts)]
+            try:
+                for f in futures:  # in order: the first tensor that failed is the one reported
+                    f.result()
+                    bar.update()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    finally:
+        os.close(fd)
+        bar.close()
+
+
+def _pwrite_all(fd: int, data: np.ndarray, at: int) -> int:
+    """os.pwrite until all of `data` is written (one call may write less); returns its size."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], at + done)
+    return len(view)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
-        return items
+        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(items, desc=desc, unit="tensor", leave=False)
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

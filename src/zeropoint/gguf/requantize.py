@@ -1,20 +1,22 @@
 """GGUF -> GGUF in other ggml types, the way llama.cpp's llama_model_quantize does it.
 
-Each tensor is read, dequantized to float32, and quantized to the type `mixes.plan_types` chose
-for it with zeropoint's `quantize_blocks`; a tensor already in its chosen type is copied as is,
-and tensors that are not 2-D weights (norms) are kept. Metadata and tokenizer are copied; as in
-llama.cpp, `general.quantization_version` and `general.file_type` are set (and moved last) and
-split keys are dropped, and the tensors are written in llama.cpp's order. For the legacy types
-the result is the same file as llama.cpp's, byte for byte.
+Each tensor is read, dequantized to float32 a few rows at a time, and quantized to the type
+`mixes.plan_types` chose for it with `quantize_blocks`; a tensor already in its chosen type is
+copied as is, and tensors that are not 2-D weights (norms) are kept. Metadata and tokenizer are
+copied; as in llama.cpp, `general.quantization_version` and `general.file_type` are set (and moved
+last) and split keys are dropped, and the tensors are written in llama.cpp's order. For the legacy
+types the result is the same file as llama.cpp's, byte for byte.
 
 `write_quantized` is the shared back half: `export.py` feeds it float tensors from a Hugging Face
 checkpoint instead of a GGUF file.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
 FILE_TYPE_KEY = "general.file_type"
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+_CHUNK_VALUES = 1 << 18  # 1 MiB of float32 rows per step of `convert`: they stay in L2 cache
 
 
 @dataclass
@@ -87,6 +90,32 @@ def encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     return out.contiguous().view(-1).view(torch.uint8).numpy()
+
+
+def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str,
+            name: str = "tensor") -> Iterator[np.ndarray]:
+    """Bytes of a `src_type` tensor -> its bytes in `dst_type`, yielded a few rows at a time.
+
+    Rows are decoded and re-encoded in chunks of about _CHUNK_VALUES, so the float32 rows stay
+    in cache and reuse the same memory; a whole tensor in float32 would be fresh memory for
+    every tensor, whose page faults cost more than the quantization itself."""
+    shape = tuple(int(s) for s in shape)
+    data = np.ascontiguousarray(data).reshape(-1)
+    rows, row_values = math.prod(shape[:-1]), shape[-1]
+    row_bytes = tensor_nbytes(src_type, (row_values,))
+    if len(data) != rows * row_bytes:
+        raise ValueError(f"{name}: {src_type} shape {shape} needs {rows * row_bytes} bytes, "
+                         f"got {len(data)}")
+    step = max(1, _CHUNK_VALUES // row_values)
+    for first in range(0, rows, step):
+        n = min(step, rows - first)
+        x = decode(data[first * row_bytes : (first + n) * row_bytes], src_type, (n, row_values))
+        try:
+            yield encode(x, dst_type, name)
+        except ValueError:
+            # Encode the whole tensor to raise its error with the tensor's own block numbers.
+            encode(decode(data, src_type, shape), dst_type, name)
+            raise
 
 
 def available_types() -> tuple[str, ...]:
@@ -177,9 +206,9 @@ def write_quantized(
     """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
 
     `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
-    while the writer stores them in order. One tensor per thread beats torch's intra-op threads
-    here: a model's tensors are small (~1M values), and on a busy machine an OpenMP team waiting
-    at barriers for a descheduled member ran 20x slower.
+    which also stores it at its place in the file. One tensor per thread beats torch's intra-op
+    threads here: a model's tensors are small (~1M values), and on a busy machine an OpenMP team
+    waiting at barriers for a descheduled member ran 20x slower.
     """
     started = time.perf_counter()
     target = parse_target(target) if isinstance(target, str) else target
@@ -190,18 +219,18 @@ def write_quantized(
     plan = plan_types([(s.name, s.type, s.shape) for s in sources], target, params)
     check_writable(plan)
 
-    def produce(choice) -> Callable[[], np.ndarray]:
+    def produce(choice) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
         src = by_name[choice.name]
         if choice.copied:
             return src.read
-        return lambda: encode(decode(src.read(), src.type, src.shape), choice.type, choice.name)
+        return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name)
 
+    tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
-    with _Prefetcher([produce(c) for c in plan.choices], threads) as fetch:
-        tensors = [TensorData(c.name, c.type, c.shape, fetch.getter(i))
-                   for i, c in enumerate(plan.choices)]
+    with _torch_threads(1 if threads > 1 else torch.get_num_threads()):
         size = write_gguf(out, output_metadata(metadata, target.file_type), tensors,
-                          progress=progress, progress_desc=f"quantizing to {target.name}")
+                          progress=progress, progress_desc=f"quantizing to {target.name}",
+                          threads=threads)
     return QuantizeReport(
         path=Path(out), source=source_name, plan=plan, file_bytes=size,
         tensor_bytes=sum(t.nbytes for t in tensors),
@@ -210,41 +239,15 @@ def write_quantized(
     )
 
 
-class _Prefetcher:
-    """Runs jobs[i] on a pool of `workers` threads, at most `workers + 1` ahead of the reader, and
-    hands the results back in order. Torch runs single-threaded meanwhile (restored on exit)."""
-
-    def __init__(self, jobs: Sequence[Callable[[], np.ndarray]], workers: int):
-        self.jobs, self.workers = list(jobs), workers
-        self.futures: dict[int, object] = {}
-        self.next = 0
-
-    def __enter__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._torch_threads = torch.get_num_threads()
-        if self.workers > 1:
-            torch.set_num_threads(1)
-            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="zeropoint-gguf")
-        else:
-            self.pool = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(self._torch_threads)
-
-    def getter(self, i: int) -> Callable[[], np.ndarray]:
-        return lambda: self.get(i)
-
-    def get(self, i: int) -> np.ndarray:
-        if self.pool is None:
-            return self.jobs[i]()
-        while self.next < min(len(self.jobs), i + self.workers + 1):
-            self.futures[self.next] = self.pool.submit(self.jobs[self.next])
-            self.next += 1
-        return self.futures.pop(i).result()
+@contextmanager
+def _torch_threads(n: int):
+    """torch.set_num_threads(n) inside the block (restored after)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def gguf_sources(src: GGUFFile) -> list[SourceTensor]:
@@ -267,6 +270,7 @@ def requantize(
 
 
 __all__ = [
-    "QuantizeReport", "SourceTensor", "available_types", "decode", "encode", "gguf_sources",
+    "QuantizeReport", "SourceTensor", "available_types", "convert", "decode", "encode",
+    "gguf_sources",
     "output_metadata", "requantize", "write_quantized",
 ]
