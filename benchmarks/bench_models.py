@@ -1,12 +1,17 @@
 """Quantized layers and whole models against float on the CPU, in one run at 2 threads.
 
 1. One 4096x4096 Linear at batch 1 and 32: float32 F.linear, bfloat16, zeropoint int8 and int4.
-2. SmolLM2-135M greedy decoding at batch 1 (transformers' generate loop): tokens per second for
-   float32, bfloat16, int8 per-channel and int4 group-128 (every Linear quantized, lm_head too),
-   with the quantize time; llama.cpp on the same model as the anchor when llama-cpp-python is
-   installed.
+2. SmolLM2-135M greedy decoding at batch 1: tokens per second for float32, bfloat16, int8
+   per-channel and int4 group-128 (every Linear but lm_head), each with lm_head kept float32 (the
+   default recipe, and the issue's perplexity setting) and with lm_head quantized too (int8
+   per-channel, or int4 group-128): the 49152x576 head is a fifth of the model's weights.
+   Every row runs the same loop (zeropoint.nn.decode.greedy_decode, or transformers' generate
+   with --loop generate), and the rows take turns, repeat after repeat, so that load from other
+   work on the machine falls on all of them alike; medians are printed. Also the quantize time,
+   the perplexity on the first 2,048 pydoc tokens (--no-ppl skips it), and llama.cpp on the same
+   model as the anchor when llama-cpp-python is installed.
 
-    .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 3]
+    .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 5] [--loop plain]
 """
 
 from __future__ import annotations
@@ -14,22 +19,21 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import tempfile
 import time
 
 import torch
-
 import torch.nn.functional as F
 
-from zeropoint import QTensor, QuantSpec, Recipe, quantize_model
+from zeropoint import QTensor, QuantSpec, Recipe, Rule, quantize_model
+from zeropoint.nn.decode import greedy_decode
 from zeropoint.nn.qlinear import QLinear
 
 from timing import median_seconds  # benchmarks/timing.py
 
 INT8 = QuantSpec(8, "symmetric", "per_channel")
 INT4 = QuantSpec(4, "symmetric", "per_group", group_size=128)
-
-
 
 
 def bench_layer(repeat: int) -> None:
@@ -55,12 +59,15 @@ def bench_layer(repeat: int) -> None:
         print(line)
 
 
-def decode_tokens_per_second(model, ids, tokens: int, repeat: int) -> float:
-    def run():
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-
+def decode_seconds(model, ids, tokens: int, loop: str) -> float:
+    """Wall seconds of one greedy decode of `tokens` new tokens."""
+    t0 = time.perf_counter()
     with torch.inference_mode():
-        return tokens / median_seconds(run, repeat, warmup=1)
+        if loop == "plain":
+            greedy_decode(model, ids, tokens)
+        else:
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return time.perf_counter() - t0
 
 
 def llama_cpp_tokens_per_second(path: str, prompt: str, tokens: int, repeat: int) -> float | None:
@@ -87,26 +94,52 @@ def llama_cpp_requantize(src: str, dst: str, ftype: int) -> bool:
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) == 0
 
 
-def bench_decode(tokens: int, repeat: int) -> None:
+# (row name, spec of every Linear but lm_head, spec of lm_head: None keeps it float32)
+QUANTIZED_ROWS = (
+    ("int8, lm_head f32", INT8, None),  # the default recipe's float head
+    ("int8, lm_head int8", INT8, INT8),
+    ("int4 g128, lm_head f32", INT4, None),
+    ("int4 g128, lm_head int8", INT4, INT8),
+    ("int4 g128, lm_head int4", INT4, INT4),
+)
+
+
+def decode_rows(model):
+    """(name, model, quantize seconds) for every row of the decode table."""
+    rows = [("float32", model, None), ("bfloat16", copy.deepcopy(model).bfloat16(), None)]
+    for name, spec, head_spec in QUANTIZED_ROWS:
+        quantized = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        quantize_model(quantized, Recipe(spec, (Rule("lm_head", head_spec),)))
+        rows.append((name, quantized, time.perf_counter() - t0))
+    return rows
+
+
+def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
+    from zeropoint.models.evaluate import default_text, perplexity
     from zeropoint.models.load import default_model_path, load_model
 
     loaded = load_model(None, progress=False)
     prompt = "The history of the printing press"
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    rows = [("float32", loaded.model, None), ("bfloat16", copy.deepcopy(loaded.model).bfloat16(), None)]
-    for name, spec in (("zeropoint int8", INT8), ("zeropoint int4 g128", INT4)):
-        model = copy.deepcopy(loaded.model)
-        t0 = time.perf_counter()
-        quantize_model(model, Recipe.uniform(spec, keep_float=()))
-        rows.append((name, model, time.perf_counter() - t0))
-    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, median of {repeat}")
-    print(f"{'':<22}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}")
-    base = None
+    rows = decode_rows(loaded.model)
+    seconds = {name: [] for name, _, _ in rows}
+    for name, model, _ in rows:  # warm-up: allocator, thread pool, caches
+        decode_seconds(model, ids, tokens, loop)
+    for _ in range(repeat):  # interleaved: each repeat runs every row once
+        for name, model, _ in rows:
+            seconds[name].append(decode_seconds(model, ids, tokens, loop))
+    loop_name = "zeropoint.nn.decode.greedy_decode" if loop == "plain" else "transformers generate"
+    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, {loop_name}, "
+          f"median of {repeat} interleaved runs")
+    print(f"{'':<26}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}{'perplexity':>12}")
+    base = tokens / statistics.median(seconds["float32"])
+    text = default_text()
     for name, model, quantize_s in rows:
-        tps = decode_tokens_per_second(model, ids, tokens, repeat)
-        base = base or tps
+        tps = tokens / statistics.median(seconds[name])
         q = f"{quantize_s:>12.2f}" if quantize_s is not None else f"{'':>12}"
-        print(f"{name:<22}{tps:>10.1f}{tps / base:>11.2f}x{q}")
+        p = f"{perplexity(model, loaded.tokenizer, text).perplexity:>12.2f}" if ppl else ""
+        print(f"{name:<26}{tps:>10.1f}{tps / base:>11.2f}x{q}{p}", flush=True)
     gguf = str(default_model_path())
     anchors = [("llama.cpp Q4_1 (its file)", gguf)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,19 +151,24 @@ def bench_decode(tokens: int, repeat: int) -> None:
             if tps is None:
                 print("(llama-cpp-python is not installed: no llama.cpp anchor)")
                 break
-            print(f"{name:<22}{tps:>10.1f}{tps / base:>11.2f}x")
+            print(f"{name:<26}{tps:>10.1f}{tps / base:>11.2f}x")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--loop", choices=("plain", "generate"), default="plain",
+                    help="decode loop for every row: zeropoint's greedy_decode or generate")
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
+    ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    bench_layer(args.repeat)
+    if not args.skip_layer:
+        bench_layer(args.repeat)
     if not args.skip_decode:
-        bench_decode(args.tokens, args.repeat)
+        bench_decode(args.tokens, args.repeat, args.loop, not args.no_ppl)
 
 
 if __name__ == "__main__":

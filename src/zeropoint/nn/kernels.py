@@ -253,7 +253,7 @@ class Int8WeightOnly:
     """
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fast: bool):
-        self.codes = codes  # (out_features, in_features) int8, shared with the stored QTensor
+        self.codes = codes  # (out_features, in_features) int8, unpacked from the QTensor
         self.scale = scale.to(torch.bfloat16)  # (out_features,)
         self.fast = fast
 

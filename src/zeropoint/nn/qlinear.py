@@ -91,6 +91,17 @@ def select_kernel(q: QTensor, activations: str | None = None, backend: str = "au
     return _Dequantizing(q)
 
 
+def kernel_nbytes(kernel) -> int:
+    """Bytes a kernel packed for itself, beyond the layer's stored QTensor."""
+    own = getattr(kernel, "kernel_nbytes", None)  # a fused member's share (see fuse.py)
+    if own is not None:
+        return own()
+    # The kernels' unpacked codes are copies too (QTensor.codes() unpacks into a new tensor).
+    names = ("_packed", "_scales_and_zeros", "codes")
+    held = (getattr(kernel, name, None) for name in names)
+    return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
+
+
 class QLinear(nn.Module):
     """A Linear layer whose weight is a packed QTensor (out_features, in_features)."""
 
@@ -117,15 +128,12 @@ class QLinear(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes this layer holds: the stored QTensor plus what its kernel packed for itself."""
         total = self.weight_q.nbytes + (self.bias.nbytes if self.bias is not None else 0)
-        for name in ("_packed", "_scales_and_zeros"):
-            t = getattr(self.kernel, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-        return total
+        return total + kernel_nbytes(self.kernel)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.weight_q.spec.describe()}, kernel={self.kernel.backend}")
+                f"{self.weight_q.spec.describe()}, kernel={self.kernel.backend}"
+                + (" (fused)" if hasattr(self.kernel, "group") else ""))
 
 
 class QEmbedding(nn.Module):

@@ -8,6 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..qtensor import QTensor
+from .fuse import fuse_shared_inputs
 from .qlinear import QEmbedding, QLinear
 from .recipe import Recipe
 
@@ -74,13 +75,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: bool = False,
-                   backend: str = "auto", quantize_fn=None) -> ModelReport:
+                   backend: str = "auto", quantize_fn=None, fuse: bool = True) -> ModelReport:
     """Replace, in place, every Linear (and Embedding, if the recipe says so) that the recipe
     gives a spec with a QLinear/QEmbedding holding the packed weight. Returns what it did and
     the measured sizes.
 
     quantize_fn(name, weight, spec) -> QTensor lets error-correcting methods supply the codes;
-    the default is round-to-nearest with min/max scales.
+    the default is round-to-nearest with min/max scales. fuse: give sibling layers that read the
+    same input (q/k/v, gate/up) one matmul, with bit-identical outputs (see fuse.py).
     """
     recipe = recipe or Recipe()
     params = sum(t.numel() for t in _distinct(model.parameters()))
@@ -100,6 +102,8 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
             kernel = "lookup"
         _set_module(model, name, new)
         report.layers.append(LayerReport(name, q.shape, spec.describe(), q.nbytes, q.bits_per_weight, kernel))
+    if fuse:
+        fuse_shared_inputs(model, backend)
     report.resident_bytes, _ = model_bytes(model)
     stored_float = sum(t.nbytes for t in _distinct(model.parameters()))
     report.stored_bytes = sum(layer.bytes for layer in report.layers) + stored_float

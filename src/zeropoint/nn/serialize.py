@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointWriter, Manifest, read_tensors
+from .fuse import fuse_shared_inputs
 from .qlinear import QEmbedding, QLinear
 from .quantize_model import _distinct, _set_module, quantized_layers
 from .recipe import Recipe
@@ -37,8 +38,9 @@ def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, to
     return writer.finish(recipe=recipe.to_dict(), kind=kind, **extra)
 
 
-def load_quantized(directory, backend: str = "auto"):
-    """A zeropoint directory -> models.LoadedModel with the quantized model in eval mode."""
+def load_quantized(directory, backend: str = "auto", fuse: bool = True):
+    """A zeropoint directory -> models.LoadedModel with the quantized model in eval mode.
+    fuse: as in quantize_model (sibling layers share one matmul; the outputs do not change)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from ..models.load import LoadedModel
@@ -66,6 +68,8 @@ def load_quantized(directory, backend: str = "auto"):
     untied = [k for k in missing if state[k].data_ptr() not in loaded]
     if untied:
         raise ValueError(f"{directory} lacks tensors the architecture needs: {untied[:5]}")
+    if fuse:
+        fuse_shared_inputs(model, backend)
     model.eval()
     has_tokenizer = any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
