@@ -1,7 +1,14 @@
 """Requantize the default model (SmolLM2-135M, Q4_1 GGUF) to Q8_0, Q4_0 and Q4_K: zeropoint vs
 llama.cpp's llama_model_quantize (nthread = 2) vs gguf-py's numpy quantizer, end to end (read,
-dequantize, quantize, write), in the same run; then the model table: bits per weight, file size
-and llama.cpp's perplexity of zeropoint's file beside llama.cpp's own.
+dequantize, quantize, write), interleaved within every repeat (zeropoint, llama.cpp, gguf-py,
+zeropoint, ...) so a change in the machine's load hits all three; medians and ratios, and whether
+issue #6's targets are met. Then the model table: bits per weight, file size and llama.cpp's
+perplexity of zeropoint's file beside llama.cpp's own.
+
+Every call writes a new file name: replacing the previous call's output would add the kernel's
+freeing of its ~140 MB of page cache (~0.05 s) to whichever tool ran next, which is no part of
+quantizing. The files are removed after each repeat, outside the timings (kept for a whole row,
+~2.6 GB of unwritten pages set off the kernel's writeback, which then slowed every writer).
 
     python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q4_K] [--runs 3] [--threads 2]
                                     [--ppl-tokens 2048] [--ppl-types Q8_0,Q4_0,Q4_K,Q4_K_M]
@@ -24,7 +31,6 @@ import argparse  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from importlib.metadata import version  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -33,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from zeropoint.gguf.cli import llama_cpp_perplexity  # noqa: E402
+from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
 from zeropoint.gguf.io import TensorData, read_gguf, write_gguf  # noqa: E402
 from zeropoint.gguf.mixes import ModelParams, llama_cpp_quantize, plan_types  # noqa: E402
 from zeropoint.gguf.requantize import available_types, output_metadata, requantize  # noqa: E402
@@ -74,10 +81,11 @@ def gguf_py_can(src_path: Path, target: str) -> bool:
     return True
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+TARGET_LLAMA_CPP, TARGET_GGUF_PY = 1.0, 10.0  # issue #6: no slower; at least 10x faster
+
+
+def load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:
@@ -98,36 +106,56 @@ def run(args, src: Path, work: Path) -> None:
     types = [t for t in args.types.split(",") if have_k or "_K" not in t]
 
     print(f"source: {src.name} ({src.stat().st_size / 2**20:.1f} MiB), torch threads and "
-          f"llama.cpp nthread = {args.threads}, median of {args.runs} runs (interleaved)")
+          f"llama.cpp nthread = {args.threads}, median of {args.runs} interleaved runs")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.2f} at start; torch {torch.__version__}, gguf-py "
-          f"{version('gguf')}, llama-cpp-python {version('llama_cpp_python')}")
+          f"{load()} at start; torch {torch.__version__}, gguf-py {version('gguf')}, "
+          f"llama-cpp-python {version('llama_cpp_python')}")
     if not have_k:
         print("(K types are not available in zeropoint yet: Q4_K rows skipped)")
     print()
     header = (f"{'type':<7}{'zeropoint s':>12}{'llama.cpp s':>13}{'gguf-py s':>11}"
-              f"{'vs llama.cpp':>14}{'vs gguf-py':>12}{'same bytes':>12}")
+              f"{'vs llama.cpp':>14}{'vs gguf-py':>12}{'targets met':>13}{'same bytes':>12}")
     print(header)
     print("-" * len(header))
+    all_met = True
     for qtype in types:
-        ours, theirs, numpy_times = [], [], []
-        zp, ll, gp = (work / f"{who}_{qtype}.gguf" for who in ("zp", "ll", "gp"))
         numpy_ok = gguf_py_can(src, qtype)
-        for run in range(args.runs):
-            ours.append(timed(lambda: requantize(src, zp, qtype, progress=False)))
-            theirs.append(timed(lambda: llama_cpp_quantize(src, ll, qtype, nthread=args.threads)))
-            if numpy_ok and run == 0:  # one run: it is the slow one
-                numpy_times.append(timed(lambda: gguf_py_requantize(src, gp, qtype)))
-        a, b = statistics.median(ours), statistics.median(theirs)
+        made = {who: [] for who in ("zp", "ll", "gp")}
+
+        def fresh(who):  # a new output name for every call: nothing to replace
+            path = work / f"{who}_{qtype}_{len(made[who])}.gguf"
+            made[who].append(path)
+            return path
+
+        fns = [lambda: requantize(src, fresh("zp"), qtype, progress=False),
+               lambda: llama_cpp_quantize(src, fresh("ll"), qtype, nthread=args.threads)]
+        if numpy_ok:
+            fns.append(lambda: gguf_py_requantize(src, fresh("gp"), qtype))
+        zp, ll, gp = (work / f"{who}.gguf" for who in ("zp", "ll", "gp"))
+        runs = []
+        for _ in range(args.runs + 1):  # the first repeat warms up
+            runs.append(interleaved_medians(fns, 1, warmup=0))
+            for who, paths in made.items():  # untimed: the last repeat's stay for the check
+                if paths:
+                    os.replace(paths.pop(), work / f"{who}.gguf")
+        times = [statistics.median(column) for column in zip(*runs[1:])]
+        a, b = times[0], times[1]
         same = zp.read_bytes() == ll.read_bytes()
+        met = b / a >= TARGET_LLAMA_CPP
         numpy_s, numpy_ratio = "n/a", "n/a"
         if numpy_ok:
-            c = statistics.median(numpy_times)
+            c = times[2]
             same = same and gp.read_bytes() == zp.read_bytes()
             numpy_s, numpy_ratio = f"{c:.2f}", f"{c / a:.1f}x"
-        print(f"{qtype:<7}{a:>12.2f}{b:>13.2f}{numpy_s:>11}{b / a:>13.2f}x{numpy_ratio:>12}"
-              f"{str(same):>12}")
+            met = met and c / a >= TARGET_GGUF_PY
+        all_met = all_met and met
+        print(f"{qtype:<7}{a:>12.3f}{b:>13.3f}{numpy_s:>11}{b / a:>13.2f}x{numpy_ratio:>12}"
+              f"{'yes' if met else 'NO':>13}{str(same):>12}")
     print("\n(ratios: the other's time / zeropoint's; above 1 means zeropoint is faster)")
+    verdict = "met on every row" if all_met else "NOT met on every row (see 'targets met')"
+    print(f"targets (issue #6): >= {TARGET_LLAMA_CPP:g}x llama.cpp, and >= {TARGET_GGUF_PY:g}x "
+          f"gguf-py where gguf-py has the type: {verdict}")
+    print(f"load average {load()} at end")
 
     ppl_types = [t for t in args.ppl_types.split(",") if t and (have_k or "_K" not in t)]
     if not ppl_types:  # --ppl-types "": the speed table only

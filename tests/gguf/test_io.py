@@ -122,6 +122,32 @@ def test_rewriting_what_was_read_gives_the_same_file(written, tmp_path):
     assert copy.read_bytes() == path.read_bytes()
 
 
+def _fresh(metadata):
+    """The same values as plain MetaValues: written by encoding, not by copying read bytes."""
+    return {k: MetaValue(m.value, m.type, m.sub_type) for k, m in metadata.items()}
+
+
+def test_read_values_are_copied_as_a_fresh_encoding_would_write_them(written, tmp_path):
+    path, tensors = written
+    f = read_gguf(path)
+    assert f.metadata == METADATA and METADATA == f.metadata  # equal across both classes
+    tensor_data = [TensorData(t.name, t.type, t.shape, f.raw(t)) for t in f.tensors]
+    copied, encoded = tmp_path / "copied.gguf", tmp_path / "encoded.gguf"
+    write_gguf(copied, read_gguf(path).metadata, tensor_data)  # string arrays never decoded
+    write_gguf(encoded, _fresh(f.metadata), tensor_data)
+    assert copied.read_bytes() == encoded.read_bytes() == path.read_bytes()
+
+
+def test_files_are_the_same_where_fallocate_is_missing(written, tmp_path, monkeypatch):
+    from zeropoint.gguf import io
+
+    path, tensors = written
+    monkeypatch.setattr(io, "_fallocate", None)  # ftruncate alone: padding must still be zeros
+    again = tmp_path / "again.gguf"
+    write_gguf(again, METADATA, tensors)
+    assert again.read_bytes() == path.read_bytes()
+
+
 def test_default_alignment_empty_array_and_non_utf8_string(tmp_path):
     meta = {"a.empty": MetaValue.array([], V.INT32), "a.bytes": MetaValue(b"\xff\xfe", V.STRING),
             "a.str_bytes": MetaValue.array([b"\xc3", "ok"], V.STRING)}
@@ -146,10 +172,12 @@ def test_default_model_header_matches_gguf_reader_and_copies_byte_for_byte(tmp_p
     assert [(t.name, t.type, t.shape, t.offset) for t in ours.tensors] == [
         (t.name, t.tensor_type.name, tuple(reversed(t.shape.tolist())), t.data_offset)
         for t in theirs.tensors]
-    copy = tmp_path / "copy.gguf"
-    write_gguf(copy, ours.metadata, [TensorData(t.name, t.type, t.shape, ours.raw(t))
-                                     for t in ours.tensors])
+    tensor_data = [TensorData(t.name, t.type, t.shape, ours.raw(t)) for t in ours.tensors]
+    copy, encoded = tmp_path / "copy.gguf", tmp_path / "encoded.gguf"
+    write_gguf(copy, read_gguf(src).metadata, tensor_data)
     assert copy.read_bytes() == src.read_bytes()
+    write_gguf(encoded, _fresh(ours.metadata), tensor_data)  # the vocabulary encoded anew
+    assert encoded.read_bytes() == src.read_bytes()
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -197,6 +225,11 @@ def _info(name=b"w", dims=(32,), type_id=0, offset=0):
     (_header(n_tensors=2, infos=_info() + _info()) + bytes(400), "duplicate tensor name"),
     (_header(n_tensors=1, infos=_info(dims=(2**40,))) + bytes(64), "truncated"),
     (_header(n_kv=2**40), "cannot fit"),
+    # A string array is checked when the file is read, though decoded only when used.
+    (_header(n_kv=1, kvs=_str(b"k") + struct.pack("<IIQ", 9, 8, 2) + _str(b"ab")
+             + struct.pack("<Q", 50) + b"xy"), "the 2 strings of 'k' run past the end"),
+    (_header(n_kv=1, kvs=_str(b"k") + struct.pack("<IIQ", 9, 8, 3) + _str(b"ab") + b"\x01"),
+     "the 3 strings of 'k' run past the end"),
 ])
 def test_corrupt_files_are_clear_errors(tmp_path, blob, message):
     bad = tmp_path / "bad.gguf"

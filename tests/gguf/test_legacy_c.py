@@ -2,6 +2,8 @@
 the same floats and the same errors on awkward input, split over threads or not."""
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -160,3 +162,119 @@ def test_dequantize_special_halves_same_on_both_paths(qtype, threads):
     finite = ~np.isnan(c)
     diff = np.flatnonzero(c[finite].view(np.uint32) != eager[finite].view(np.uint32))
     assert not diff.size, f"{diff.size} values differ, first {c[finite][diff[0]]!r}"
+
+
+# --- transcode_blocks: legacy -> legacy in one pass ---------------------------------------------
+
+
+def gguf_py_transcode(raw: np.ndarray, src: str, dst: str) -> np.ndarray:
+    """The oracle: gguf-py's numpy dequantize to float32, then its quantize. A _1 type's m is
+    the block min, and when that is a zero numpy's SIMD min gives it the sign of whichever zero
+    its lanes met last; ggml's C loop keeps the block's first zero. Giving every zero of a block
+    the first zero's sign makes gguf-py's answer stable, and ggml's."""
+    x = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[src]).astype(np.float32)
+    x = x.reshape(-1, 32)
+    if dst in WITH_MIN:
+        zero = x == 0
+        first = x[np.arange(len(x)), zero.argmax(axis=1)]  # the first zero where there is one
+        x = np.where(zero, first[:, None], x)
+    return gguf_quantize(x, gguf.GGMLQuantizationType[dst]).reshape(-1)
+
+
+@pytest.mark.parametrize("src", TYPES)
+@pytest.mark.parametrize("dst", TYPES)
+def test_transcode_matches_gguf_py(src, dst):
+    rng = np.random.default_rng(23)
+    # Random bytes for src make blocks of every sign, zero and tie pattern; the fp16 fields are
+    # set to finite values (of every magnitude) so that the floats are finite. 16-block groups
+    # and a tail: 16 * 9 + 7 blocks.
+    n = 16 * 9 + 7
+    raw = rng.integers(0, 256, size=(n, TYPE_SIZE[src]), dtype=np.uint8)
+    n_fields = 2 if src in WITH_MIN else 1
+    halves = (rng.standard_normal((n, n_fields)) * 10.0 ** rng.integers(-6, 2, (n, 1)))
+    halves[:5] = 0.0  # d = 0 (and m = 0): constant blocks
+    raw[:, : 2 * n_fields] = halves.astype(np.float16).view(np.uint8)
+    # Blocks quantized from awkward floats, as a model file holds them, after the random ones.
+    # (Only those every type can store: |x| near src's fp16 limit overflows a narrower dst.)
+    floats = awkward_blocks(src, rng)
+    floats = floats[np.abs(floats).max(axis=1) < FP16_MAX]
+    awkward = quantize_blocks(torch.from_numpy(floats), src).numpy()
+    raw = np.concatenate([raw, awkward.reshape(-1, TYPE_SIZE[src])]).reshape(-1)
+    ours = blocks.transcode_blocks(torch.from_numpy(raw), src, dst).numpy()
+    ref = gguf_py_transcode(raw, src, dst)
+    assert np.array_equal(ours, ref), first_differing_block(ours, ref, dst)
+
+
+def test_transcode_into_a_buffer_and_refusals():
+    x = torch.randn(40, 32, generator=torch.Generator().manual_seed(24))
+    raw = quantize_blocks(x, "Q4_1").view(-1)
+    buf = torch.full((40 * TYPE_SIZE["Q8_0"],), 7, dtype=torch.uint8)
+    assert blocks.transcode_blocks(raw, "Q4_1", "Q8_0", out=buf) is buf
+    assert np.array_equal(buf.numpy(), gguf_py_transcode(raw.numpy(), "Q4_1", "Q8_0"))
+    with pytest.raises(ValueError, match="out must be a contiguous flat uint8 tensor of 1360"):
+        blocks.transcode_blocks(raw, "Q4_1", "Q8_0", out=buf[:-1])
+    with pytest.raises(ValueError, match="whole Q4_1 blocks"):
+        blocks.transcode_blocks(raw[:-1], "Q4_1", "Q8_0")
+    with pytest.raises(ValueError, match="two legacy types .* got Q4_1 -> Q4_K"):
+        blocks.transcode_blocks(raw, "Q4_1", "Q4_K")
+    # Q8_0 stores |x| up to 127 * 65504; Q4_0's d = max / 8 overflows fp16 long before that.
+    x[21, 5] = 127 * 60000.0
+    with pytest.raises(ValueError, match=r"Q4_0 block 21: its scale .* overflows float16"):
+        blocks.transcode_blocks(quantize_blocks(x, "Q8_0").view(-1), "Q8_0", "Q4_0")
+
+
+# --- the portable build: what CPUs without AVX-512 run ------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[["-mno-avx512f"], ["-march=x86-64", "-mtune=generic"]],
+                ids=["no-avx512", "x86-64"])
+def portable_library(tmp_path_factory, request):
+    """legacy.c built as ckernels builds it, but without AVX-512 (AVX2 and F16C stay), or for
+    plain x86-64 (SSE2 only): the explicit vector code (the 16-block min/max tree, the fp16
+    conversions) is replaced by plain loops there, which this machine's own build never runs."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    if "avx512f" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AVX-512 here: the main build already is the portable one")
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler {cc!r}")
+    so = tmp_path_factory.mktemp("portable") / f"legacy{len(request.param)}.so"
+    source = next(p for p in ckernels.SOURCES if p.name == "legacy.c")
+    subprocess.run([cc, *ckernels.CFLAGS, *request.param, "-o", str(so), str(source)],
+                   check=True, capture_output=True, timeout=120)
+    lib = ctypes.CDLL(str(so))
+    if not lib.zp_legacy_available():
+        pytest.skip("this compiler has no _Float16")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.zp_quantize_legacy.argtypes = [i32, p, i64, p, p]
+    lib.zp_requantize_legacy.argtypes = [i32, p, i32, i64, p, p]
+    lib.zp_quantize_legacy.restype = lib.zp_requantize_legacy.restype = i64
+    return lib
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_portable_build_matches_gguf_py(portable_library, qtype):
+    import ctypes
+
+    rng = np.random.default_rng(25)
+    floats = awkward_blocks(qtype, rng)
+    x = np.concatenate([floats, rng.standard_normal((16 * 8 + 3, 32))]).astype(np.float32)
+    x = x + np.float32(0.0) if qtype in WITH_MIN else x  # gguf-py's unstable zero min, as above
+    n, type_id, why = len(x), blocks._C_TYPE[qtype], ctypes.c_int(0)
+    out = np.zeros(n * TYPE_SIZE[qtype], np.uint8)
+    assert portable_library.zp_quantize_legacy(type_id, x.ctypes.data, n, out.ctypes.data,
+                                               ctypes.byref(why)) == -1
+    ref = gguf_quantize(x, gguf.GGMLQuantizationType[qtype]).reshape(-1)
+    assert np.array_equal(out, ref), first_differing_block(out, ref, qtype)
+    # And legacy -> legacy in one pass, from Q4_1 blocks.
+    raw = gguf_quantize(rng.standard_normal((16 * 8 + 3, 32)).astype(np.float32),
+                        gguf.GGMLQuantizationType.Q4_1).reshape(-1)
+    n = raw.size // TYPE_SIZE["Q4_1"]
+    out = np.zeros(n * TYPE_SIZE[qtype], np.uint8)
+    assert portable_library.zp_requantize_legacy(blocks._C_TYPE["Q4_1"], raw.ctypes.data, type_id,
+                                                 n, out.ctypes.data, ctypes.byref(why)) == -1
+    ref = gguf_py_transcode(raw, "Q4_1", qtype)
+    assert np.array_equal(out, ref), first_differing_block(out, ref, qtype)

@@ -187,6 +187,46 @@ def test_requantize_a_small_file_round_trips_values(tmp_path, gen):
         requantize(src, src, "Q8_0")
 
 
+def test_convert_generators_taken_in_turns_on_one_thread():
+    # Legacy -> legacy pieces come from a buffer each thread reuses; a second convert() running
+    # at the same time on the same thread must not write into the first one's pieces.
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from zeropoint.gguf.requantize import convert
+
+    rows = 3 * (1 << 20) // 64  # 3 pieces each
+    a, b = (quantize_blocks(torch.randn(rows, 64, generator=torch.Generator().manual_seed(s)),
+                            "Q4_1").numpy().reshape(-1) for s in (31, 32))
+    ga, gb = convert(a, "Q4_1", (rows, 64), "Q8_0"), convert(b, "Q4_1", (rows, 64), "Q8_0")
+    pieces_a, pieces_b = [], []
+    for pa, pb in zip(ga, gb):
+        pieces_a.append(pa.copy())
+        pieces_b.append(pb.copy())
+        assert not np.shares_memory(pa, pb)
+    for raw, pieces in ((a, pieces_a), (b, pieces_b)):  # gguf-py: dequantize, then quantize
+        x = dequantize(raw, GGMLQuantizationType.Q4_1).astype(np.float32).reshape(rows, 64)
+        assert np.array_equal(np.concatenate(pieces),
+                              quantize(x, GGMLQuantizationType.Q8_0).reshape(-1))
+
+
+def test_a_block_the_target_cannot_store_names_tensor_and_block(tmp_path):
+    # Q8_0 stores |x| up to 127 * 65504; Q4_0's d = max / 8 overflows fp16 long before that.
+    # Rows of 32 and a block far into the tensor: past the first piece that convert makes.
+    rows = 3 * (1 << 20) // 32
+    x = torch.randn(rows, 32, generator=torch.Generator().manual_seed(30))
+    bad = rows - 2
+    x[bad, 7] = 127 * 60000.0
+    meta = {"general.architecture": MetaValue.string("llama"),
+            "llama.block_count": MetaValue.u32(1), "llama.attention.head_count": MetaValue.u32(2)}
+    src, out = tmp_path / "src.gguf", tmp_path / "q.gguf"
+    write_gguf(src, meta, [TensorData("blk.0.ffn_up.weight", "Q8_0", (rows, 32),
+                                      quantize_blocks(x, "Q8_0"))])
+    with pytest.raises(ValueError, match=rf"blk.0.ffn_up.weight: Q4_0 block {bad}: its scale"):
+        requantize(src, out, "Q4_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.gguf"]  # nothing half-written
+
+
 # --- the default model against llama.cpp ------------------------------------------------------
 
 _TYPE_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^(]*"

@@ -15,12 +15,12 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
 #define QB 32
-#define RUN 64 /* blocks checked for inf/NaN at once: 8 KiB, still in L1 when quantized */
+#define GROUP 16 /* blocks quantized together: 2 KiB, read from memory once, then from L1 */
 enum { Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, N_TYPES };
 static const int type_size[N_TYPES] = {34, 18, 20, 22, 24};
 /* Round half away from zero = truncate after adding nextafter(0.5, 0) with v's sign (0.5 itself
@@ -149,57 +149,198 @@ static inline void codes(const float *x, float sub, float inv, float add, int to
   }
 }
 
-/* One block -> y. Returns 0, or 2 when d or m overflows fp16 (the caller checked finiteness). */
+/* The codes of one Q8_0 block: round half away from zero of x * inv, as int8 bytes. */
+static inline void q8_codes(const float *x, float inv, uint8_t *out) {
+  int32_t c[QB];
+  for (int j = 0; j < QB; j++) {
+    float t = x[j] * inv;
+    c[j] = (int32_t)(t + copysignf(JUST_BELOW_HALF, t));
+  }
+  v16b low = narrow(c), high = narrow(c + 16); /* int8 codes, two's complement bytes */
+  memcpy(out, &low, sizeof low);
+  memcpy(out + sizeof low, &high, sizeof high);
+}
+
+/* The fields and codes of one block once d (and m) are known: hd, hm are their fp16 bits, inv
+ * is 1/d, and sub, add are the code arithmetic of `codes`. */
+static inline void store_block(int type, const float *x, uint16_t hd, uint16_t hm, float inv,
+                               float sub, float add, uint8_t *y) {
+  memcpy(y, &hd, 2);
+  if (type == Q8_0) {
+    if (isinf(inv))
+      memset(y + 2, 0, QB);
+    else
+      q8_codes(x, inv, y + 2);
+    return;
+  }
+  int has_min = type == Q4_1 || type == Q5_1, five = type == Q5_0 || type == Q5_1;
+  int col = 2, top = five ? 31 : 15;
+  if (has_min) memcpy(y + 2, &hm, 2), col = 4;
+  int32_t c[QB];
+  codes(x, sub, inv, add, top, c);
+  if (five) pack_high_bits(c, y + col), col += 4;
+  pack_nibbles(c, y + col);
+}
+
+/* One block -> y, everything decided on its own: the path for a batch's tail and for finding
+ * which block of a batch is refused. Returns 0, or 2 when d or m overflows fp16 (the caller
+ * checked finiteness). */
 static int quantize_block(int type, const float *x, uint8_t *y) {
   float lo, hi;
   block_min_max(x, &lo, &hi);
   if (type == Q8_0) {
     float amax = fabsf(-lo > hi ? lo : hi); /* fabsf: an all -0.0 block gives d = +0.0 */
-    float d = amax / 127, inv = inverse(d);
+    float d = amax / 127;
     uint16_t hd = half_bits(d);
     if (!half_finite(hd)) return 2;
-    memcpy(y, &hd, 2);
-    if (isinf(inv)) {
-      memset(y + 2, 0, QB);
-      return 0;
-    }
-    int32_t c[QB];
-    for (int j = 0; j < QB; j++) {
-      float t = x[j] * inv;
-      c[j] = (int32_t)(t + copysignf(JUST_BELOW_HALF, t));
-    }
-    v16b low = narrow(c), high = narrow(c + 16); /* int8 codes, two's complement bytes */
-    memcpy(y + 2, &low, sizeof low);
-    memcpy(y + 2 + sizeof low, &high, sizeof high);
+    store_block(type, x, hd, 0, inverse(d), 0.f, 0.f, y);
     return 0;
   }
-  int bits = (type == Q5_0 || type == Q5_1) ? 5 : 4, top = (1 << bits) - 1, col;
-  int32_t c[QB];
+  int five = type == Q5_0 || type == Q5_1;
   if (type == Q4_1 || type == Q5_1) {
     if (lo == 0) lo = first_zero(x);
     if (hi == 0) hi = first_zero(x);
-    float d = (hi - lo) / (float)top;
+    float d = (hi - lo) / (float)(five ? 31 : 15);
     uint16_t hd = half_bits(d), hm = half_bits(lo);
     if (!half_finite(hd) || !half_finite(hm)) return 2;
-    memcpy(y, &hd, 2);
-    memcpy(y + 2, &hm, 2);
-    codes(x, lo, inverse(d), 0.5f, top, c);
-    col = 4;
-  } else {
-    float offset = (float)(1 << (bits - 1)); /* 8 or 16 */
-    float d = signed_absmax(x, lo, hi) / -offset;
-    uint16_t hd = half_bits(d);
-    if (!half_finite(hd)) return 2;
-    memcpy(y, &hd, 2);
-    codes(x, 0.f, inverse(d), offset + 0.5f, top, c);
-    col = 2;
+    store_block(type, x, hd, hm, inverse(d), lo, 0.5f, y);
+    return 0;
   }
-  if (bits == 5) {
-    pack_high_bits(c, y + col);
-    col += 4;
-  }
-  pack_nibbles(c, y + col);
+  float offset = five ? 16.f : 8.f;
+  float d = signed_absmax(x, lo, hi) / -offset;
+  uint16_t hd = half_bits(d);
+  if (!half_finite(hd)) return 2;
+  store_block(type, x, hd, 0, inverse(d), 0.f, offset + 0.5f, y);
   return 0;
+}
+
+/* fp16 bits of GROUP floats, rounded to nearest even: one instruction with F16C or AVX-512
+ * (gcc 12 does not vectorize the _Float16 casts of a plain loop). */
+static inline void halves(const float *f, uint16_t *h) {
+#if defined(__AVX512F__)
+  __m256i v = _mm512_cvtps_ph(_mm512_loadu_ps(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256((__m256i *)h, v);
+#elif defined(__F16C__)
+  for (int k = 0; k < GROUP; k += 8)
+    _mm_storeu_si128((__m128i *)(h + k),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(f + k), _MM_FROUND_TO_NEAREST_INT));
+#else
+  for (int k = 0; k < GROUP; k++) h[k] = half_bits(f[k]);
+#endif
+}
+
+#if defined(__AVX512F__)
+static inline __m512 min_or_max(__m512 a, __m512 b, int is_max) {
+  return is_max ? _mm512_max_ps(a, b) : _mm512_min_ps(a, b);
+}
+
+/* v[k] (16 vectors) -> one vector whose lane k is the min (or max) of v[k]'s 16 lanes. A tree
+ * that halves the vectors and the lanes together: 15 steps of two shuffles and a min, against
+ * 16 separate horizontal reductions of 8 dependent steps each. */
+static inline __m512 transpose_reduce(const __m512 *v, int is_max) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; i++) /* 128-bit lanes 0-1: v[2i]'s 8 partials, 2-3: v[2i+1]'s */
+    a[i] = min_or_max(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                      _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE), is_max);
+  for (int i = 0; i < 4; i++) /* 128-bit lane j: v[4i + j]'s 4 partials */
+    b[i] = min_or_max(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                      _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD), is_max);
+  for (int i = 0; i < 2; i++) /* lane j: 2 partials of v[8i + j], then 2 of v[8i + 4 + j] */
+    c[i] = min_or_max(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                      _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE), is_max);
+  __m512 r = min_or_max(_mm512_shuffle_ps(c[0], c[1], 0x88),  /* element 4j + t: v[j + 4t] */
+                        _mm512_shuffle_ps(c[0], c[1], 0xDD), is_max);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
+#endif
+
+/* lo[k], hi[k] of the GROUP blocks at x; returns 1 if any value is NaN or inf (lo and hi are
+ * then meaningless). The values are read once, for both. */
+static inline int group_min_max(const float *x, float *lo, float *hi) {
+#if defined(__AVX512F__)
+  _Static_assert(GROUP == 16, "one block per lane of a 512-bit vector");
+  __m512 mn[GROUP], mx[GROUP];
+  __mmask16 nan = 0;
+  for (int k = 0; k < GROUP; k++) {
+    __m512 a = _mm512_loadu_ps(x + QB * k), b = _mm512_loadu_ps(x + QB * k + 16);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q); /* lane i: a[i] or b[i] is NaN */
+    mn[k] = _mm512_min_ps(a, b);
+    mx[k] = _mm512_max_ps(a, b);
+  }
+  __m512 l = transpose_reduce(mn, 0), h = transpose_reduce(mx, 1);
+  _mm512_storeu_ps(lo, l);
+  _mm512_storeu_ps(hi, h);
+  /* Without NaN the min and max are exact, so an inf is one of them. */
+  __mmask16 inf = _mm512_cmp_ps_mask(l, _mm512_set1_ps(-INFINITY), _CMP_EQ_OQ) |
+                  _mm512_cmp_ps_mask(h, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
+  return (nan | inf) != 0;
+#else
+  if (non_finite(x, QB * GROUP)) return 1;
+  for (int k = 0; k < GROUP; k++) block_min_max(x + QB * k, lo + k, hi + k);
+  return 0;
+#endif
+}
+
+/* GROUP blocks at once, in three steps: each block's min and max; then d, m, 1/d and their fp16
+ * bits for all of them in loops across blocks, which the compiler vectorizes (one vector
+ * division and one conversion for 16 blocks, instead of a chain of scalar ones per block that
+ * the next block waits behind); then the codes, from L1: memory is read once. Returns 0, or 1
+ * when a block is non-finite or overflows fp16: the caller then redoes the group block by
+ * block to say which and why. */
+static int quantize_group(int type, const float *x, uint8_t *y) {
+  float lo[GROUP], hi[GROUP], d[GROUP], m[GROUP], inv[GROUP];
+  uint16_t hd[GROUP], hm[GROUP] = {0};
+  if (group_min_max(x, lo, hi)) return 1;
+  int five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
+  float offset = five ? 16.f : 8.f, add = 0.f;
+  if (type == Q8_0) {
+    for (int k = 0; k < GROUP; k++) {
+      float amax = -lo[k] > hi[k] ? -lo[k] : hi[k]; /* max |x|, exactly */
+      d[k] = fabsf(amax) / 127;
+    }
+  } else if (has_min) {
+    for (int k = 0; k < GROUP; k++) { /* rare: a zero extreme takes the first zero's sign */
+      if (lo[k] == 0) lo[k] = first_zero(x + QB * k);
+      if (hi[k] == 0) hi[k] = first_zero(x + QB * k);
+    }
+    for (int k = 0; k < GROUP; k++) d[k] = (hi[k] - lo[k]) / (float)(five ? 31 : 15);
+    add = 0.5f;
+  } else {
+    uint32_t tie = 0;
+    for (int k = 0; k < GROUP; k++) {
+      float total = lo[k] + hi[k]; /* its sign says which of lo, hi has the larger |x| */
+      m[k] = total < 0 ? lo[k] : hi[k];
+      tie |= (uint32_t)(total == 0) << k;
+    }
+    for (int k = 0; k < GROUP; k++) /* rare: +a and -a both, or all zeros: the first wins */
+      if (tie >> k & 1) m[k] = signed_absmax(x + QB * k, lo[k], hi[k]);
+    for (int k = 0; k < GROUP; k++) d[k] = m[k] / -offset;
+    add = offset + 0.5f;
+  }
+  for (int k = 0; k < GROUP; k++) inv[k] = d[k] == 0 ? 0.f : 1.f / d[k];
+  halves(d, hd);
+  if (has_min) halves(lo, hm);
+  uint16_t bad = 0;
+  for (int k = 0; k < GROUP; k++)
+    bad |= (uint16_t)(!half_finite(hd[k]) | (has_min && !half_finite(hm[k])));
+  if (bad) return 1;
+  int size = type_size[type];
+  for (int k = 0; k < GROUP; k++)
+    store_block(type, x + QB * k, hd[k], hm[k], inv[k], has_min ? lo[k] : 0.f, add,
+                y + size * k);
+  return 0;
+}
+
+/* Blocks one at a time (tails, and groups that hold a refused block); same returns as below. */
+static int64_t quantize_blocks_singly(int type, const float *x, int64_t n_blocks, uint8_t *y,
+                                      int *why) {
+  for (int64_t b = 0; b < n_blocks; b++) {
+    const float *xb = x + QB * b;
+    if (non_finite(xb, QB)) return *why = 1, b;
+    if (quantize_block(type, xb, y + type_size[type] * b)) return *why = 2, b;
+  }
+  return -1;
 }
 
 /* x: n_blocks x 32 floats -> y: n_blocks x type_size bytes. Returns -1 when all went well, -2
@@ -207,51 +348,67 @@ static int quantize_block(int type, const float *x, uint8_t *y) {
  * holds NaN or inf and 2 if its d or m overflows fp16 (blocks after it are left unwritten). */
 int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why) {
   if (type < 0 || type >= N_TYPES) return -2;
-  for (int64_t start = 0; start < n_blocks; start += RUN) {
-    int64_t stop = start + RUN < n_blocks ? start + RUN : n_blocks;
-    int checked = !non_finite(x + QB * start, QB * (stop - start));
-    for (int64_t b = start; b < stop; b++) {
-      const float *xb = x + QB * b;
-      if (!checked && non_finite(xb, QB)) return *why = 1, b;
-      if (quantize_block(type, xb, y + type_size[type] * b)) return *why = 2, b;
-    }
+  int64_t b = 0, size = type_size[type];
+  for (; b + GROUP <= n_blocks; b += GROUP) {
+    if (!quantize_group(type, x + QB * b, y + size * b)) continue;
+    int64_t i = quantize_blocks_singly(type, x + QB * b, GROUP, y + size * b, why);
+    if (i >= 0) return b + i;
   }
-  return -1;
+  int64_t i = quantize_blocks_singly(type, x + QB * b, n_blocks - b, y + size * b, why);
+  return i < 0 ? -1 : b + i;
 }
 
-/* 32 codes of one block as signed ints: nibbles (low first), bit 4 from qh, minus the offset. */
-static void unpack_codes(const uint8_t *nibbles, const uint8_t *qh, int offset, int32_t *q) {
-  uint32_t h = 0;
-  if (qh) h = qh[0] | (uint32_t)qh[1] << 8 | (uint32_t)qh[2] << 16 | (uint32_t)qh[3] << 24;
-  for (int j = 0; j < QB / 2; j++) {
-    q[j] = nibbles[j] & 0x0F;
-    q[j + QB / 2] = nibbles[j] >> 4;
-  }
-  if (qh)
-    for (int j = 0; j < QB; j++) q[j] |= (int32_t)((h >> j) & 1) << 4;
-  for (int j = 0; j < QB; j++) q[j] -= offset;
-}
-
-/* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats, gguf-py's x = d * q (+ m, a separate
- * add). Returns 0, or -2 for a type it does not know. */
-int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x) {
-  if (type < 0 || type >= N_TYPES) return -2;
+/* One block's bytes -> its 32 floats, gguf-py's x = d * (q - offset) (+ m, a separate add).
+ * Straight loops over bytes that the compiler vectorizes (a loop per step through an int32
+ * array of codes took 0.4 ns per value). */
+static inline void dequantize_block(int type, const uint8_t *restrict yb, float *restrict xb) {
   int has_min = type == Q4_1 || type == Q5_1, five = type == Q5_0 || type == Q5_1;
   int col = has_min ? 4 : 2, offset = has_min ? 0 : (five ? 16 : 8);
-  for (int64_t b = 0; b < n_blocks; b++) {
-    const uint8_t *yb = y + type_size[type] * b;
-    float *xb = x + QB * b;
-    float d = half_value(yb), m = has_min ? half_value(yb + 2) : 0.f;
-    int32_t q[QB];
-    if (type == Q8_0)
-      for (int j = 0; j < QB; j++) q[j] = (int8_t)yb[2 + j];
-    else
-      unpack_codes(yb + col + (five ? 4 : 0), five ? yb + col : NULL, offset, q);
+  float d = half_value(yb), m = has_min ? half_value(yb + 2) : 0.f;
+  if (type == Q8_0) {
+    const int8_t *q = (const int8_t *)(yb + 2);
     for (int j = 0; j < QB; j++) xb[j] = d * (float)q[j];
-    if (has_min)
-      for (int j = 0; j < QB; j++) xb[j] = xb[j] + m;
+    return;
   }
+  const uint8_t *nibbles = yb + col + (five ? 4 : 0);
+  uint32_t h = 0; /* bit j: bit 4 of element j (the 5-bit types) */
+  if (five) h = yb[col] | (uint32_t)yb[col + 1] << 8 | (uint32_t)yb[col + 2] << 16 |
+                (uint32_t)yb[col + 3] << 24;
+  /* Byte j: element j low, element j + 16 high. One loop per half: each is one 16-lane
+   * vector, where one loop storing both halves was not. */
+  for (int j = 0; j < QB / 2; j++)
+    xb[j] = d * (float)((int)((nibbles[j] & 0x0F) | ((h >> j) & 1) << 4) - offset);
+  for (int j = 0; j < QB / 2; j++)
+    xb[j + QB / 2] = d * (float)((int)((nibbles[j] >> 4) | ((h >> (j + 16)) & 1) << 4) - offset);
+  if (has_min)
+    for (int j = 0; j < QB; j++) xb[j] = xb[j] + m;
+}
+
+/* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats. Returns 0, or -2 for a type it does
+ * not know. */
+int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x) {
+  if (type < 0 || type >= N_TYPES) return -2;
+  for (int64_t b = 0; b < n_blocks; b++)
+    dequantize_block(type, y + type_size[type] * b, x + QB * b);
   return 0;
+}
+
+/* src: n_blocks of type src_type -> y: the same values in dst_type, with the bytes that
+ * dequantizing to float32 and quantizing would give; the floats only ever sit in an L1 buffer
+ * of GROUP blocks. Returns as zp_quantize_legacy. */
+int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int64_t n_blocks,
+                             uint8_t *y, int *why) {
+  if (src_type < 0 || src_type >= N_TYPES || dst_type < 0 || dst_type >= N_TYPES) return -2;
+  float x[QB * GROUP];
+  int64_t in = type_size[src_type], out = type_size[dst_type];
+  for (int64_t b = 0; b < n_blocks; b += GROUP) {
+    int n = n_blocks - b < GROUP ? (int)(n_blocks - b) : GROUP;
+    for (int k = 0; k < n; k++) dequantize_block(src_type, src + in * (b + k), x + QB * k);
+    if (n == GROUP && !quantize_group(dst_type, x, y + out * b)) continue;
+    int64_t i = quantize_blocks_singly(dst_type, x, n, y + out * b, why);
+    if (i >= 0) return b + i;
+  }
+  return -1;
 }
 
 #else /* no half floats: the torch code does the work */
@@ -262,6 +419,11 @@ int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *
 }
 int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x) {
   (void)type, (void)y, (void)n_blocks, (void)x;
+  return -2;
+}
+int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int64_t n_blocks,
+                             uint8_t *y, int *why) {
+  (void)src_type, (void)src, (void)dst_type, (void)n_blocks, (void)y, (void)why;
   return -2;
 }
 
