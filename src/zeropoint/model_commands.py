@@ -106,15 +106,27 @@ def _write_quantized(args, recipe, out: Path):
 CALIB_SEQUENCE_TOKENS = 512  # GPTQ calibration sequences are cut to this many tokens
 
 
-def _gptq(args, loaded, recipe) -> None:
-    from .algorithms.sequential import calibration_ids, gptq_model
+def gptq_calibration(args, loaded):
+    """(sequences, length) calibration ids from --calib and --calib-tokens, for --method gptq."""
+    from .algorithms.sequential import calibration_ids
 
     if loaded.kind != "causal-lm":
         raise CommandError("--method gptq needs a causal language model (llama family)")
     if args.calib_tokens < 2:
         raise CommandError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     length = min(CALIB_SEQUENCE_TOKENS, args.calib_tokens)
-    ids = calibration_ids(loaded.tokenizer, _read_text(args.calib), args.calib_tokens // length, length)
+    try:
+        return calibration_ids(loaded.tokenizer, _read_text(args.calib),
+                               args.calib_tokens // length, length)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+
+
+def _gptq(args, loaded, recipe) -> None:
+    from .algorithms.sequential import gptq_model
+
+    ids = gptq_calibration(args, loaded)
+    length = ids.shape[1]
     report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet)
     if not args.quiet:
         print(f"gptq: {report.layers} layers, {report.sequences} x {length} calibration tokens, "
@@ -138,9 +150,10 @@ def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
 def cmd_quantize(args) -> None:
     from .checkpoint import is_zeropoint_dir
 
-    if args.type and getattr(args, "method", "rtn") != "rtn":
-        raise CommandError(f"--method {args.method} writes zeropoint directories; GGUF output (--type) "
-                           "takes --method rtn for now")
+    method = getattr(args, "method", "rtn")
+    if args.type and method == "hqq":
+        raise CommandError("--method hqq writes zeropoint directories; GGUF output (--type) takes "
+                           "--method rtn or gptq")
     if args.type:  # a GGUF file out, in ggml block formats
         from .gguf.cli import quantize_gguf
 
@@ -171,7 +184,10 @@ def cmd_quantize(args) -> None:
     if args.eval:
         rows.append(_evaluate_both(args, out, text))
     if not args.quiet:
-        print(f"\nwrote {out} in {elapsed:.1f} s ({recipe.default.describe() if recipe.default else 'float'})")
+        what = recipe.default.describe() if recipe.default else "float"
+        if args.budget_bpw is not None:
+            what = f"a spec per layer under a budget of {args.budget_bpw} bits/weight"
+        print(f"\nwrote {out} in {elapsed:.1f} s ({what})")
         width = max(len(r[0]) for r in rows) + 2
         print(f"{'':<{width}}{'before':>14}{'after':>26}")
         for name, a, b in rows:

@@ -146,3 +146,23 @@ def test_bad_inputs_raise(gen):
         gptq(w, -torch.eye(32), spec, percdamp=0.0)
     with pytest.raises(ValueError, match="in_features"):
         HessianAccumulator(0)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_with_clip_search_rounds_on_the_mse_scales(act_order, gen):
+    # The clip search fits each group's scale as calibrate.mse_qparams does on the same weights;
+    # with nothing to propagate, the codes are core.quantize's on those scales (a shorter last
+    # group included: 144 = 2 x 64 + 16).
+    from zeropoint.calibrate.estimators import mse_qparams
+    from zeropoint.calibrate.search import MSESearch
+
+    spec = QuantSpec(3, "asymmetric", "per_group", group_size=64)
+    w = torch.randn(40, 144, generator=gen)
+    got = gptq(w, torch.eye(144), spec, clip=MSESearch(), act_order=act_order)
+    whole = [mse_qparams(w[:, :128], spec), mse_qparams(w[:, 128:], QuantSpec(
+        3, "asymmetric", "per_group", group_size=16))]
+    scale = torch.cat([s for s, _ in whole], dim=1)
+    zp = torch.cat([z for _, z in whole], dim=1)
+    assert torch.equal(got.scale, scale) and torch.equal(got.zero_point, zp)
+    assert torch.equal(got.codes, quantize(w, spec, scale, zp))
+    assert not torch.equal(scale, choose_qparams(w, spec)[0])  # the search did clip somewhere

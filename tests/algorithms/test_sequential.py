@@ -28,8 +28,8 @@ def logits(model, ids):
         return model(input_ids=ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("true_sequential", [True, False])
-def test_gptq_beats_rtn_on_held_out_input(tiny, true_sequential):
+@pytest.mark.parametrize("true_sequential, act_order", [(True, True), (False, False)])
+def test_gptq_beats_rtn_on_held_out_input(tiny, true_sequential, act_order):
     g = torch.Generator().manual_seed(1)
     calib = torch.randint(0, VOCAB, (16, 32), generator=g)
     held_out = torch.randint(0, VOCAB, (4, 32), generator=g)
@@ -37,7 +37,8 @@ def test_gptq_beats_rtn_on_held_out_input(tiny, true_sequential):
     ref = logits(tiny, held_out)
 
     model = copy.deepcopy(tiny)
-    report = gptq_model(model, recipe, calib, batch=5, true_sequential=true_sequential)
+    report = gptq_model(model, recipe, calib, batch=5, true_sequential=true_sequential,
+                        act_order=act_order)
     qlinears = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
     assert len(qlinears) == 2 * 7  # q, k, v, o, gate, up, down in each layer; lm_head float
     assert report.layers == 2 and report.tokens == 16 * 32 and report.peak_rss_bytes > 0

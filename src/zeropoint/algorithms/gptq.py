@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import (
-    check_float_tensor, choose_qparams, grid_shape, qparams_from_range, raise_if_not_finite,
-)
+from ..calibrate.search import MSESearch
+from ..core import check_float_tensor, raise_if_not_finite
 from ..qtensor import QTensor
-from ..spec import Granularity, QuantSpec
+from ..spec import QuantSpec
+from .grids import ColumnGrid, SpecGrid
 
 DEFAULT_BLOCK_SIZE = 128  # GPTQ Sec. 4 "lazy batch updates": 128 columns per block
 DEFAULT_PERCDAMP = 0.01  # GPTQ Sec. 4 "Cholesky reformulation": 1% of the mean diagonal
@@ -82,23 +82,53 @@ def gptq(
     block_size: int = DEFAULT_BLOCK_SIZE,
     percdamp: float = DEFAULT_PERCDAMP,
     act_order: bool = False,
+    clip: MSESearch | None = None,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in).
+    """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in), onto `spec`'s grid.
 
-    Scales: per-group along in_features (spec axis -1/1) fits each group's min/max scale when
-    GPTQ reaches the group's first column, from the weights as updated by every column before
-    it (the paper's group-wise variant, Sec. 5). Every other granularity, and every group when
-    `act_order` is set, takes min/max scales from the original weights up front ("static
-    groups": a QTensor stores groups by column position, so they must not follow the permuted
-    order). Given `scale` (and `zero_point`, grid-shaped), those are used as they are.
+    Scales: per-group along in_features (spec axis -1/1) fits each group's scale when GPTQ
+    reaches the group's first column, from the weights as updated by every column before it (the
+    paper's group-wise variant, Sec. 5): min/max, or with `clip` the clip ratio of least squared
+    error (calibrate.mse_qparams). Every other granularity, and every group when `act_order` is
+    set, is fitted up front from the original weights ("static groups": a QTensor stores groups
+    by column position, so they must not follow the permuted order). Given `scale` (and
+    `zero_point`, grid-shaped), those are used as they are.
 
     act_order: process columns by descending diag(H) (the GPTQ repository's `--act-order`),
     so that the columns with the largest input energy are rounded while most columns are still
     free to absorb their error.
     """
     _check_inputs(weight, hessian, spec, block_size, percdamp)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    grid = SpecGrid(spec, tuple(weight.shape), dtype, clip=clip, scale=scale,
+                    zero_point=zero_point)
+    result = gptq_columns(weight, hessian, grid, block_size=block_size, percdamp=percdamp,
+                          act_order=act_order)
+    scale, zero_point = grid.qparams(result.fits)
+    return GPTQResult(result.codes.to(spec.code_dtype), scale, zero_point, result.loss)
+
+
+@dataclass(frozen=True)
+class ColumnsResult:
+    codes: torch.Tensor  # (out, in) float, in input-column order
+    fits: list  # one GroupFit per group of grid.group_size(in) columns, in column order
+    loss: float  # GPTQ's proxy loss
+
+
+def gptq_columns(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: ColumnGrid,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
+    act_order: bool = False,
+) -> ColumnsResult:
+    """GPTQ's column loop onto any grid (grids.py): `weight` (out, in) float32/64, `hessian`
+    (in, in). Groups are fitted when reached (dynamic), or all up front from the original
+    weights when `act_order` permutes the columns or one group spans them all (static)."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype).clone()  # (out, in), updated in place as columns are rounded
     H = hessian.detach().to(dtype).clone()  # (in, in)
@@ -110,33 +140,26 @@ def gptq(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    dynamic = scale is None and _groups_along_columns(spec) and not act_order
-    group = spec.group_size if dynamic else None
-    if scale is None and not dynamic:
-        scale, zero_point = choose_qparams(W, spec)
-    if scale is not None:
-        scale, zero_point = _check_qparams(scale, zero_point, spec, W.shape)
-        s_full, z_full = _expand(scale, zero_point, spec, W.shape, dtype)  # (out, in) each
+    group = grid.group_size(n_in)
+    fits: list = [None] * -(-n_in // group)
+    static = act_order or group >= n_in
+    if static:
+        for k in range(len(fits)):
+            fits[k] = grid.fit(W[:, k * group : (k + 1) * group], k * group)
     else:
-        grid = grid_shape((n_out, n_in), spec)  # (out, ceil(in / g))
-        scale = torch.ones(grid, dtype=torch.float32)
-        zero_point = torch.zeros(grid, dtype=torch.int32)
-        s_full = torch.ones(n_out, n_in, dtype=dtype)
-        z_full = torch.zeros(n_out, n_in, dtype=dtype)
+        # A group must lie inside one block, so that its fit sees weights that carry every
+        # earlier column's update (the lazy update reaches later blocks only at the block's end).
+        block_size = max(group, block_size // group * group)
 
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    order = perm.tolist() if perm is not None else range(n_in)  # original index of each column
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-        s_full, z_full = s_full[:, perm], z_full[:, perm]
 
     Hinv = _upper_cholesky_of_inverse(H, percdamp)  # (in, in) upper triangular
     del H
     codes = torch.empty(n_out, n_in, dtype=dtype)
     losses = torch.zeros(n_in, dtype=dtype)  # (in,) each column's share of the proxy loss
-    # A group must lie inside one block, so that its scale is fitted from weights that carry every
-    # earlier column's update (the lazy update reaches later blocks only at the block's end).
-    if group is not None:
-        block_size = max(group, block_size // group * group)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
         W1 = W[:, i1:i2]  # (out, b) view: in-block updates land in W directly
@@ -144,16 +167,14 @@ def gptq(
         Err1 = torch.empty(n_out, i2 - i1, dtype=dtype)  # (out, b) scaled errors
         for i in range(i2 - i1):
             col = i1 + i
-            if group is not None and col % group == 0:
-                _fit_group(W[:, col : col + group], spec, col // group, scale, zero_point,
-                           s_full[:, col : col + group], z_full[:, col : col + group])
+            orig = order[col]
+            if not static and orig % group == 0:
+                fits[orig // group] = grid.fit(W[:, col : col + group], col)
             w = W1[:, i]  # (out,)
-            s, z = s_full[:, col], z_full[:, col]
-            q = torch.clamp(torch.round(w / s) + z, spec.qmin, spec.qmax)
+            q, w_hat = fits[orig // group].round(orig % group, w)
             codes[:, col] = q
-            w_hat = (q - z) * s  # core.dequantize's arithmetic
             d = Hinv1[i, i]
-            diff = w - w_hat  # (out,)
+            diff = w - w_hat.to(dtype)  # (out,)
             # GPTQ Sec. 3, eq. 2: (w_q - quant(w_q))^2 / [H^-1]_qq, halved as in the reference
             losses[col] = diff.dot(diff) / (2 * d * d)
             err = diff / d  # (out,)
@@ -165,33 +186,7 @@ def gptq(
 
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    codes = codes.to(spec.code_dtype)
-    return GPTQResult(codes, scale, None if spec.symmetric else zero_point, float(losses.sum()))
-
-
-def _groups_along_columns(spec: QuantSpec) -> bool:
-    return spec.granularity is Granularity.PER_GROUP and spec.resolved_axis(2) == 1
-
-
-def _fit_group(Wg, spec, g, scale, zero_point, s_cols, z_cols) -> None:
-    """Min/max qparams of one column group Wg (out, <=g) into grid column g and its columns."""
-    lo, hi = torch.aminmax(Wg, dim=1)
-    s, z = qparams_from_range(lo, hi, spec)  # (out,) float32, int32
-    scale[:, g], zero_point[:, g] = s, z
-    s_cols.copy_(s[:, None].expand_as(s_cols))
-    z_cols.copy_(z[:, None].expand_as(z_cols))
-
-
-def _expand(scale, zero_point, spec: QuantSpec, shape, dtype):
-    """Grid-shaped qparams repeated to one entry per weight element: (out, in) each."""
-    block = spec.block_size(tuple(shape))
-    s = scale.to(dtype)
-    z = (zero_point if zero_point is not None else torch.zeros_like(scale)).to(dtype)
-    for dim, b in enumerate(block):
-        s = s.repeat_interleave(b, dim=dim)
-        z = z.repeat_interleave(b, dim=dim)
-    crop = (slice(0, shape[0]), slice(0, shape[1]))  # a shorter last group was padded
-    return s[crop].contiguous(), z[crop].contiguous()
+    return ColumnsResult(codes, fits, float(losses.sum()))
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -232,17 +227,3 @@ def _check_inputs(weight, hessian, spec, block_size, percdamp) -> None:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if not percdamp >= 0:
         raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
-
-
-def _check_qparams(scale, zero_point, spec: QuantSpec, shape):
-    grid = grid_shape(tuple(shape), spec)
-    if scale.numel() != torch.Size(grid).numel():
-        raise ValueError(
-            f"scale has {scale.numel()} entries; {spec.describe()} on {tuple(shape)} needs "
-            f"grid {grid}"
-        )
-    if not spec.symmetric and zero_point is None:
-        raise ValueError("asymmetric quantization needs a zero_point with the scale")
-    scale = scale.reshape(grid).to(torch.float32).clone()
-    zero_point = None if spec.symmetric else zero_point.reshape(grid).to(torch.int32).clone()
-    return scale, zero_point

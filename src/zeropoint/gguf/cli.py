@@ -81,7 +81,11 @@ def quantize_gguf(args) -> None:
         raise CommandError(f"output {str(out)!r} is the input file; write to another path")
     text = _read_text(getattr(args, "text", None)) if getattr(args, "eval", False) else None
     try:
-        if kind == "gguf":
+        if getattr(args, "method", "rtn") == "gptq":
+            from .gptq import gptq_gguf_command
+
+            report = gptq_gguf_command(args, src, target)
+        elif kind == "gguf":
             report = requantize(src, out, target, progress=not args.quiet)
         else:
             report = export_hf(src, out, target, progress=not args.quiet, threads=_threads())

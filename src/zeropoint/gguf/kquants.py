@@ -220,17 +220,41 @@ def _quantize_q45_k(x, bits: int):
     return torch.cat([*_halves(d, dmin), packed, qh, qs], 1)
 
 
-def _quantize_q3_k(x):
+@dataclass(frozen=True)
+class Q3KScales:
+    """Q3_K super-blocks' scales as llama.cpp chooses them, apart from the final codes."""
+
+    search_codes: torch.Tensor  # (B, 256) int32 0..7: the search's codes, kept where sub_d is 0
+    packed: torch.Tensor  # (B, 12) uint8: the 16 biased 6-bit sub-block scales, packed
+    d: torch.Tensor  # (B,) float16 super-scale
+    sub_d: torch.Tensor  # (B, 16) float32: each sub-block's step d * (scale - 32)
+
+
+def q3_k_scales(x: torch.Tensor) -> Q3KScales:
+    """(B, 256) float32 super-blocks -> their Q3_K scales (quantize_row_q3_K_ref's choice). A
+    value v of sub-block k then gets code nearest_int(v / sub_d[k]) clipped to -4..3, + 4."""
     codes, top, d, l = _with_sign(x, lambda xt: make_q3(xt, 4), 32.0)
     l = ((l + 128) & 0xFF) - 128  # the C keeps it in an int8 before clamping
     nonzero = (top != 0).unsqueeze(1)
     packed = torch.where(nonzero, _pack_scales_q3(l.clamp_(-32, 31) + 32), 0)  # (B, 12)
     d = torch.where(top != 0, d, 0.0).to(torch.float16)
     sub_d = _as_f32(d) * _unpack_scales_q3(packed).to(torch.float32)  # (B, 16)
-    codes = _requantize(x, codes, 16, sub_d, None, -4, 3, 4)
+    search = codes.t().reshape(-1, QK_K).to(torch.int32)  # (16, S) -> (B, 256)
+    return Q3KScales(search, packed, d, sub_d)
+
+
+def pack_q3_k(codes: torch.Tensor, scales: Q3KScales) -> torch.Tensor:
+    """(B, 256) int32 codes 0..7 on `scales`' grid -> (B, 110) Q3_K bytes."""
     hmask = _pack_fields((codes >> 2).view(-1, 8, 32), 1)  # bit b of byte j: code 32*b + j
     qs = _pack_fields((codes & 3).view(-1, 2, 4, 32), 2).view(-1, 64)
-    return torch.cat([hmask, qs, packed, *_halves(d)], 1)
+    return torch.cat([hmask, qs, scales.packed, *_halves(scales.d)], 1)
+
+
+def _quantize_q3_k(x):
+    scales = q3_k_scales(x)
+    search_t = scales.search_codes.view(-1, 16).t()  # back to the searches' (16, S) layout
+    codes = _requantize(x, search_t, 16, scales.sub_d, None, -4, 3, 4)
+    return pack_q3_k(codes, scales)
 
 
 def _quantize_q6_k(x):

@@ -1,0 +1,97 @@
+"""GPTQ into GGUF files (zeropoint.gguf.gptq) on a tiny Llama: the file is read back by gguf-py
+and run by llama.cpp, and compared with the model GPTQ left behind in transformers."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize as gguf_dequantize
+from test_export import TEXT, compare, hf_logits, llama_logits, make_tiny_llama
+
+from zeropoint.cli import main
+from zeropoint.gguf.export import export_hf, permute_qk
+from zeropoint.gguf.gptq import gptq_gguf
+from zeropoint.models.load import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """make_tiny_llama's checkpoint with 256-wide MLPs, so that ffn_down rows hold whole Q3_K
+    super-blocks while every other row (64 values) falls back to Q4_0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_gptq")
+    make_tiny_llama(path)
+    config = LlamaConfig.from_pretrained(path)
+    config.intermediate_size = 256
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    (path / "calib.txt").write_text(TEXT)
+    return path
+
+
+def read_tensors(path) -> dict[str, tuple[str, torch.Tensor]]:
+    """name -> (type, float32 values in torch order), decoded by gguf-py alone."""
+    out = {}
+    for t in GGUFReader(path).tensors:
+        values = gguf_dequantize(np.asarray(t.data), t.tensor_type)
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))
+        out[t.name] = (t.tensor_type.name, torch.from_numpy(np.array(values)).view(shape))
+    return out
+
+
+def test_q3_k_file_holds_the_gptq_weights_and_runs_in_llama_cpp(tiny_dir, tmp_path):
+    loaded = load_model(tiny_dir, progress=False)
+    ids = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "gptq_q3_k.gguf"
+    report = gptq_gguf(loaded, out, "Q3_K", ids)
+    assert report.gptq_tensors == 2 * 7
+    tensors = read_tensors(out)
+    model = loaded.model  # its Linears now hold the dequantized GPTQ weights
+    heads = {"q_proj": 4, "k_proj": 2}
+    for i in range(2):
+        for hf, gg, want in (("self_attn.q_proj", "attn_q", "Q4_0"),
+                             ("self_attn.k_proj", "attn_k", "Q4_0"),
+                             ("self_attn.v_proj", "attn_v", "Q4_0"),
+                             ("mlp.down_proj", "ffn_down", "Q3_K")):
+            qtype, values = tensors[f"blk.{i}.{gg}.weight"]
+            w = model.get_submodule(f"model.layers.{i}.{hf}").weight.detach()
+            n_head = heads.get(hf.split(".")[1], 0)
+            assert qtype == want
+            assert torch.equal(values, permute_qk(w, n_head) if n_head else w)
+    # Tensors outside the decoder's Linears are the type's own quantization, as a plain export.
+    export_hf(tiny_dir, tmp_path / "rtn.gguf", "Q3_K")
+    rtn = read_tensors(tmp_path / "rtn.gguf")
+    for name in ("token_embd.weight", "output.weight", "blk.0.attn_norm.weight"):
+        assert torch.equal(tensors[name][1], rtn[name][1]) and tensors[name][0] == rtn[name][0]
+    assert not torch.equal(tensors["blk.0.ffn_down.weight"][1], rtn["blk.0.ffn_down.weight"][1])
+
+    # llama.cpp runs the file and computes what transformers computes with the same weights
+    # (the file's embeddings and output matrix put into the model too).
+    model.model.embed_tokens.weight.data.copy_(tensors["token_embd.weight"][1])
+    model.lm_head.weight.data.copy_(tensors["output.weight"][1])
+    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
+    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
+    assert mean < 0.1 and same_top > 0.85
+
+
+def test_cli_writes_gptq_q4_0(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q4_0.gguf"
+    main(["quantize", str(tiny_dir), "--method", "gptq", "--type", "Q4_0", "-o", str(out),
+          "--calib", str(tiny_dir / "calib.txt"), "--calib-tokens", "256"])
+    printed = capsys.readouterr().out
+    assert "gptq: 14 tensors, 1 x 256 calibration tokens" in printed
+    types = {t for t, _ in read_tensors(out).values()}
+    assert "Q4_0" in types and not types & {"Q4_1", "Q3_K"}
+
+
+def test_cli_refuses_what_gptq_cannot_write(tiny_dir, tmp_path, capsys):
+    # Q4_K_M gives ffn_down (256-wide rows) Q4_K and Q6_K, attn_v Q8_0: no GPTQ grids for those.
+    code = main(["quantize", str(tiny_dir), "--method", "gptq", "--type", "Q4_K_M", "-o",
+                 str(tmp_path / "x.gguf"), "--calib", str(tiny_dir / "calib.txt"),
+                 "--calib-tokens", "64"])
+    assert code == 2 and "GPTQ cannot write" in capsys.readouterr().err
+    assert main(["quantize", str(tiny_dir), "--method", "hqq", "--type", "Q4_0", "-o",
+                 str(tmp_path / "y.gguf")]) == 2
+    assert "--method hqq writes zeropoint directories" in capsys.readouterr().err
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
