@@ -1,6 +1,8 @@
 """Quantized layers and whole models against float on the CPU, in one run at 2 threads.
 
 1. One 4096x4096 Linear at batch 1 and 32: float32 F.linear, bfloat16, zeropoint int8 and int4.
+   Then SmolLM2's own matmul shapes at batch 1: float32, torch's int8/int4 kernels, and
+   zeropoint's C gemv path (nn/gemv.py) on one thread and with rows shared by two.
 2. SmolLM2-135M greedy decoding at batch 1: tokens per second for float32, bfloat16, int8
    per-channel and int4 group-128 (every Linear but lm_head), each with lm_head kept float32 (the
    default recipe, and the issue's perplexity setting) and with lm_head quantized too (int8
@@ -28,9 +30,12 @@ import torch.nn.functional as F
 
 from zeropoint import QTensor, QuantSpec, Recipe, Rule, quantize_model
 from zeropoint.nn.decode import greedy_decode
+from zeropoint import ckernels
+from zeropoint.nn import gemv
+from zeropoint.nn.gemv import GemvKernel
 from zeropoint.nn.qlinear import QLinear
 
-from timing import median_seconds  # benchmarks/timing.py
+from timing import interleaved_medians, median_seconds  # benchmarks/timing.py
 
 INT8 = QuantSpec(8, "symmetric", "per_channel")
 INT4 = QuantSpec(4, "symmetric", "per_group", group_size=128)
@@ -92,6 +97,40 @@ def llama_cpp_requantize(src: str, dst: str, ftype: int) -> bool:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.allow_requantize = ftype, 2, True
     return llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) == 0
+
+
+# SmolLM2-135M's matmuls at decode time: (name, out_features, in_features). q/k/v and gate/up
+# run stacked (nn/fuse.py).
+SMOLLM_SHAPES = (("o_proj", 576, 576), ("q/k/v", 960, 576), ("gate/up", 3072, 576),
+                 ("down_proj", 576, 1536), ("lm_head", 49152, 576))
+
+
+def bench_batch1(repeat: int) -> None:
+    """One row through SmolLM2's shapes: float32, torch's int8/int4 kernels, and the C gemv
+    path of nn/gemv.py on one thread and with rows split over two, interleaved."""
+    lib = ckernels.library()
+    if lib is None:
+        print("\n(no C compiler: no gemv rows)")
+        return
+    g = torch.Generator().manual_seed(0)
+    names = ["float32", "int8 torch", "int8 gemv", "int8 gemv 2t", "int4 torch", "int4 gemv",
+             "int4 gemv 2t"]
+    print(f"\nSmolLM2-135M shapes at batch 1, median us of {repeat} interleaved runs "
+          "(torch = int8pack / int4pack; 2t = rows split over 2 threads)")
+    print(f"{'':<20}" + "".join(f"{n:>13}" for n in names))
+    for name, out_f, in_f in SMOLLM_SHAPES:
+        w = torch.randn(out_f, in_f, generator=g) * 0.02
+        x = torch.randn(1, in_f, generator=g)
+        fns = [lambda w=w: F.linear(x, w)]
+        for spec in (INT8, INT4):
+            q = QTensor.quantize(w, spec)
+            torch_kernel = QLinear(q, None).kernel.fallback
+            one = GemvKernel(q, torch_kernel, lib, threads=1)
+            two = GemvKernel(q, torch_kernel, lib, threads=2, split_rows=0)
+            fns += [(lambda k: lambda: k.linear(x))(k) for k in (torch_kernel, one, two)]
+        with torch.inference_mode():
+            t = interleaved_medians(fns, repeat * (2 if out_f > 10000 else 40))
+        print(f"{name + f' {out_f}x{in_f}':<20}" + "".join(f"{v * 1e6:>13.1f}" for v in t))
 
 
 # (row name, spec of every Linear but lm_head, spec of lm_head: None keeps it float32)
@@ -161,12 +200,17 @@ def main():
     ap.add_argument("--loop", choices=("plain", "generate"), default="plain",
                     help="decode loop for every row: zeropoint's greedy_decode or generate")
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
+    ap.add_argument("--split-rows", type=int, default=None,
+                    help="share the rows of batch-1 matmuls with this many rows or more with a "
+                    "second thread (nn/gemv.py PARALLEL_MIN_ROWS; default: never)")
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    gemv.PARALLEL_MIN_ROWS = args.split_rows
     if not args.skip_layer:
         bench_layer(args.repeat)
+        bench_batch1(args.repeat)
     if not args.skip_decode:
         bench_decode(args.tokens, args.repeat, args.loop, not args.no_ppl)
 

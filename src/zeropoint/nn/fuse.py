@@ -8,7 +8,8 @@ column is computed as before, so every member's output is bit for bit the same
 (tests/nn/test_fuse.py holds the kernels to that).
 
 The fusion is invisible to the model code: each member stays a QLinear with its own QTensor (so
-saving, loading and the state dict do not change); only its kernel is swapped for a view onto the
+saving, loading and the state dict do not change; the QTensor becomes a view of its rows of the
+stacked one, so the weights are held once); only its kernel is swapped for a view onto the
 group's. The first member called computes the whole stacked output and keeps it; a sibling
 called next on the SAME input tensor takes its columns from it instead of computing. A call on
 any other tensor computes afresh, so results never depend on call order. The one assumption:
@@ -32,8 +33,10 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class _FusedGroup:
     """The stacked weight's kernel, the stacked bias, and the last computed output."""
 
-    def __init__(self, kernel, bias: torch.Tensor | None, bounds: list[tuple[int, int]]):
+    def __init__(self, kernel, stacked: QTensor, bias: torch.Tensor | None,
+                 bounds: list[tuple[int, int]]):
         self.kernel = kernel
+        self.stacked = stacked
         self.bias = bias  # (sum of out_features,) or None
         self.bounds = bounds  # member i owns output columns bounds[i][0]:bounds[i][1]
         self._forget()
@@ -72,20 +75,35 @@ class FusedSlice:
     def backend(self) -> str:
         return self.group.kernel.backend  # the kernel that runs; QLinear's repr says "fused"
 
+    @property
+    def decode_backend(self) -> str:
+        return _decode_backend(self.group.kernel)
+
     def linear(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         # The member's bias is part of the group's stacked bias, already added.
         return self.group.output(self.index, x)
 
     def kernel_nbytes(self) -> int:
         """This member's share (by output rows) of what the group kernel holds."""
-        total, rows = _all_tensor_bytes(self.group.kernel), self.group.bounds[-1][1]
+        total = _all_tensor_bytes(self.group.kernel, self.group.stacked)
+        rows = self.group.bounds[-1][1]
         start, stop = self.group.bounds[self.index]
         return total * stop // rows - total * start // rows
 
 
-def _all_tensor_bytes(kernel) -> int:
-    # Every tensor the stacked kernel holds is its own copy, shared with no member's QTensor.
-    return sum(t.nbytes for t in vars(kernel).values() if isinstance(t, torch.Tensor))
+def _all_tensor_bytes(kernel, stacked: QTensor) -> int:
+    own = getattr(kernel, "kernel_nbytes", None)  # a kernel that knows (gemv.GemvKernel)
+    if own is not None:
+        return own()
+    # Every other tensor the stacked kernel holds is its own copy, unless it views the stacked
+    # bytes that the members' QTensors view too (see _share_rows).
+    shared = stacked.packed.untyped_storage().data_ptr()
+    return sum(t.nbytes for t in vars(kernel).values()
+               if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != shared)
+
+
+def _decode_backend(kernel) -> str:
+    return getattr(kernel, "decode_backend", kernel.backend)
 
 
 def _rows_quantized(q: QTensor) -> bool:
@@ -115,6 +133,24 @@ def stack_rows(weights: list[QTensor]) -> QTensor:
     return QTensor.from_codes(codes, first.spec, scale, zero_point, first.dtype)
 
 
+def _share_rows(members: list[QLinear], stacked: QTensor) -> None:
+    """Point each member's QTensor at its rows of `stacked` (same bytes, so no second copy of
+    the weights) when rows are whole bytes; otherwise members keep their own."""
+    in_features = stacked.shape[1]
+    if (in_features * stacked.spec.bits) % 8:
+        return
+    row_bytes = in_features * stacked.spec.bits // 8
+    start = 0
+    for m in members:
+        stop = start + m.out_features
+        rows = slice(start, stop)
+        zp = None if stacked.zero_point is None else stacked.zero_point[rows]
+        m.weight_q = QTensor(stacked.packed[start * row_bytes: stop * row_bytes],
+                             stacked.scale[rows], zp, stacked.spec, m.weight_q.shape,
+                             m.weight_q.dtype)
+        start = stop
+
+
 def _stacked_bias(members: list[QLinear]) -> torch.Tensor | None:
     if all(m.bias is None for m in members):
         return None
@@ -137,13 +173,15 @@ def fuse_members(members: list[QLinear], backend: str = "auto") -> bool:
     except ValueError:
         return False
     kernel = select_kernel(stacked, first.activations, backend)
-    if any(m.kernel.backend != kernel.backend for m in members):
+    both = (kernel.backend, _decode_backend(kernel))
+    if any((m.kernel.backend, _decode_backend(m.kernel)) != both for m in members):
         return False
     bounds, start = [], 0
     for m in members:
         bounds.append((start, start + m.out_features))
         start += m.out_features
-    group = _FusedGroup(kernel, _stacked_bias(members), bounds)
+    group = _FusedGroup(kernel, stacked, _stacked_bias(members), bounds)
+    _share_rows(members, stacked)
     for i, m in enumerate(members):
         m.kernel = FusedSlice(group, i)
     return True

@@ -6,10 +6,13 @@ QLinear picks the fastest matmul the weight's spec allows (see kernels.py):
 - 5 to 8 bits, symmetric, per output channel: the int8 weight-only kernel (bfloat16 activations),
   or fbgemm's dynamic int8 linear when the recipe quantizes activations ("int8-dynamic").
 - anything else: dequantize the weight and call F.linear; correct for every spec, but slow.
+At batch 1 (one float32 row: decoding), 8-bit symmetric per-channel and 4-bit per-group weights
+skip those kernels for csrc/gemv.c, which reads the QTensor's own bytes in float32 (gemv.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -18,6 +21,7 @@ from torch import nn
 
 from ..qtensor import QTensor
 from ..spec import Granularity, QuantSpec
+from .gemv import with_gemv
 from .kernels import INT4_GROUP_SIZES, Int4Weight, Int8Weight, Int8WeightOnly
 
 
@@ -72,8 +76,29 @@ class _Dequantizing:
         return F.linear(x, self.q.dequantize().to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+# _weight_int8pack_mm crashes on codes that do not start on a 16-byte boundary (seen with
+# tensors loaded from a safetensors file at an odd offset); torch allocates on 64.
+_ALIGN = 64
+
+
+def _aligned(q: QTensor) -> QTensor:
+    """q, or q with its bytes copied to an aligned buffer (which then replaces the old one)."""
+    if q.packed.data_ptr() % _ALIGN == 0:
+        return q
+    return dataclasses.replace(q, packed=q.packed.clone())
+
+
+def _int8_codes(q: QTensor) -> torch.Tensor:
+    """(out, in) int8 codes; for 8 bits a view of the QTensor's own bytes, not a copy."""
+    if q.spec.bits == 8 and q.packed.data_ptr() % _ALIGN == 0:
+        # 8-bit symmetric codes are stored as their own two's-complement bytes.
+        return q.packed.view(torch.int8).view(q.shape)
+    return q.codes()
+
+
 def select_kernel(q: QTensor, activations: str | None = None, backend: str = "auto"):
-    """The matmul object for weight `q` (see the module docstring for the order)."""
+    """The matmul object for weight `q` (see the module docstring for the order); one-row
+    inputs of the weight-only kernels take the C path of gemv.py where the spec allows."""
     if activations == "int8-dynamic":
         if not (_is_int8_per_channel(q.spec, q.shape) and q.spec.bits == 8):
             raise ValueError(
@@ -85,21 +110,26 @@ def select_kernel(q: QTensor, activations: str | None = None, backend: str = "au
         return _Dequantizing(q)
     form = _int4_form(q)
     if form is not None:
-        return Int4Weight.prepare(*form, backend=backend)
-    if _is_int8_per_channel(q.spec, q.shape):
-        return Int8WeightOnly.prepare(q.codes(), q.scale.reshape(-1), backend=backend)
-    return _Dequantizing(q)
+        kernel = Int4Weight.prepare(*form, backend=backend)
+    elif _is_int8_per_channel(q.spec, q.shape):
+        kernel = Int8WeightOnly.prepare(_int8_codes(q), q.scale.reshape(-1), backend=backend)
+    else:
+        kernel = _Dequantizing(q)
+    return with_gemv(q, kernel, backend)
 
 
-def kernel_nbytes(kernel) -> int:
-    """Bytes a kernel packed for itself, beyond the layer's stored QTensor."""
+def kernel_nbytes(kernel, q: QTensor | None = None) -> int:
+    """Bytes a kernel packed for itself, beyond the stored QTensor `q` it was made from."""
     own = getattr(kernel, "kernel_nbytes", None)  # a fused member's share (see fuse.py)
     if own is not None:
         return own()
-    # The kernels' unpacked codes are copies too (QTensor.codes() unpacks into a new tensor).
+    # The kernels' unpacked codes are copies too (QTensor.codes() unpacks into a new tensor),
+    # unless they are a view of q's own bytes.
     names = ("_packed", "_scales_and_zeros", "codes")
-    held = (getattr(kernel, name, None) for name in names)
-    return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
+    held = [getattr(kernel, name, None) for name in names]
+    shared = None if q is None else q.packed.untyped_storage().data_ptr()
+    return sum(t.nbytes for t in held
+               if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != shared)
 
 
 class QLinear(nn.Module):
@@ -110,7 +140,7 @@ class QLinear(nn.Module):
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"QLinear needs a 2-D weight, got shape {weight.shape}")
-        self.weight_q = weight
+        self.weight_q = weight = _aligned(weight)
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.activations = activations
@@ -128,11 +158,13 @@ class QLinear(nn.Module):
     def resident_bytes(self) -> int:
         """Bytes this layer holds: the stored QTensor plus what its kernel packed for itself."""
         total = self.weight_q.nbytes + (self.bias.nbytes if self.bias is not None else 0)
-        return total + kernel_nbytes(self.kernel)
+        return total + kernel_nbytes(self.kernel, self.weight_q)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"{self.weight_q.spec.describe()}, kernel={self.kernel.backend}"
+                + (f", batch 1: {self.kernel.decode_backend}"
+                   if hasattr(self.kernel, "decode_backend") else "")
                 + (" (fused)" if hasattr(self.kernel, "group") else ""))
 
 

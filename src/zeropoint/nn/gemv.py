@@ -1,0 +1,132 @@
+"""Batch-1 matmul straight from a QTensor's packed bytes (csrc/gemv.c), float32 activations.
+
+At decode time a Linear sees one row; torch's int8/int4 kernels then cost more in dispatch and
+dtype conversions (bfloat16 activations, both ways) than in arithmetic on SmolLM2's small
+matrices. This path reads the very bytes the QTensor stores and computes in float32:
+
+- int8, symmetric, per output channel: y[o] = s[o] * sum_i x[i] * q[o, i], the sum in float32
+  fused multiply-adds (16 lanes per row, then a fixed tree and the tail), then one multiply.
+- 4-bit, per group along in_features (symmetric or asymmetric, any group size, a shorter last
+  group included; per channel is one group): y[o] = sum_i x[i] * w[o, i] with
+  w[o, i] = (u - z) * s rounded once to float32 (the weight QTensor.dequantize() gives), the sum
+  in float32 fused multiply-adds.
+Against the exact product with the dequantized weight, |y[o] - y_exact[o]| <= gamma_(n+2) *
+sum_i |x[i] w[o, i]|, gamma_k = k u / (1 - k u), u = 2**-24, n = in_features: the classic bound
+of a float32 dot product, plus the int8 scale's rounding. tests/nn/test_gemv.py holds both paths
+(AVX-512 and the portable loops) to it against float64; the error seen is about 1% of it.
+
+Memory: the int8 path and the int8 batch kernel read the QTensor's bytes in place; the int4
+batch kernel (int4pack, for prefill) still keeps its own packed copy. Other row counts (prefill,
+perplexity) go to that kernel chosen before (or the dequantizing path), with its own numerics.
+Rows can be shared with a second thread (PARALLEL_MIN_ROWS); a row's arithmetic never depends
+on the split, nor on the rows beside it, so fused and separate layers agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import ckernels
+from ..qtensor import QTensor
+from ..spec import Granularity
+
+# Matrices of at least this many output rows share their rows with csrc/gemv.c's worker thread;
+# None: none do. On the shared 2-core machine this was measured on, splitting lost or tied on
+# every SmolLM2 shape but the int4 lm_head at load 5 (bench_models.py's "2t" columns: a worker
+# the OS has descheduled in mid-block holds the caller up), and whole-model decoding gained
+# nothing from it even at load 1 (lm_head only, or every matrix: within 4% of one thread).
+PARALLEL_MIN_ROWS: int | None = None
+
+
+def gemv_form(q: QTensor) -> tuple[str, int] | None:
+    """("int8" or "int4", group size along in_features) when csrc/gemv.c reads `q` in place,
+    else None: 8-bit symmetric per channel, or 4-bit per group / per channel with whole-byte
+    rows (even in_features), 2-D."""
+    spec = q.spec
+    if len(q.shape) != 2 or spec.bits not in (4, 8) or 0 in q.shape:
+        return None
+    in_features = q.shape[1]
+    per_channel = spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
+    per_group = spec.granularity is Granularity.PER_GROUP and spec.resolved_axis(2) == 1
+    if spec.bits == 8:
+        return ("int8", in_features) if per_channel and spec.symmetric else None
+    if in_features % 2 or not (per_channel or per_group):
+        return None
+    return "int4", (spec.group_size if per_group else in_features)
+
+
+class GemvKernel:
+    """One-row inputs through csrc/gemv.c; every other input through `fallback`.
+
+    `backend` stays the fallback's name (the kernel for batch > 1); `decode_backend` names the
+    one-row path."""
+
+    def __init__(self, q: QTensor, fallback, lib, threads: int = 2, portable: bool = False,
+                 split_rows: int | None = None):
+        """threads: 2 shares the rows of matrices of `split_rows` (default PARALLEL_MIN_ROWS;
+        None: never) rows or more with a worker thread. portable: the scalar C loops even where
+        AVX-512 is compiled in (tests check both).
+        """
+        form = gemv_form(q)
+        if form is None:
+            raise ValueError(f"gemv reads 8-bit per-channel or 4-bit per-group weights, got "
+                             f"{q.spec.describe()} on shape {q.shape}")
+        kind, group = form
+        self._args = (lib, threads, portable, split_rows)  # for __deepcopy__
+        self.q, self.fallback, self.decode_backend = q, fallback, f"gemv-{kind}"
+        self.out_features, self.in_features = q.shape
+        # Scales are (out, groups) float32, contiguous already; zero-points None when symmetric.
+        scale = q.scale.contiguous()
+        zp = None if q.zero_point is None else q.zero_point.contiguous()
+        self._keep = (scale, zp)  # the pointers below must outlive this object
+        n_in, n_out, scalar = self.in_features, self.out_features, int(portable)
+        split_rows = PARALLEL_MIN_ROWS if split_rows is None else split_rows
+        split = threads if split_rows is not None and n_out >= split_rows else 1
+        w, s = q.packed.data_ptr(), scale.data_ptr()
+        if kind == "int8":
+            fn = lib.zp_gemv_q8
+            self._run = lambda xp, yp: fn(xp, w, s, yp, n_in, n_out, split, scalar)
+        else:
+            fn, z = lib.zp_gemv_q4, None if zp is None else zp.data_ptr()
+            self._run = lambda xp, yp: fn(xp, w, s, z, yp, n_in, group, n_out, split, scalar)
+        self.threads = split
+
+    def __deepcopy__(self, memo):
+        # The call holds raw pointers into q: a copy must point into its own copy of q.
+        q, fallback = copy.deepcopy(self.q, memo), copy.deepcopy(self.fallback, memo)
+        return GemvKernel(q, fallback, *self._args)
+
+    @property
+    def backend(self) -> str:
+        return self.fallback.backend
+
+    def kernel_nbytes(self) -> int:
+        """Bytes held beyond the QTensor: only what the batch > 1 kernel packed for itself."""
+        from .qlinear import kernel_nbytes
+
+        return kernel_nbytes(self.fallback, self.q)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """y = x @ w.T + bias; x (..., in_features). One float32 row takes the C path."""
+        if x.numel() != self.in_features or x.dtype != torch.float32 or not x.is_contiguous():
+            return self.fallback.linear(x, bias)
+        if x.shape[-1] != self.in_features:  # (in_features, 1) and such: the fallback says why
+            return self.fallback.linear(x, bias)
+        y = torch.empty(*x.shape[:-1], self.out_features)  # unpacked: 1 us less than a tuple
+        self._run(x.data_ptr(), y.data_ptr())  # ctypes drops the GIL for the call
+        if bias is not None:
+            y.add_(bias)
+        return y
+
+
+def with_gemv(q: QTensor, fallback, backend: str = "auto"):
+    """`fallback` wrapped in a GemvKernel when `q` has a gemv form, the C library is available
+    and `backend` is "auto" or "fast"; else `fallback` itself."""
+    if backend not in ("auto", "fast") or gemv_form(q) is None:
+        return fallback
+    lib = ckernels.library()
+    if lib is None:
+        return fallback
+    return GemvKernel(q, fallback, lib, threads=max(1, min(2, torch.get_num_threads())))
