@@ -142,10 +142,11 @@ def _pieces(shape, is_block):
 
 
 def _run(calls):
-    calls = list(calls)
-    if len(calls) == 1:
-        return [calls[0]()]
-    return [f.result() for f in [_pool(len(calls)).submit(c) for c in calls]]
+    """Results of `calls` in order: the first runs on the calling thread (which would otherwise
+    only wait), the others on the pool."""
+    first, *rest = calls
+    futures = [_pool(len(rest)).submit(c) for c in rest]
+    return [first()] + [f.result() for f in futures]
 
 
 def _ptr(t, offset_elements=0):

@@ -14,18 +14,25 @@
 
 #define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
 
-/* Quantizing divides by the scale, and a division costs the CPU about ten times a multiply (on
- * a core whose two hyperthreads share one divider, the division alone capped this loop at half
- * of torch's multiply-by-reciprocal kernel). So each chunk is first computed as x * (1/s). That
- * product differs from the correctly rounded x / s by at most 3 ulps of |x/s| (one rounding for
- * 1/s, one for the product, one for the quotient), so it rounds to the same integer unless it
- * lies within that distance of a .5 tie. A chunk with any element that close (about 1 in 30,000
- * elements on N(0, 1) data at 8 bits) is recomputed with the division: codes stay exactly those
- * of core.py's eager path. */
-#define CHUNK 4096 /* floats: 16 KiB, in L1 when a flagged chunk is redone */
-#define TIE_MARGIN 0x1p-22f /* 4 ulps relative: more than the 3 the argument above needs */
-/* This VM's hardware prefetcher leaves a streaming loop waiting on memory: fetching 16 KiB ahead
- * by hand made the 64 MiB per-tensor case 1.4x faster. Prefetches past the end do not fault. */
+/* Quantizing divides by the scale, and a division costs the CPU about ten times a multiply (the
+ * division alone capped this loop at half of torch's multiply-by-reciprocal kernel). So each
+ * chunk is first computed as y = x * (1/s). That product differs from the correctly rounded
+ * x / s by at most 3 ulps of |x/s| (one rounding for 1/s, one for the product, one for the
+ * quotient), so it rounds to the same integer unless it lies within that distance of a .5 tie.
+ * Only |y| < ymax = max(qmax - z, z - qmin) + 1 matters: beyond it both roundings clamp to the
+ * same end of the code range. So one threshold serves the whole run: a chunk with any
+ * |y - round(y)| >= 0.5 - 8 ulps of ymax (about 1 element in 8,000 at 8 bits, 1 in 60,000 at 4)
+ * is recomputed with the division, and the codes stay exactly those of core.py's eager path. */
+#define CHUNK 256 /* floats: small enough that few chunks need the redo */
+#define TIE_MARGIN 0x1p-21f /* 8 ulps relative: more than the 3 the argument above needs */
+
+/* The threshold on |y - round(y)| below which y rounds like x / s, for zero-points in
+ * [zlo, zhi]. */
+static float tie_threshold(float zlo, float zhi, float qmin, float qmax) {
+  float ymax = fmaxf(qmax - zlo, zhi - qmin) + 1.0f;
+  return 0.5f - ymax * TIE_MARGIN;
+}
+
 #define PREFETCH_AHEAD 4096 /* floats */
 
 /* n codes of x with scale s, reciprocal inv and zero-point z, read through AT(param, i): one
@@ -37,7 +44,7 @@
 #define PER_ELEMENT(param, i) ((param)[i])
 #define DEFINE_QUANTIZE_RUN(name, PARAM, AT)                                                     \
   static int name(const float *restrict x, uint8_t *restrict out, int64_t n, PARAM s, PARAM inv, \
-                  PARAM z, float qmin, float qmax) {                                             \
+                  PARAM z, float qmin, float qmax, float tie) {                                  \
     int bad = 0;                                                                                 \
     for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {                                                  \
       const int64_t m = n - i0 < CHUNK ? n - i0 : CHUNK;                                         \
@@ -48,7 +55,7 @@
         float r = nearbyintf(y);                                                                 \
         /* y - r is exact. A NaN/Inf y makes it NaN, and NaN fails the test, which flags the  */ \
         /* chunk: the exact loop below then checks x itself.                                 */ \
-        near_tie |= !(0.5f - fabsf(y - r) > fabsf(y) * TIE_MARGIN);                             \
+        near_tie |= !(fabsf(y - r) < tie);                                                       \
         float q = r + AT(z, i);                                                                  \
         q = q > qmax ? qmax : q; /* one compare-select each, not a nested select */              \
         q = q < qmin ? qmin : q;                                                                 \
@@ -92,16 +99,20 @@ int zp_quantize_f32(const float *x, uint8_t *out, int64_t P, int64_t C, int64_t 
   if (Q == 1) { /* the scale changes every element: reciprocals once, reused for every p */
     float *inv = malloc(2 * C * sizeof(float)); /* C reciprocals, then C zero-points */
     int fast = inv != NULL;
+    float zlo = 0.0f, zhi = 0.0f;
     for (int64_t c = 0; fast && c < C; c++) {
       inv[c] = reciprocal(scale[c]);
       inv[C + c] = zero_point ? zero_point[c] : 0.0f;
+      zlo = fminf(zlo, inv[C + c]);
+      zhi = fmaxf(zhi, inv[C + c]);
       fast = !isnan(inv[c]);
     }
+    const float tie = tie_threshold(zlo, zhi, qmin, qmax);
     for (int64_t p = 0; p < P; p++) {
       const float *xp = x + p * C;
       uint8_t *op = out + p * C;
       if (fast) {
-        bad |= quantize_run_per_element(xp, op, C, scale, inv, inv + C, qmin, qmax);
+        bad |= quantize_run_per_element(xp, op, C, scale, inv, inv + C, qmin, qmax, tie);
       } else {
         for (int64_t c = 0; c < C; c++)
           bad |= quantize_divide(xp + c, op + c, 1, scale[c], zero_point ? zero_point[c] : 0.0f,
@@ -117,7 +128,8 @@ int zp_quantize_f32(const float *x, uint8_t *out, int64_t P, int64_t C, int64_t 
       const float *xc = x + (p * C + c) * Q;
       uint8_t *oc = out + (p * C + c) * Q;
       bad |= isnan(inv) ? quantize_divide(xc, oc, Q, s, z, qmin, qmax)
-                        : quantize_run(xc, oc, Q, s, inv, z, qmin, qmax);
+                        : quantize_run(xc, oc, Q, s, inv, z, qmin, qmax,
+                                       tie_threshold(z, z, qmin, qmax));
     }
   return bad;
 }
