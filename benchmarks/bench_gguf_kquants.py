@@ -14,9 +14,7 @@ import argparse
 import logging
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import gguf
@@ -26,17 +24,9 @@ import torch
 from zeropoint import ckernels
 from zeropoint.gguf import K_FORMATS, quantize_blocks
 
+from timing import median_seconds  # benchmarks/timing.py
+
 FTYPE = {"Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18}  # llama_ftype, `pure`
-
-
-def median_seconds(fn, runs: int) -> float:
-    fn()  # warm-up: compiles the C kernel, first-touch allocations, page cache
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def write_f32_gguf(path: Path, x: np.ndarray) -> None:

@@ -91,6 +91,8 @@ def _library():
     lib.zp_dequantize_legacy.argtypes = [_int, _p, _i64, _p]
     lib.zp_dequantize_legacy.restype = _int
     lib.zp_legacy_available.restype = _int
+    lib.zp_requantize_legacy.argtypes = [_int, _p, _int, _i64, _p, _p]
+    lib.zp_requantize_legacy.restype = _i64
     lib.zp_gemv_q8.argtypes = [_p, _p, _p, _p, _i64, _i64, _int, _int]  # see csrc/gemv.c
     lib.zp_gemv_q4.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]
     lib.zp_gemv_q8.restype = lib.zp_gemv_q4.restype = None
@@ -147,6 +149,24 @@ def _run(calls):
     first, *rest = calls
     futures = [_pool(len(rest)).submit(c) for c in rest]
     return [first()] + [f.result() for f in futures]
+
+
+def block_quantizer_piece(fn, type_id: int, src, out, a: int, b: int):
+    """A call of a C block quantizer `fn(type, src, n, out, &why) -> first bad block or -1` on
+    blocks a:b of src (rows) into out; run, it gives (first bad block, why) or None."""
+
+    def run():
+        why = ctypes.c_int(0)
+        i = fn(type_id, src[a].data_ptr(), b - a, out[a].data_ptr(), ctypes.byref(why))
+        return None if i < 0 else (a + i, why.value)
+
+    return run
+
+
+def first_failure(results):
+    """The earliest (block, why) of the pieces' results, or None when every piece succeeded."""
+    found = [r for r in results if r is not None]
+    return min(found) if found else None
 
 
 def _ptr(t, offset_elements=0):

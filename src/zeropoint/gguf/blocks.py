@@ -20,7 +20,6 @@ bit j of qh (as a little-endian uint32) is bit 4 of element j.
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -120,16 +119,6 @@ def _legacy_library():
     return lib if lib is not None and lib.zp_legacy_available() else None
 
 
-@functools.lru_cache(maxsize=None)
-def _requantize_fn(lib):
-    """legacy.c's zp_requantize_legacy with its ctypes signature (ckernels declares the rest)."""
-    fn = lib.zp_requantize_legacy
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p]
-    fn.restype = ctypes.c_int64
-    return fn
-
-
 def can_transcode(src_type: str, dst_type: str) -> bool:
     """Whether transcode_blocks does src_type -> dst_type here (legacy types, C kernels built)."""
     return src_type in _C_TYPE and dst_type in _C_TYPE and _legacy_library() is not None
@@ -158,8 +147,9 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
         raise ValueError(f"out must be a contiguous flat uint8 tensor of "
                          f"{n_blocks * dst.type_size} bytes, got {out.dtype} {tuple(out.shape)}")
     why = ctypes.c_int(0)
-    i = _requantize_fn(_legacy_library())(_C_TYPE[src_type], data.data_ptr(), _C_TYPE[dst_type],
-                                          n_blocks, out.data_ptr(), ctypes.byref(why))
+    i = _legacy_library().zp_requantize_legacy(_C_TYPE[src_type], data.data_ptr(),
+                                               _C_TYPE[dst_type], n_blocks, out.data_ptr(),
+                                               ctypes.byref(why))
     if i >= 0:
         bad = data[i * src.type_size : (i + 1) * src.type_size]
         _refuse(dequantize_blocks(bad, src_type, (1, 32)), dst, 0, why.value, first=i)
@@ -209,19 +199,9 @@ def _run_pieces(calls: list) -> list:
 
 def _quantize_c(lib, blocks, fmt: BlockFormat, out):
     """blocks (n, 32) float32 -> out (n, type_size); returns (first bad block, why) or None."""
-    type_id = _C_TYPE[fmt.name]
-
-    def piece(a, b):
-        def run():
-            why = ctypes.c_int(0)
-            i = lib.zp_quantize_legacy(type_id, blocks[a].data_ptr(), b - a, out[a].data_ptr(),
-                                       ctypes.byref(why))
-            return None if i < 0 else (a + i, why.value)
-        return run
-
-    found = [p for p in _run_pieces([piece(a, b) for a, b in _piece_bounds(blocks.shape[0])])
-             if p is not None]
-    return min(found) if found else None
+    return ckernels.first_failure(_run_pieces([
+        ckernels.block_quantizer_piece(lib.zp_quantize_legacy, _C_TYPE[fmt.name], blocks, out, a, b)
+        for a, b in _piece_bounds(blocks.shape[0])]))
 
 
 def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:

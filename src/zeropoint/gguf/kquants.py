@@ -24,7 +24,6 @@ compiles (zeropoint.ckernels). The tests hold both to llama.cpp.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -318,18 +317,9 @@ def _quantize_c(lib, x, fmt: KQuantFormat, out):
     parts = min(torch.get_num_threads(), max(1, n * QK_K // ckernels.PARALLEL_MIN_ELEMENTS))
     bounds = [n * i // parts // 2 * 2 for i in range(parts)] + [n]
     type_id = int(fmt.name[1])
-
-    def piece(a, b):
-        def run():
-            why = ctypes.c_int(0)
-            i = lib.zp_quantize_kquant(type_id, x[a].data_ptr(), b - a, out[a].data_ptr(),
-                                       ctypes.byref(why))
-            return None if i < 0 else (a + i, why.value)
-        return run
-
-    found = [p for p in ckernels._run(piece(a, b) for a, b in zip(bounds, bounds[1:]) if b > a)
-             if p is not None]
-    return min(found) if found else None
+    return ckernels.first_failure(ckernels._run(
+        ckernels.block_quantizer_piece(lib.zp_quantize_kquant, type_id, x, out, a, b)
+        for a, b in zip(bounds, bounds[1:]) if b > a))
 
 
 # --- dequantize: gguf-py's operation order, so every float32 rounding matches ------------------
