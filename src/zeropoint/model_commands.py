@@ -150,10 +150,6 @@ def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
 def cmd_quantize(args) -> None:
     from .checkpoint import is_zeropoint_dir
 
-    method = getattr(args, "method", "rtn")
-    if args.type and method == "hqq":
-        raise CommandError("--method hqq writes zeropoint directories; GGUF output (--type) takes "
-                           "--method rtn or gptq")
     if args.type:  # a GGUF file out, in ggml block formats
         from .gguf.cli import quantize_gguf
 

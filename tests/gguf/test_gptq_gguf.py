@@ -85,13 +85,33 @@ def test_cli_writes_gptq_q4_0(tiny_dir, tmp_path, capsys):
     assert "Q4_0" in types and not types & {"Q4_1", "Q3_K"}
 
 
-def test_cli_refuses_what_gptq_cannot_write(tiny_dir, tmp_path, capsys):
-    # Q4_K_M gives ffn_down (256-wide rows) Q4_K and Q6_K, attn_v Q8_0: no GPTQ grids for those.
-    code = main(["quantize", str(tiny_dir), "--method", "gptq", "--type", "Q4_K_M", "-o",
-                 str(tmp_path / "x.gguf"), "--calib", str(tiny_dir / "calib.txt"),
-                 "--calib-tokens", "64"])
-    assert code == 2 and "GPTQ cannot write" in capsys.readouterr().err
-    assert main(["quantize", str(tiny_dir), "--method", "hqq", "--type", "Q4_0", "-o",
-                 str(tmp_path / "y.gguf")]) == 2
-    assert "--method hqq writes zeropoint directories" in capsys.readouterr().err
-    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+def test_q4_k_m_file_mixes_k_and_legacy_grids_and_runs_in_llama_cpp(tiny_dir, tmp_path):
+    # Q4_K_M gives ffn_down (256-wide rows) Q4_K or Q6_K, attn_v Q6_K, and the 64-wide rows
+    # fall back to legacy types: every decoder Linear is written by GPTQ on its own type's grid.
+    loaded = load_model(tiny_dir, progress=False)
+    ids = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "gptq_q4_k_m.gguf"
+    report = gptq_gguf(loaded, out, "Q4_K_M", ids)
+    assert report.gptq_tensors == 2 * 7
+    tensors = read_tensors(out)
+    model = loaded.model
+    types = set()
+    heads = {"attn_q": 4, "attn_k": 2}
+    for name, (qtype, values) in tensors.items():
+        if not name.startswith("blk.") or name.endswith("norm.weight"):
+            continue
+        hf = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}[name.split(".")[2]]
+        w = model.get_submodule(f"model.layers.{name.split('.')[1]}.{hf}").weight.detach()
+        n_head = heads.get(name.split(".")[2], 0)
+        assert torch.equal(values, permute_qk(w, n_head) if n_head else w), name
+        types.add(qtype)
+    assert {"Q4_K", "Q6_K"} <= types and types & {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"}
+
+    model.model.embed_tokens.weight.data.copy_(tensors["token_embd.weight"][1])
+    model.lm_head.weight.data.copy_(tensors["output.weight"][1])
+    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
+    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
+    assert mean < 0.1 and same_top > 0.85

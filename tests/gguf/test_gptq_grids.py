@@ -9,9 +9,9 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from zeropoint.algorithms.gptq import gptq_columns
 from zeropoint.gguf.blocks import quantize_blocks
-from zeropoint.gguf.gptq_grids import GPTQ_TYPES, block_grid
+from zeropoint.gguf.gptq_grids import LEGACY_TYPES, block_grid
 
-COLUMNS = {"Q4_0": 96, "Q5_0": 96, "Q3_K": 512}
+COLUMNS = {"Q8_0": 96, "Q4_0": 96, "Q4_1": 96, "Q5_0": 96, "Q5_1": 96}  # K types: test_kquant_grids
 
 
 def weights(gen, n_in, n_out=24):
@@ -36,7 +36,7 @@ def run(w, H, qtype, **kw) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("qtype", GPTQ_TYPES)
+@pytest.mark.parametrize("qtype", LEGACY_TYPES)
 def test_identity_hessian_gives_the_types_own_bytes(qtype, act_order, gen):
     # Uncorrelated unit inputs: no error to spread, so every block keeps the scales and codes
     # the type's own quantizer (bit-exact with llama.cpp, tests/gguf) gives the same weights.
@@ -55,7 +55,7 @@ def output_error(x, w, w_hat) -> float:
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("qtype", GPTQ_TYPES)
+@pytest.mark.parametrize("qtype", LEGACY_TYPES)
 def test_correlated_inputs_beat_the_types_own_quantization(qtype, act_order, gen):
     k = COLUMNS[qtype]
     x = correlated_inputs(gen, 2048, k)
@@ -70,5 +70,5 @@ def test_correlated_inputs_beat_the_types_own_quantization(qtype, act_order, gen
 
 
 def test_unknown_type_is_named():
-    with pytest.raises(ValueError, match="Q4_K.*accepted: Q4_0, Q5_0, Q3_K"):
-        block_grid("Q4_K")
+    with pytest.raises(ValueError, match="IQ4_NL.*accepted: Q8_0, Q4_0, .*Q6_K"):
+        block_grid("IQ4_NL")

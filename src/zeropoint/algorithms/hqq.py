@@ -87,7 +87,7 @@ def hqq_qparams(
         lo_d, hi_d = torch.aminmax(d)
         # |e| <= beta^(-1/(2-p)) shrinks to exactly 0: with weights' small errors W_e is usually 0.
         if max(-float(lo_d), float(hi_d)) > beta ** (-1.0 / (2.0 - lp_norm)):
-            target = rows - _shrink_lp(d, beta, lp_norm)  # (blocks, n) W - W_e
+            target = rows - shrink_lp(d, beta, lp_norm)  # (blocks, n) W - W_e
             scaled = target / s[:, None]
         else:
             target, scaled = rows, y
@@ -131,7 +131,7 @@ def _exact_errors(rows, s, z, spec: QuantSpec) -> torch.Tensor:
     return d.square().sum(dim=1)
 
 
-def _shrink_lp(e: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+def shrink_lp(e: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     """Generalized soft-thresholding, the prox of |e|^p / beta (HQQ blog eq. 4):
     sign(e) relu(|e| - |e|^(p-1) / beta). At e = 0 the threshold is inf and the result 0."""
     a = e.abs()

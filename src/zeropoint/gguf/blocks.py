@@ -231,19 +231,19 @@ def _refuse(blocks, fmt: BlockFormat, i: int, why: int, first: int = 0):
 
 def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
     """blocks (n, 32) float32 -> out (n, type_size) bytes; first = index of blocks[0] overall."""
-    # (n, 1) each, NaN and inf propagate. Two reductions: aminmax is 3x slower on rows of 32.
-    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    if fmt.bits == 8:
-        fields, codes = _quantize_q8(blocks, lo, hi)
-    elif fmt.has_min:
-        fields, codes = _quantize_with_min(blocks, lo, hi, fmt.bits)
-    else:
-        fields, codes = _quantize_signed_max(blocks, lo, hi, fmt.bits)
-
+    d, m = legacy_params(blocks, fmt)
+    codes = legacy_codes(blocks, d, m, fmt)
     # NaN/inf input propagates into d, so this one check catches it as well as fp16 overflow.
-    halves = torch.cat(fields, dim=-1).to(torch.float16)  # (n, 1) or (n, 2): d [, m]
+    halves = torch.cat([d] if m is None else [d, m], dim=-1).to(torch.float16)  # (n, 1 or 2)
     if not torch.isfinite(halves).all():
         _raise_for_block(blocks, halves, fmt, first)
+    pack_legacy(halves, codes, fmt, out)
+
+
+def pack_legacy(halves: torch.Tensor, codes: torch.Tensor, fmt: BlockFormat,
+                out: torch.Tensor) -> None:
+    """halves (n, 1 or 2) float16 d [, m] and codes (n, 32) int8 as stored (Q8_0 signed, the
+    others 0..2^bits-1) -> out (n, type_size) bytes in ggml's layout."""
     col = 2 * halves.shape[-1]
     out[:, :col] = halves.view(torch.uint8)  # (n, k) fp16 -> (n, 2k) bytes
     if fmt.bits == 8:
@@ -261,44 +261,65 @@ def _raise_for_block(blocks, halves, fmt: BlockFormat, first: int):  # says whic
     _refuse(blocks, fmt, i, why, first)
 
 
-# Each family returns its fp16 fields as float32 (n, 1) tensors, and its (n, 32) int8 codes.
+def legacy_params(blocks: torch.Tensor, fmt: BlockFormat):
+    """The type's own (d, m) for blocks (n, 32) float32, as float32 (n, 1) before their fp16
+    rounding; m is None for the types without a minimum. NaN and inf propagate into d.
 
-
-def _quantize_signed_max(blocks, lo, hi, bits):
-    """Q4_0/Q5_0: d = (the x of largest |x|) / -o, code = trunc(x / d + o + 0.5), o = 2^(bits-1).
-
-    The signed max puts that extreme exactly on code 0, so its side gets the extra level.
+    Q4_0/Q5_0: d = (the x of largest |x|) / -o, o = 2^(bits-1): the signed max lands exactly on
+    code 0, so its side gets the extra level. Q4_1/Q5_1: d = (max - min) / (2^bits - 1), m = min.
+    Q8_0: d = max|x| / 127.
     """
-    offset = 1 << (bits - 1)  # o: 8 or 16
-    d = _signed_absmax(blocks, lo, hi) / -offset  # (n, 1)
+    # Two reductions: aminmax is 3x slower on rows of 32.
+    lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+    if fmt.bits == 8:
+        return torch.maximum(-lo, hi).abs_() / 127, None  # abs_: all -0.0 gives +0.0, as |x|
+    if fmt.has_min:
+        lo, hi = _first_zero_sign(blocks, lo), _first_zero_sign(blocks, hi)
+        return (hi - lo) / ((1 << fmt.bits) - 1), lo
+    return _signed_absmax(blocks, lo, hi) / -(1 << (fmt.bits - 1)), None
+
+
+def legacy_codes(blocks: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
+                 fmt: BlockFormat) -> torch.Tensor:
+    """(n, 32) int8 codes as stored, for blocks (n, 32) float32 on the grid of unrounded d and m
+    (n, 1), with the type's own rounding; values beyond the grid take its end codes.
+
+    Q4_0/Q5_0: trunc(x / d + o + 0.5); Q4_1/Q5_1: trunc((x - m) / d + 0.5); Q8_0:
+    round-half-away-from-zero(x / d), within -127..127 (ggml's int8 dot products negate codes).
+    """
     inv = _inverse(d)
-    v = blocks * inv
-    v += offset + 0.5  # a separate add, as numpy does: no FMA, same rounding
-    return [d], _truncate_to_codes(v, inv, 2 * offset - 1)
+    if fmt.bits == 8:
+        v = blocks * inv
+        # Round half away from zero: add sign(v) * nextafter(0.5, 0), then truncate (the int
+        # cast does). Adding 0.5 itself would round 0.5 - 2^-25 up (the sum rounds to 1.0);
+        # with this constant every |v| < 2^22 rounds as gguf-py's floor-based np_roundf.
+        # sign * constant is exact, so whether torch fuses the multiply-add changes nothing.
+        v.add_(v.sign(), alpha=_JUST_BELOW_HALF)
+        lo, hi = -127, 127
+    else:
+        if fmt.has_min:
+            v = blocks - m
+            v *= inv
+            v += 0.5
+        else:
+            v = blocks * inv
+            v += (1 << (fmt.bits - 1)) + 0.5  # a separate add, as numpy does: no FMA
+        lo, hi = 0, (1 << fmt.bits) - 1
+    # Clipping to the integer ends commutes with the truncation that the int8 cast does; int8
+    # because torch casts float -> int8 3x faster than to uint8.
+    return _zero_nonfinite(v, inv).clamp_(lo, hi).to(torch.int8)
 
 
-def _quantize_with_min(blocks, lo, hi, bits):
-    """Q4_1/Q5_1: d = (max - min) / (2^bits - 1), m = min, code = trunc((x - min) / d + 0.5)."""
-    lo, hi = _first_zero_sign(blocks, lo), _first_zero_sign(blocks, hi)
-    d = (hi - lo) / ((1 << bits) - 1)  # (n, 1)
-    inv = _inverse(d)
-    v = blocks - lo
-    v *= inv
-    v += 0.5
-    return [d, lo], _truncate_to_codes(v, inv, (1 << bits) - 1)
-
-
-def _quantize_q8(blocks, lo, hi):
-    """Q8_0: d = max|x| / 127, code = round-half-away-from-zero(x / d) as int8."""
-    d = torch.maximum(-lo, hi).abs_() / 127  # abs_: an all -0.0 block gives +0.0, as |x| does
-    inv = _inverse(d)
-    v = blocks * inv
-    # Round half away from zero: add sign(v) * nextafter(0.5, 0), then truncate (the int cast
-    # does). Adding 0.5 itself would round 0.5 - 2^-25 up (the sum rounds to 1.0); with this
-    # constant every |v| < 2^22 rounds as gguf-py's floor-based np_roundf. sign * constant is
-    # exact, so whether torch fuses the multiply-add changes nothing.
-    v.add_(v.sign(), alpha=_JUST_BELOW_HALF)
-    return [d], _zero_nonfinite(v, inv).to(torch.int8)
+def legacy_values(halves: torch.Tensor, codes: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+    """What ggml (and gguf-py) dequantize: halves (n, 1 or 2) float16 d [, m], codes (n, 32)
+    int8 as stored -> (n, 32) float32, d * (q - o) [+ m]."""
+    f = halves.to(torch.float32)
+    if not fmt.has_min and fmt.bits < 8:  # the _0 types store q + o; subtract in int8, as gguf-py
+        codes = codes - (1 << (fmt.bits - 1))
+    x = f[:, :1] * codes.to(torch.float32)
+    if fmt.has_min:
+        x += f[:, 1:]  # a separate add after the multiply: no FMA, as numpy
+    return x
 
 
 def _signed_absmax(blocks, lo, hi):
@@ -336,12 +357,6 @@ def _zero_nonfinite(v: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     if torch.isinf(inv).any():
         v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
     return v
-
-
-def _truncate_to_codes(v: torch.Tensor, inv: torch.Tensor, top: int) -> torch.Tensor:
-    """v > -1 -> int8 trunc(v) clipped to 0..top, as gguf-py's trunc, uint8 cast and clip.
-    The cast truncates by itself; int8 because torch casts float -> int8 3x faster than uint8."""
-    return _zero_nonfinite(v, inv).to(torch.int8).clamp_(max=top)
 
 
 # The packers view the codes as int32: 4 codes per word, so one shift or mask moves 4 at once
@@ -402,17 +417,9 @@ def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # (n, 32): low nibbles first
         if fmt.bits == 5:
             q |= _unpack_high_bits(raw[:, col : col + 4]) << 4
-        # The _0 types store q + 2^(bits-1); subtract in int8, as gguf-py does.
-        q = q.to(torch.int8) - (0 if fmt.has_min else 1 << (fmt.bits - 1))
-    x = _fp16_field(raw, 0) * q.to(torch.float32)
-    if fmt.has_min:
-        x += _fp16_field(raw, 2)  # a separate add after the multiply: no FMA, as numpy
-    return x.view(shape)
-
-
-def _fp16_field(raw: torch.Tensor, col: int) -> torch.Tensor:
-    """(n, type_size) bytes -> (n, 1) float32 from the little-endian fp16 at byte col."""
-    return raw[:, col : col + 2].contiguous().view(torch.float16).to(torch.float32)
+        q = q.to(torch.int8)
+    halves = raw[:, :col].contiguous().view(torch.float16)  # (n, 1 or 2)
+    return legacy_values(halves, q, fmt).view(shape)
 
 
 def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:

@@ -81,19 +81,29 @@ def quantize_gguf(args) -> None:
         raise CommandError(f"output {str(out)!r} is the input file; write to another path")
     text = _read_text(getattr(args, "text", None)) if getattr(args, "eval", False) else None
     try:
-        if getattr(args, "method", "rtn") == "gptq":
+        method = getattr(args, "method", "rtn")
+        if method == "gptq":
             from .gptq import gptq_gguf_command
 
             report = gptq_gguf_command(args, src, target)
-        elif kind == "gguf":
-            report = requantize(src, out, target, progress=not args.quiet)
         else:
-            report = export_hf(src, out, target, progress=not args.quiet, threads=_threads())
+            encoder = None
+            if method == "hqq":
+                from .hqq import hqq_encode as encoder
+            if kind == "gguf":
+                report = requantize(src, out, target, progress=not args.quiet, encoder=encoder)
+            else:
+                report = export_hf(src, out, target, progress=not args.quiet, threads=_threads(),
+                                   encoder=encoder)
     except ValueError as e:
         raise CommandError(str(e)) from None
     if args.quiet:
         return
     print(f"\nwrote {out} from {src} in {report.seconds:.1f} s: {target.describe()}")
+    if method == "hqq":
+        from ..algorithms.sequential import peak_rss_bytes
+
+        print(f"hqq: peak memory (VmHWM) {peak_rss_bytes() / 2**20:,.1f} MiB")
     print(report.table())
     falls = report.fallbacks
     if falls:

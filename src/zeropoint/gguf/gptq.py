@@ -28,7 +28,7 @@ from ..algorithms.gptq import DEFAULT_BLOCK_SIZE, gptq_columns
 from ..algorithms.sequential import MODEL_PERCDAMP, peak_rss_bytes, run_sequential
 from .blocks import dequantize_blocks
 from .export import ARCH, check_architecture, export_metadata, gguf_name, permute_qk
-from .gptq_grids import GPTQ_TYPES, block_grid
+from .gptq_grids import GRID_TYPES, block_grid
 from .io import read_gguf
 from .mixes import ModelParams, Target, is_quantized, parse_target, plan_types
 from .requantize import QuantizeReport, SourceTensor, write_quantized
@@ -65,7 +65,7 @@ def gptq_gguf(
     largest values the updates tend to grow: on SmolLM2 Q4_0 (calibrated on lee.cor, scored on
     lee_background) 37.8 without act-order, 34.9 with it, llama.cpp's own 37.6.
     Raises ValueError when the target gives a decoder Linear a type GPTQ cannot write
-    (gptq_grids.GPTQ_TYPES), naming it.
+    (gptq_grids.GRID_TYPES), naming it.
     """
     target = parse_target(target) if isinstance(target, str) else target
     metadata, params = _metadata(loaded)
@@ -160,13 +160,12 @@ def _check_gptq_types(model: torch.nn.Module, names: dict[str, str], types: dict
     for module_name, module in model.named_modules():
         name = names.get(f"{module_name}.weight")
         if (isinstance(module, torch.nn.Linear) and name is not None and name.startswith("blk.")
-                and is_quantized(types[name]) and types[name] not in GPTQ_TYPES):
+                and is_quantized(types[name]) and types[name] not in GRID_TYPES):
             bad.setdefault(types[name], []).append(name)
     if bad:
         detail = "; ".join(f"{t} for {len(n)} tensor(s), e.g. {n[0]}" for t, n in bad.items())
         raise ValueError(f"GPTQ cannot write {', '.join(bad)} yet ({detail}); GPTQ writes "
-                         f"{', '.join(GPTQ_TYPES)}: use a target whose decoder tensors get those "
-                         "(Q4_0, Q5_0, Q3_K)")
+                         f"{', '.join(GRID_TYPES)}: use a target whose decoder tensors get those")
 
 
 def gptq_gguf_command(args, src: Path, target: Target) -> QuantizeReport:

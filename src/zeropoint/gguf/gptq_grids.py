@@ -7,7 +7,9 @@ bit as zeropoint.gguf.blocks / kquants (and llama.cpp) make it; each column is t
 that block's grid with the type's own rounding, and GPTQ spreads the error over the columns left.
 With no error to spread (an identity Hessian), the bytes are the type's own quantization.
 
-`block_grid(qtype)` gives the grid; `grid.pack(fits, codes)` the tensor's bytes.
+`block_grid(qtype)` gives the grid (the K types' live in kquant_grids); `grid.pack(fits, codes)`
+the tensor's bytes. Every fit also rounds a whole block at once (`round_cols`) and has HQQ's
+parameter step (`refit`: gguf/hqq.py).
 """
 
 from __future__ import annotations
@@ -16,95 +18,90 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kquants
-from .blocks import BLOCK_SIZE
-from .kquants_search import round_clamp, signed_absmax
+from .kquant_grids import KGrid
+from .kquants import K_FORMATS
+from .blocks import FORMATS, BlockFormat, legacy_codes, legacy_params, legacy_values, pack_legacy
 
-GPTQ_TYPES = ("Q4_0", "Q5_0", "Q3_K")
+LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+GRID_TYPES = LEGACY_TYPES + tuple(K_FORMATS)
 
 
 @dataclass(frozen=True)
-class SignedMaxFit:
-    """One block of Q4_0/Q5_0 (x = d * (q - offset)) for every row."""
+class LegacyFit:
+    """One block of 32 columns of a legacy type for every row: x = d * (q - o) [+ m]."""
 
-    inv: torch.Tensor  # (out,) float32 1/d, 0 where d is 0: the reference rounds with it
-    d16: torch.Tensor  # (out,) float16 d as stored
-    offset: int
+    d: torch.Tensor  # (rows, 1) float32: the step the codes are rounded with
+    m: torch.Tensor | None  # (rows, 1) float32 minimum (Q4_1/Q5_1), else None
+    halves: torch.Tensor  # (rows, 1 or 2) float16 d [, m] as stored
+    fmt: BlockFormat
 
     def round(self, i: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # blocks._quantize_signed_max: trunc(x / d + offset + 0.5) as two float32 roundings, then
-        # clipped; floor equals the trunc wherever the clip keeps the value.
-        v = w.to(torch.float32) * self.inv
-        v += self.offset + 0.5
-        # Where 1/d overflowed (a block of |x| < ~1e-37) the reference writes code 0.
-        q = torch.where(torch.isfinite(v), v.floor_(), 0.0).clamp_(0, 2 * self.offset - 1)
-        return q, self.d16.to(torch.float32) * (q - self.offset)  # blocks.dequantize_blocks
+        q, w_hat = self.round_cols(w.unsqueeze(1))  # (rows, 1) each
+        return q[:, 0], w_hat[:, 0]
+
+    def round_cols(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """w (rows, k <= 32) -> (codes as stored, float; what ggml dequantizes them to)."""
+        q = legacy_codes(w.to(torch.float32), self.d, self.m, self.fmt)
+        return q.to(torch.float32), legacy_values(self.halves, q, self.fmt)
+
+    def refit(self, t: torch.Tensor, codes: torch.Tensor) -> LegacyFit:
+        """HQQ's parameter step: the least-squares d [and m] of target t (rows, 32) given the
+        codes, stored as fp16; rows where that is degenerate (all codes equal), flips d's sign
+        or overflows fp16 keep their parameters."""
+        q = codes.to(torch.float32)
+        if self.fmt.bits < 8 and self.m is None:
+            q -= 1 << (self.fmt.bits - 1)  # t ~ d (q - o)
+        stq = (t * q).sum(1)  # (rows,); 3x faster than vecdot on rows of 32
+        sqq = (q * q).sum(1)  # small integers: exact in float32
+        if self.m is None:
+            den = sqq
+            fitted = (stq / den).unsqueeze(1)  # (rows, 1)
+        else:  # t ~ d q + m: the normal equations of a line fit, n = 32
+            n, sq, st = q.shape[1], q.sum(1), t.sum(1)
+            den = n * sqq - sq * sq
+            d = (n * stq - sq * st) / den
+            fitted = torch.stack([d, (st - d * sq) / n], 1)  # (rows, 2)
+        halves = fitted.to(torch.float16)
+        f = halves.to(torch.float32)
+        ok = (den > 0) & (f[:, 0] * self.d[:, 0] > 0) & (f.abs() < float("inf")).all(1)
+        halves = torch.where(ok.unsqueeze(1), halves, self.halves)
+        f = torch.where(ok.unsqueeze(1), f, self.halves.to(torch.float32))
+        return LegacyFit(f[:, :1], None if self.m is None else f[:, 1:], halves, self.fmt)
 
 
-class SignedMaxGrid:
-    """Q4_0 and Q5_0: d = (the x of largest |x|) / -offset per block of 32."""
+class LegacyGrid:
+    """Q8_0, Q4_0, Q4_1, Q5_0, Q5_1: each block's d (and m) from its 32 values, the type's own
+    choice (blocks.legacy_params); the codes rounded with it as the type rounds them."""
 
     def __init__(self, qtype: str):
-        self.qtype, self.bits = qtype, {"Q4_0": 4, "Q5_0": 5}[qtype]
+        self.qtype, self.fmt = qtype, FORMATS[qtype]
 
     def group_size(self, n_in: int) -> int:
-        return BLOCK_SIZE[self.qtype]
+        return self.fmt.block_size
 
-    def fit(self, cols: torch.Tensor, start: int) -> SignedMaxFit:
-        offset = 1 << (self.bits - 1)
-        d = signed_absmax(cols.to(torch.float32).t()) / -offset  # (out,)
-        inv = d.reciprocal().masked_fill_(d == 0, 0.0)
-        return SignedMaxFit(inv, d.to(torch.float16), offset)
+    def fit(self, cols: torch.Tensor, start: int) -> LegacyFit:
+        d, m = legacy_params(cols.to(torch.float32), self.fmt)
+        halves = torch.cat([d] if m is None else [d, m], 1).to(torch.float16)
+        if not torch.isfinite(halves).all():
+            row = int((~torch.isfinite(halves)).any(1).nonzero()[0, 0])
+            raise ValueError(f"{self.qtype}: row {row}, columns {start}..{start + 31}: the scale "
+                             "or minimum is not finite in float16; ggml cannot store it")
+        return LegacyFit(d, m, halves, self.fmt)
 
-    def pack(self, fits: list[SignedMaxFit], codes: torch.Tensor) -> torch.Tensor:
-        """codes (out, in) 0..2^bits-1 -> (out, in / 32 * type_size) uint8."""
-        n_out = codes.shape[0]
-        q = codes.to(torch.uint8).view(n_out, len(fits), 32)  # (out, blocks, 32)
-        d = torch.stack([f.d16 for f in fits], dim=1)  # (out, blocks) float16
-        fields = [d.unsqueeze(-1).view(torch.uint8)]  # (out, blocks, 2)
-        if self.bits == 5:  # qh: bit 4 of element j at bit j % 8 of byte j // 8
-            high = (q >> 4).view(n_out, len(fits), 4, 8).to(torch.int32)
-            fields.append((high << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8))
-        low = q & 0x0F
-        fields.append(low[..., :16] | (low[..., 16:] << 4))  # element j low, j + 16 high
-        return torch.cat(fields, dim=-1).reshape(n_out, -1)
-
-
-@dataclass(frozen=True)
-class Q3KFit:
-    """One Q3_K super-block (256 columns) for every row."""
-
-    scales: kquants.Q3KScales  # B = out rows
-
-    def round(self, i: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sub_d = self.scales.sub_d[:, i // 16]  # (out,)
-        # kquants._requantize: nearest_int(x / sub_d) in -4..3; a sub-block whose step is 0
-        # keeps its search codes (and dequantizes to 0 whatever they are).
-        q = round_clamp(w.to(torch.float32) / sub_d, -4, 3) + 4
-        q = torch.where(sub_d != 0, q, self.scales.search_codes[:, i].to(torch.float32))
-        return q, sub_d * (q - 4)  # kquants._dequantize_q3_k: d * scale * (q - 4)
-
-
-class Q3KGrid:
-    qtype = "Q3_K"
-
-    def group_size(self, n_in: int) -> int:
-        return kquants.QK_K
-
-    def fit(self, cols: torch.Tensor, start: int) -> Q3KFit:
-        return Q3KFit(kquants.q3_k_scales(cols.to(torch.float32).contiguous()))
-
-    def pack(self, fits: list[Q3KFit], codes: torch.Tensor) -> torch.Tensor:
-        n_out = codes.shape[0]
-        per_block = [kquants.pack_q3_k(codes[:, k * 256 : (k + 1) * 256].to(torch.int32), f.scales)
-                     for k, f in enumerate(fits)]  # (out, 110) each
-        return torch.stack(per_block, dim=1).reshape(n_out, -1)
+    def pack(self, fits: list[LegacyFit], codes: torch.Tensor) -> torch.Tensor:
+        """codes (rows, in) as stored -> (rows, in / 32 * type_size) uint8."""
+        n_rows = codes.shape[0]
+        halves = torch.stack([f.halves for f in fits], 1).view(-1, fits[0].halves.shape[1])
+        q = codes.to(torch.int8).reshape(-1, 32)  # (rows * blocks, 32), row-major like halves
+        out = torch.empty(q.shape[0], self.fmt.type_size, dtype=torch.uint8)
+        pack_legacy(halves, q, self.fmt, out)
+        return out.view(n_rows, -1)
 
 
 def block_grid(qtype: str):
-    """The GPTQ grid of ggml type `qtype` (one of GPTQ_TYPES)."""
-    if qtype in ("Q4_0", "Q5_0"):
-        return SignedMaxGrid(qtype)
-    if qtype == "Q3_K":
-        return Q3KGrid()
-    raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: {', '.join(GPTQ_TYPES)}")
+    """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES)."""
+    if qtype in LEGACY_TYPES:
+        return LegacyGrid(qtype)
+    if qtype in K_FORMATS:
+        return KGrid(qtype)
+    raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: {', '.join(GRID_TYPES)}")

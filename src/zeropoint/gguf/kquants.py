@@ -21,6 +21,11 @@ Codes are packed 32 apart: a byte's fields come from elements j, j+32, j+64, ...
 The eager code here follows the C's float32 arithmetic step for step (kquants_search.py says
 how); csrc/kquants.c computes the same bytes an order of magnitude faster and is used when it
 compiles (zeropoint.ckernels). The tests hold both to llama.cpp.
+
+The eager quantizer is three steps, each usable alone (kquant_grids.py builds GPTQ's and HQQ's
+grids on them): `k_scales` chooses a batch's scales (the searches, then `encode_scales`, which
+stores float sub-block scales as the type does), `k_requantize` puts values on that grid, and
+`pack_k` writes codes and scales as the type's bytes.
 """
 from __future__ import annotations
 
@@ -124,7 +129,37 @@ def _halves(*fields: torch.Tensor) -> list[torch.Tensor]:
     return [f.view(-1, 1).view(torch.uint8) for f in fields]
 
 
-# --- quantize: shared steps ----------------------------------------------------------------------
+# --- quantize: scales, codes, bytes ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KScales:
+    """A batch of super-blocks' scales as llama.cpp chooses them, apart from the final codes.
+
+    A value v of sub-block k gets code nearest_int((v + sub_m[k]) / sub_d[k]) clipped to lo..hi,
+    + offset (`grid_codes`), and dequantizes to sub_d[k] * (code - offset) - sub_m[k]."""
+
+    qtype: str
+    search_codes: torch.Tensor  # (B, 256) int32: the search's codes, kept where sub_d is 0
+    sub_d: torch.Tensor  # (B, n_sub) float32: each sub-block's step as dequantization computes it
+    sub_m: torch.Tensor | None  # (B, n_sub) float32 min (x = sub_d*q - sub_m), None: no min
+    header: torch.Tensor  # (B, 12 or 16) uint8: the sub-block scales (and mins) as stored
+    d: torch.Tensor  # (B,) float16 super-scale
+    dmin: torch.Tensor | None  # (B,) float16 super-scale of the mins, None: no min
+
+    @property
+    def n(self) -> int:
+        """Values per sub-block."""
+        return _SEARCH[self.qtype][0]
+
+    @property
+    def code_range(self) -> tuple[int, int, int]:
+        """(lo, hi, offset): nearest_int's clip, and what is added to make the stored code."""
+        fmt = K_FORMATS[self.qtype]
+        if fmt.has_min:
+            return 0, (1 << fmt.bits) - 1, 0
+        half = 1 << (fmt.bits - 1)
+        return -half, half - 1, half
 
 
 def _transposed(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -132,17 +167,30 @@ def _transposed(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(-1, n).t().contiguous()
 
 
-def _requantize(x, codes_t, n: int, d, dm, lo: int, hi: int, offset: int) -> torch.Tensor:
-    """Codes on the stored (fp16-rounded) grid: nearest_int((x + dm) / d) clipped, + offset.
-    A sub-block whose d is 0 keeps its search codes, as the C's `if (!d) continue`.
-    x (B, 256); codes_t (n, S) from a search; d, dm (B, 256 / n) float32, dm None if absent.
-    Returns (B, 256) int32."""
-    xs = x.view(-1, QK_K // n, n)  # (B, n_sub, n)
-    v = xs if dm is None else xs + dm.unsqueeze(-1)
-    d = d.unsqueeze(-1)
-    new = round_clamp(v / d, lo, hi) + offset
-    codes = codes_t.t().reshape(xs.shape)
-    return torch.where(d != 0, new, codes).to(torch.int32).view(-1, QK_K)
+def _rms_plus_abs(xt):
+    """Q4_K/Q5_K weights: sqrt(mean x^2) over the sub-block + |x|. The root goes through
+    float64: torch's float32 sqrt is not correctly rounded; rounding the exact double is."""
+    av = (seq_sum(xt * xt) / 32).double().sqrt().float()
+    return av + xt.abs()
+
+
+# Sub-block length, and the search on (n, S) sub-blocks -> codes (n, S), scales (S,)[, mins (S,)]
+# (quantize_row_q*_K_ref's arguments).
+_SEARCH = {
+    "Q2_K": (16, lambda xt: make_qkx2(xt, xt.abs(), 3, -0.5, 0.1, 15, True)),
+    "Q3_K": (16, lambda xt: make_q3(xt, 4)),
+    "Q4_K": (32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 15, -1.0, 0.1, 20, False)),
+    "Q5_K": (32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 31, -0.5, 0.1, 15, False)),
+    "Q6_K": (16, lambda xt: make_qx(xt, 32)),
+}
+
+
+def k_scales(x: torch.Tensor, qtype: str) -> KScales:
+    """(B, 256) float32 super-blocks -> their scales, quantize_row_{qtype}_ref's choice."""
+    n, search = _SEARCH[qtype]
+    codes, *params = search(_transposed(x, n))
+    search_codes = codes.t().reshape(-1, QK_K).to(torch.int32)  # (n, S) -> (B, 256)
+    return encode_scales(qtype, search_codes, *(p.view(-1, QK_K // n) for p in params))
 
 
 def _max_positive(v: torch.Tensor) -> torch.Tensor:
@@ -164,116 +212,89 @@ def _super_codes(v: torch.Tensor, levels: float):
     return nearest_int(inv.unsqueeze(1) * v), (top / levels).to(torch.float16)
 
 
-def _with_min(x, n: int, nmax: int, weights, search, levels: float):
-    """Q2_K/Q4_K/Q5_K: per sub-block scale and min (make_qkx2), then their codes against the
-    super-block's largest. Returns search codes (n, S), (scale codes, d), (min codes, dmin)."""
-    xt = _transposed(x, n)
-    codes, scales, mins = make_qkx2(xt, weights(xt), nmax, *search)
-    sub = (-1, QK_K // n)  # (B, n_sub)
-    return codes, _super_codes(scales.view(sub), levels), _super_codes(mins.view(sub), levels)
+def encode_scales(qtype: str, search_codes: torch.Tensor, scales: torch.Tensor,
+                  mins: torch.Tensor | None = None) -> KScales:
+    """Float sub-block scales (B, n_sub) (and mins, for the types that have them: x ~ scale * q
+    - min) -> KScales as `qtype` stores them: the super-scale(s) and small integer codes that
+    quantize_row_{qtype}_ref derives from its searches' scales. search_codes (B, 256) int32."""
+    f32 = torch.float32
+    if K_FORMATS[qtype].has_min:
+        levels = 15.0 if qtype == "Q2_K" else 63.0
+        (ls, d), (lm, dmin) = _super_codes(scales, levels), _super_codes(mins, levels)
+        if qtype == "Q2_K":
+            header = ((ls & 0xFF) | ((lm << 4) & 0xFF)).to(torch.uint8)  # the C's uint8 stores
+            sc, m = header & 0xF, header >> 4
+        else:
+            header = _pack_scales_k4((ls & 0xFF).clamp_(max=63), (lm & 0xFF).clamp_(max=63))
+            sc, m = _unpack_scales_k4(header)  # (B, 8) each
+        return KScales(qtype, search_codes, _as_f32(d) * sc.to(f32), _as_f32(dmin) * m.to(f32),
+                       header, d, dmin)
+    # Q3_K/Q6_K: the sub-block scale of largest |scale| (signed) gets the most negative code.
+    top = signed_absmax(scales.t())  # (B,)
+    iscale = rdiv(-32.0 if qtype == "Q3_K" else -128.0, top)
+    l = nearest_int(iscale.unsqueeze(1) * scales)  # (B, 16)
+    if qtype == "Q3_K":
+        zero = top == 0
+        l = ((l + 128) & 0xFF) - 128  # the C keeps it in an int8 before clamping
+        header = _pack_scales_q3(l.clamp_(-32, 31) + 32)  # (B, 12)
+    else:
+        # Every scale ~0: ggml writes an all-zero block (codes 0 included).
+        zero = top.abs() < GROUP_MAX_EPS
+        search_codes = search_codes.masked_fill(zero.unsqueeze(1), 0)
+        header = l.clamp_(max=127).to(torch.int8).view(torch.uint8)  # nearest_int >= -128 here
+    header = header.masked_fill(zero.unsqueeze(1), 0)
+    d = torch.where(zero, 0.0, iscale.reciprocal()).to(torch.float16)
+    sc = _unpack_scales_q3(header) if qtype == "Q3_K" else header.view(torch.int8)
+    return KScales(qtype, search_codes, _as_f32(d) * sc.to(f32), None, header, d, None)
 
 
-def _rms_plus_abs(xt):
-    """Q4_K/Q5_K weights: sqrt(mean x^2) over the sub-block + |x|. The root goes through
-    float64: torch's float32 sqrt is not correctly rounded; rounding the exact double is."""
-    av = (seq_sum(xt * xt) / 32).double().sqrt().float()
-    return av + xt.abs()
+def grid_codes(v, sub_d, sub_m, search, code_range: tuple[int, int, int]) -> torch.Tensor:
+    """Codes on a stored grid, all arguments broadcast alike: nearest_int((v + sub_m) / sub_d)
+    clipped to lo..hi, + offset, as float32. Where sub_d is 0, the search's codes, as the C's
+    `if (!d) continue` leaves them. sub_m None: no min."""
+    lo, hi, offset = code_range
+    new = round_clamp((v if sub_m is None else v + sub_m) / sub_d, lo, hi) + offset
+    return torch.where(sub_d != 0, new, search.to(torch.float32))
 
 
-def _with_sign(x, search, levels: float):
-    """Q3_K/Q6_K: search codes (16, S) and per-sub-block scales; the super-block's signed
-    largest |scale| (B,), iscale = -levels / it, d = fp16(1 / iscale), scale codes (B, 16)."""
-    codes, scales = search(_transposed(x, 16))
-    scales = scales.view(-1, 16)
-    top = signed_absmax(scales.t())
-    iscale = rdiv(-levels, top)
-    d = iscale.reciprocal()
-    return codes, top, d, nearest_int(iscale.unsqueeze(1) * scales)
+def k_requantize(x: torch.Tensor, scales: KScales) -> torch.Tensor:
+    """(B, 256) float32 -> (B, 256) int32 codes on `scales`' grid."""
+    xs = x.view(-1, QK_K // scales.n, scales.n)  # (B, n_sub, n)
+    m = None if scales.sub_m is None else scales.sub_m.unsqueeze(-1)
+    codes = grid_codes(xs, scales.sub_d.unsqueeze(-1), m, scales.search_codes.view(xs.shape),
+                       scales.code_range)
+    return codes.to(torch.int32).view(-1, QK_K)
 
 
-# --- quantize: one function per type ---------------------------------------------------------
+def pack_k(codes: torch.Tensor, scales: KScales) -> torch.Tensor:
+    """(B, 256) int32 codes on `scales`' grid -> (B, type_size) bytes of scales.qtype."""
+    qtype = scales.qtype
+    halves = _halves(scales.d) if scales.dmin is None else _halves(scales.d, scales.dmin)
+    if qtype == "Q6_K":
+        codes = codes.view(-1, 2, 4, 32)  # (B, half h, run k, l): element 128h + 32k + l
+        # ql byte 64h + 32b + l: low nibbles of runs k = b and b + 2; qh byte 32h + l: high 2
+        # bits of runs 0..3.
+        ql = _pack_fields((codes & 0xF).view(-1, 2, 2, 2, 32).transpose(2, 3), 4).reshape(-1, 128)
+        qh = _pack_fields(codes >> 4, 2).view(-1, 64)
+        return torch.cat([ql, qh, scales.header, *halves], 1)
+    low = 2 if qtype in ("Q2_K", "Q3_K") else 4  # bits in qs; Q3_K/Q5_K keep one more apart
+    per = 8 // low
+    # (B, 256 / (32 per), per, 32): a qs byte holds `per` codes 32 apart.
+    qs = _pack_fields((codes & ((1 << low) - 1)).view(-1, QK_K // (32 * per), per, 32), low)
+    qs = qs.reshape(-1, QK_K // per)
+    if qtype == "Q2_K":
+        return torch.cat([scales.header, qs, *halves], 1)
+    if qtype == "Q4_K":
+        return torch.cat([*halves, scales.header, qs], 1)
+    high = _pack_fields((codes >> low).view(-1, 8, 32), 1)  # bit b of byte j: code 32*b + j
+    if qtype == "Q3_K":
+        return torch.cat([high, qs, scales.header, *halves], 1)
+    return torch.cat([*halves, scales.header, high, qs], 1)
 
 
-def _quantize_q2_k(x):
-    codes, (ls, d), (lm, dmin) = _with_min(x, 16, 3, torch.abs, (-0.5, 0.1, 15, True), 15.0)
-    packed = ((ls & 0xFF) | ((lm << 4) & 0xFF)).to(torch.uint8)  # the C's uint8 stores
-    sub_d = _as_f32(d) * (packed & 0xF).to(torch.float32)  # (B, 16)
-    sub_m = _as_f32(dmin) * (packed >> 4).to(torch.float32)
-    codes = _requantize(x, codes, 16, sub_d, sub_m, 0, 3, 0)
-    qs = _pack_fields(codes.view(-1, 2, 4, 32), 2).view(-1, 64)  # 4 codes 32 apart per byte
-    return torch.cat([packed, qs, *_halves(d, dmin)], 1)
-
-
-def _quantize_q45_k(x, bits: int):
-    search = (-1.0, 0.1, 20, False) if bits == 4 else (-0.5, 0.1, 15, False)
-    nmax = (1 << bits) - 1
-    codes, (ls, d), (lm, dmin) = _with_min(x, 32, nmax, _rms_plus_abs, search, 63.0)
-    packed = _pack_scales_k4((ls & 0xFF).clamp_(max=63), (lm & 0xFF).clamp_(max=63))
-    sc, m = _unpack_scales_k4(packed)  # (B, 8) each
-    sub_d, sub_m = _as_f32(d) * sc.to(torch.float32), _as_f32(dmin) * m.to(torch.float32)
-    codes = _requantize(x, codes, 32, sub_d, sub_m, 0, nmax, 0)
-    qs = _pack_fields((codes & 0xF).view(-1, 4, 2, 32), 4).view(-1, 128)  # 2 codes 32 apart
-    if bits == 4:
-        return torch.cat([*_halves(d, dmin), packed, qs], 1)
-    qh = _pack_fields((codes >> 4).view(-1, 8, 32), 1)  # bit b of byte j: code 32*b + j
-    return torch.cat([*_halves(d, dmin), packed, qh, qs], 1)
-
-
-@dataclass(frozen=True)
-class Q3KScales:
-    """Q3_K super-blocks' scales as llama.cpp chooses them, apart from the final codes."""
-
-    search_codes: torch.Tensor  # (B, 256) int32 0..7: the search's codes, kept where sub_d is 0
-    packed: torch.Tensor  # (B, 12) uint8: the 16 biased 6-bit sub-block scales, packed
-    d: torch.Tensor  # (B,) float16 super-scale
-    sub_d: torch.Tensor  # (B, 16) float32: each sub-block's step d * (scale - 32)
-
-
-def q3_k_scales(x: torch.Tensor) -> Q3KScales:
-    """(B, 256) float32 super-blocks -> their Q3_K scales (quantize_row_q3_K_ref's choice). A
-    value v of sub-block k then gets code nearest_int(v / sub_d[k]) clipped to -4..3, + 4."""
-    codes, top, d, l = _with_sign(x, lambda xt: make_q3(xt, 4), 32.0)
-    l = ((l + 128) & 0xFF) - 128  # the C keeps it in an int8 before clamping
-    nonzero = (top != 0).unsqueeze(1)
-    packed = torch.where(nonzero, _pack_scales_q3(l.clamp_(-32, 31) + 32), 0)  # (B, 12)
-    d = torch.where(top != 0, d, 0.0).to(torch.float16)
-    sub_d = _as_f32(d) * _unpack_scales_q3(packed).to(torch.float32)  # (B, 16)
-    search = codes.t().reshape(-1, QK_K).to(torch.int32)  # (16, S) -> (B, 256)
-    return Q3KScales(search, packed, d, sub_d)
-
-
-def pack_q3_k(codes: torch.Tensor, scales: Q3KScales) -> torch.Tensor:
-    """(B, 256) int32 codes 0..7 on `scales`' grid -> (B, 110) Q3_K bytes."""
-    hmask = _pack_fields((codes >> 2).view(-1, 8, 32), 1)  # bit b of byte j: code 32*b + j
-    qs = _pack_fields((codes & 3).view(-1, 2, 4, 32), 2).view(-1, 64)
-    return torch.cat([hmask, qs, scales.packed, *_halves(scales.d)], 1)
-
-
-def _quantize_q3_k(x):
-    scales = q3_k_scales(x)
-    search_t = scales.search_codes.view(-1, 16).t()  # back to the searches' (16, S) layout
-    codes = _requantize(x, search_t, 16, scales.sub_d, None, -4, 3, 4)
-    return pack_q3_k(codes, scales)
-
-
-def _quantize_q6_k(x):
-    codes, top, d, sc = _with_sign(x, lambda xt: make_qx(xt, 32), 128.0)
-    sc = sc.clamp_(max=127).to(torch.int8)  # (B, 16); nearest_int >= -128 here
-    d = d.to(torch.float16)
-    codes = _requantize(x, codes, 16, _as_f32(d) * sc.to(torch.float32), None, -32, 31, 32)
-    codes = codes.view(-1, 2, 4, 32)  # (B, half h, run k, l): element 128h + 32k + l
-    # ql byte 64h + 32b + l: low nibbles of runs k = b and b + 2; qh byte 32h + l: high 2 bits
-    # of runs 0..3.
-    ql = _pack_fields((codes & 0xF).view(-1, 2, 2, 2, 32).transpose(2, 3), 4).reshape(-1, 128)
-    qh = _pack_fields(codes >> 4, 2).view(-1, 64)
-    out = torch.cat([ql, qh, sc.view(torch.uint8), *_halves(d)], 1)
-    zero = top.abs() < GROUP_MAX_EPS  # every scale ~0: ggml writes an all-zero block
-    return out.masked_fill_(zero.unsqueeze(1), 0)
-
-
-_QUANTIZE = {"Q2_K": _quantize_q2_k, "Q3_K": _quantize_q3_k,
-             "Q4_K": lambda x: _quantize_q45_k(x, 4), "Q5_K": lambda x: _quantize_q45_k(x, 5),
-             "Q6_K": _quantize_q6_k}
+def _quantize_k(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    scales = k_scales(x, qtype)
+    return pack_k(k_requantize(x, scales), scales)
 
 
 def quantize_kblocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
@@ -302,7 +323,7 @@ def _quantize_eager(x, fmt: KQuantFormat, out):
     if bad.any():
         return int(bad.nonzero()[0, 0]), _NOT_FINITE
     for start in range(0, x.shape[0], _CHUNK):
-        out[start : start + _CHUNK] = _QUANTIZE[fmt.name](x[start : start + _CHUNK])
+        out[start : start + _CHUNK] = _quantize_k(x[start : start + _CHUNK], fmt.name)
     for col in fmt.half_offsets:
         half = out[:, col : col + 2].contiguous().view(torch.float16).view(-1)
         if not torch.isfinite(half).all():

@@ -38,6 +38,10 @@ _CHUNK_VALUES = 1 << 18  # 1 MiB of float32 rows per step of `convert`: they sta
 _TRANSCODE_VALUES = 1 << 20  # values per step when no float32 rows are made (at most 1 MiB out)
 
 
+# float32 rows (rows, n), ggml type, tensor name -> flat uint8 bytes (`encode` is the default)
+Encoder = Callable[[torch.Tensor, str, str], np.ndarray]
+
+
 @dataclass
 class SourceTensor:
     """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes."""
@@ -96,14 +100,15 @@ def encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
 
 
 def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str,
-            name: str = "tensor") -> Iterator[np.ndarray]:
+            name: str = "tensor", encoder: Encoder | None = None) -> Iterator[np.ndarray]:
     """Bytes of a `src_type` tensor -> its bytes in `dst_type`, yielded a few rows at a time.
 
     Rows are decoded and re-encoded in chunks of about _CHUNK_VALUES, so the float32 rows stay
     in cache and reuse the same memory; a whole tensor in float32 would be fresh memory for
     every tensor, whose page faults cost more than the quantization itself. A piece may be a
     view of a buffer the next piece reuses (as TensorData allows): use it, or copy it, before
-    asking for the next."""
+    asking for the next. `encoder` (default `encode`) turns float32 rows into bytes: another one
+    (gguf.hqq's) must treat rows independently, as the pieces split the tensor by rows."""
     shape = tuple(int(s) for s in shape)
     data = np.ascontiguousarray(data).reshape(-1)
     rows, row_values = math.prod(shape[:-1]), shape[-1]
@@ -111,18 +116,19 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
     if len(data) != rows * row_bytes:
         raise ValueError(f"{name}: {src_type} shape {shape} needs {rows * row_bytes} bytes, "
                          f"got {len(data)}")
-    if blocks.can_transcode(src_type, dst_type):
+    if encoder is None and blocks.can_transcode(src_type, dst_type):
         yield from _transcode(data, src_type, rows, row_values, dst_type, name)
         return
+    encoder = encoder or encode
     step = max(1, _CHUNK_VALUES // row_values)
     for first in range(0, rows, step):
         n = min(step, rows - first)
         x = decode(data[first * row_bytes : (first + n) * row_bytes], src_type, (n, row_values))
         try:
-            yield encode(x, dst_type, name)
+            yield encoder(x, dst_type, name)
         except ValueError:
             # Encode the whole tensor to raise its error with the tensor's own block numbers.
-            encode(decode(data, src_type, shape), dst_type, name)
+            encoder(decode(data, src_type, shape), dst_type, name)
             raise
 
 
@@ -254,8 +260,10 @@ def write_quantized(
     source_name: str = "",
     progress: bool = False,
     threads: int | None = None,
+    encoder: Encoder | None = None,
 ) -> QuantizeReport:
     """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
+    `encoder`: see `convert` (a tensor already in its chosen type is copied as it is).
 
     `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
     which also stores it at its place in the file. One tensor per thread beats torch's intra-op
@@ -275,7 +283,8 @@ def write_quantized(
         src = by_name[choice.name]
         if choice.copied:
             return src.read
-        return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name)
+        return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name,
+                               encoder)
 
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
@@ -312,13 +321,15 @@ def requantize(
     target: Target | str,
     *,
     progress: bool = False,
+    encoder: Encoder | None = None,
 ) -> QuantizeReport:
-    """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes)."""
+    """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes);
+    `encoder` as for `convert`."""
     source = src if isinstance(src, GGUFFile) else read_gguf(src)
     if Path(out).resolve() == source.path.resolve():
         raise ValueError(f"output {str(out)!r} is the input file; write to another path")
     return write_quantized(gguf_sources(source), source.metadata, target, out,
-                           source_name=str(source.path), progress=progress)
+                           source_name=str(source.path), progress=progress, encoder=encoder)
 
 
 __all__ = [

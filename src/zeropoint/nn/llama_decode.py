@@ -1,0 +1,332 @@
+"""A compact greedy decoder for Llama-family causal LMs: the model's own weights and kernels,
+without transformers' module tree per token.
+
+At batch 1 a quantized SmolLM2-135M spent about as long in transformers' per-layer Python
+(module calls, the cache object, masks, rotary embedding) as in its 121 matmuls. This decoder
+reads the model once: per layer the RMSNorm weights and the projections' kernels (a q/k/v or
+gate/up group fused by fuse.py is one call on its stacked kernel), and it precomputes rotary
+cos/sin with the model's own rotary module for every position it will decode, so rope_theta and
+rope scaling come from the model. Two paths share one preallocated KV cache:
+
+- `forward`: any batch, any number of new tokens (the prompt's prefill), any dtype; plain torch
+  calls on the model's kernels, causal attention by scaled_dot_product_attention.
+- the one-row step (batch 1, float32): each call writes into buffers allocated once, a C gemv
+  kernel (gemv.py) is called on their raw pointers, and attention is two batched matmuls over the
+  cache; about 30 small torch calls a layer. The OpenMP fork of SDPA and of small reductions
+  costs more than their arithmetic here, and more again when the 2 cores are shared.
+
+The arithmetic is the model's: the same kernels on the same inputs, RMSNorm and rotary in
+transformers' order of operations; only summation orders (attention, the norm's sum of squares)
+differ, at float32 rounding (tests/nn/test_llama_decode.py holds both paths to the HF logits).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fuse import FusedSlice
+from .gemv import GemvKernel
+from .qlinear import QLinear
+
+# Checked, layer by layer, against the HF forward (tests/nn/test_llama_decode.py).
+ACCEPTED_MODEL_TYPES = ("llama",)
+# Rope types whose cos/sin depend on the length decoded so far: a table built once for the
+# final length would differ from what the model computes at each step.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def supports(model) -> bool:
+    """True when LlamaDecoder accepts `model` (its config's model type and rope type)."""
+    try:
+        _check(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _check(model) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ACCEPTED_MODEL_TYPES:
+        raise ValueError(
+            f"the compact decoder runs Llama-family causal LMs, got model type {model_type!r}; "
+            f"accepted: {', '.join(ACCEPTED_MODEL_TYPES)}"
+        )
+    if getattr(model, "lm_head", None) is None or not hasattr(getattr(model, "model", None), "layers"):
+        raise ValueError(f"the compact decoder needs a causal LM with model.layers and lm_head, "
+                         f"got {type(model).__name__}")
+    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope in _LENGTH_DEPENDENT_ROPE:
+        raise ValueError(f"rope type {rope!r} depends on the decoded length; the compact "
+                         "decoder precomputes cos/sin once")
+
+
+def _fused_group(modules):
+    """fuse.py's group when `modules` are its members, all of them, in order; else None."""
+    kernels = [getattr(m, "kernel", None) for m in modules]
+    if not all(isinstance(k, FusedSlice) for k in kernels):
+        return None
+    group = kernels[0].group
+    if len(group.bounds) != len(modules) or any(
+            k.group is not group or k.index != i for i, k in enumerate(kernels)):
+        return None
+    return group
+
+
+def _linear(module):
+    """f(x) -> module(x), calling the kernel or F.linear directly where the module allows."""
+    if isinstance(module, QLinear) and not isinstance(module.kernel, FusedSlice):
+        kernel, bias = module.kernel, module.bias
+        return lambda x: kernel.linear(x, bias)
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    return module  # a fused member outside its group's order, or another layer: its forward
+
+
+def _stacked(modules):
+    """f(x) -> the modules' outputs concatenated on the last dim, in one call when fused."""
+    group = _fused_group(modules)
+    if group is not None:
+        kernel, bias = group.kernel, group.bias
+        return lambda x: kernel.linear(x, bias)
+    fns = [_linear(m) for m in modules]
+    return lambda x: torch.cat([f(x) for f in fns], dim=-1)
+
+
+def _kernel_into(kernel, bias, x, y):
+    """A call that writes kernel.linear(x, bias) into buffer y; x and y are fixed buffers."""
+    if isinstance(kernel, GemvKernel) and x.dtype == torch.float32:
+        # x and y never move, so the C call's checks and output allocation are done once here:
+        # what GemvKernel.linear does per call for one contiguous float32 row.
+        run, xp, yp = kernel._run, x.data_ptr(), y.data_ptr()
+        if bias is None:
+            return lambda: run(xp, yp)
+        return lambda: (run(xp, yp), y.add_(bias))
+    return lambda: y.copy_(kernel.linear(x, bias))
+
+
+def _into(modules, x, y):
+    """A call that writes the modules' outputs on buffer x, concatenated, into buffer y."""
+    group = _fused_group(modules)
+    if group is not None:
+        return _kernel_into(group.kernel, group.bias, x, y)
+    calls, start = [], 0
+    for m in modules:
+        part = y.narrow(-1, start, m.out_features)
+        start += m.out_features
+        if isinstance(m, QLinear) and not isinstance(m.kernel, FusedSlice):
+            calls.append(_kernel_into(m.kernel, m.bias, x, part))
+        elif type(m) is nn.Linear:
+            x2, y2, w_t, b = x.view(1, -1), part.view(1, -1), m.weight.t(), m.bias
+            calls.append((lambda x2=x2, y2=y2, w_t=w_t: torch.mm(x2, w_t, out=y2)) if b is None
+                         else (lambda x2=x2, y2=y2, w_t=w_t, b=b: torch.addmm(b, x2, w_t, out=y2)))
+        else:
+            calls.append(lambda m=m, part=part: part.copy_(m(x)))
+    if len(calls) == 1:
+        return calls[0]
+    return lambda: [call() for call in calls]
+
+
+def _rms_norm(x, weight, eps):
+    # transformers' LlamaRMSNorm, op for op: in float32, cast back, then times the weight.
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class LlamaDecoder:
+    """Greedy decoding of a Llama-family LM through its own weights and kernels.
+
+    Built from the model, it keeps references, not copies: a model quantized or edited afterwards
+    needs a new decoder. `start(batch, max_len)` allocates the KV cache, `forward` runs token ids
+    at the next positions, `greedy` does a whole decode. fast=False keeps batch-1 steps on the
+    general path (the tests compare the two)."""
+
+    def __init__(self, model, fast: bool = True):
+        _check(model)
+        config, inner = model.config, model.model
+        self.model, self.fast = model, fast
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.hidden = config.hidden_size
+        self.dtype = inner.norm.weight.dtype
+        self.silu = config.hidden_act == "silu"
+        self.blocks = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm,
+                        layer.mlp) for layer in inner.layers]
+        self.layers = [
+            (n1.weight, n1.variance_epsilon, _stacked([a.q_proj, a.k_proj, a.v_proj]),
+             _linear(a.o_proj), a.scaling, n2.weight, n2.variance_epsilon,
+             _stacked([m.gate_proj, m.up_proj]), _linear(m.down_proj),
+             F.silu if self.silu else m.act_fn)
+            for n1, a, n2, m in self.blocks]
+        self.embed = inner.embed_tokens
+        if type(self.embed) is nn.Embedding:
+            table = self.embed.weight
+            self.embed = lambda ids: F.embedding(ids, table)
+        self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        self.lm_head = _linear(model.lm_head)
+        self.batch = self.max_len = 0
+
+    @torch.inference_mode()
+    def start(self, batch: int, max_len: int) -> None:
+        """Empty the cache and make room for `max_len` positions of `batch` sequences."""
+        n_layers, d = len(self.layers), self.head_dim
+        shape = (n_layers, batch, self.n_kv, max_len, d)
+        self.k_cache = torch.empty(shape, dtype=self.dtype)
+        self.v_cache = torch.empty(shape, dtype=self.dtype)
+        # The model's own rotary module, once for every position: (1, max_len, d) each.
+        positions = torch.arange(max_len).unsqueeze(0)
+        cos, sin = self.model.model.rotary_emb(torch.empty(0, dtype=self.dtype), positions)
+        half = d // 2
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed, sin_signed = (-sin[:h], sin[h:])
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        self.cos = cos[0].unsqueeze(1)  # (max_len, 1, d): broadcasts over (b, t, heads, d)
+        self.sin = sin[0].unsqueeze(1)
+        self.batch, self.max_len, self.pos = batch, max_len, 0
+        self._steps = None
+        if self.fast and batch == 1 and self.dtype == torch.float32:
+            self._prepare_steps()
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Logits (batch, 1, vocab) of the last of `ids` (batch, t), run at the next t positions
+        of the cache; (batch, t, vocab) with all_logits."""
+        b, t = ids.shape
+        pos, end = self.pos, self.pos + t
+        if b != self.batch or end > self.max_len:
+            raise ValueError(f"the cache holds {self.batch} sequences of {self.max_len} positions; "
+                             f"got {b} sequences at positions {pos}..{end - 1}")
+        if t == 1 and self._steps is not None:
+            return self._step(ids).clone()
+        n_heads, n_qk, d, half = self.n_heads, self.n_heads + self.n_kv, self.head_dim, self.head_dim // 2
+        cos, sin = self.cos[pos:end], self.sin[pos:end]
+        # Rows of one block see the cache and the rows before them; SDPA's own causal mask says
+        # that when the block starts the sequence.
+        mask, causal = None, t > 1 and pos == 0
+        if t > 1 and pos > 0:
+            mask = torch.arange(end) <= torch.arange(pos, end).unsqueeze(1)  # (t, end)
+        h = self.embed(ids)  # (b, t, hidden), a fresh tensor: the residual adds go in place
+        for (w1, eps1, qkv, o_proj, scale, w2, eps2, gate_up, down, act), k_cache, v_cache in zip(
+                self.layers, self.k_cache, self.v_cache):
+            y = qkv(_rms_norm(h, w1, eps1)).view(b, t, -1, d)  # (b, t, heads + 2 kv heads, d)
+            qk = y[:, :, :n_qk]
+            rot = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
+            k_cache.narrow(2, pos, t).copy_(rot[:, :, n_heads:].transpose(1, 2))
+            v_cache.narrow(2, pos, t).copy_(y[:, :, n_qk:].transpose(1, 2))
+            a = F.scaled_dot_product_attention(
+                rot[:, :, :n_heads].transpose(1, 2), k_cache.narrow(2, 0, end),
+                v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, scale=scale,
+                enable_gqa=True)  # (b, heads, t, d)
+            h.add_(o_proj(a.transpose(1, 2).reshape(b, t, n_heads * d)))
+            g, u = gate_up(_rms_norm(h, w2, eps2)).chunk(2, dim=-1)  # (b, t, intermediate) each
+            h.add_(down(act(g) * u))
+        self.pos = end
+        if not all_logits:
+            h = h[:, -1:]
+        return self.lm_head(_rms_norm(h, *self.final_norm))
+
+    def _prepare_steps(self) -> None:
+        """Buffers for one-row steps and, per layer, the calls that fill them."""
+        d, n_heads, n_kv, max_len = self.head_dim, self.n_heads, self.n_kv, self.max_len
+        n_qk, group = n_heads + n_kv, n_heads // n_kv
+        model, inner = self.model, self.model.model
+        buf = lambda n: torch.empty(1, 1, n)  # noqa: E731
+        self.h, self.x = buf(self.hidden), buf(self.hidden)
+        y_qkv, self.attn = buf((n_qk + n_kv) * d), buf(n_heads * d)
+        o_out, d_out = buf(self.hidden), buf(self.hidden)
+        inter = self.blocks[0][3].gate_proj.out_features
+        gu = buf(2 * inter)
+        self.logits = buf(model.lm_head.out_features)
+        heads = y_qkv.view(-1, d)  # (heads + 2 kv heads, d)
+        self.qk_in, self.v_new = heads[:n_qk], heads[n_qk:].view(n_kv, 1, d)
+        self.qk, self.swapped = torch.empty(n_qk, d), torch.empty(n_qk, d)
+        self.q = self.qk[:n_heads].view(n_kv, group, d)  # each kv head's query heads as rows
+        self.k_new = self.qk[n_heads:].view(n_kv, 1, d)
+        self.attn_out = self.attn.view(n_kv, group, d)
+        self.swap = torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
+        self.pos_t = torch.zeros(1, dtype=torch.long)
+        self.h1 = self.h.view(-1)
+        self.n_hidden = torch.tensor(float(self.hidden))
+        self.none = torch.zeros(())  # baddbmm's input, ignored with beta=0
+        self.cos1, self.sin1 = self.cos[:, 0], self.sin[:, 0]  # (max_len, d)
+        self.kt_all = self.k_cache[:, 0].transpose(-1, -2)  # (layers, kv heads, d, max_len)
+        self.v_all = self.v_cache[:, 0]  # (layers, kv heads, max_len, d)
+        g_half = gu.narrow(-1, 0, inter)
+        self._steps = []
+        for (n1, a, n2, m), k_cache, v_cache in zip(self.blocks, self.k_cache[:, 0], self.v_cache[:, 0]):
+            act = ((lambda: F.silu(g_half, inplace=True)) if self.silu
+                   else (lambda m=m: g_half.copy_(m.act_fn(g_half))))
+            self._steps.append((
+                n1.weight, torch.tensor(n1.variance_epsilon),
+                _into([a.q_proj, a.k_proj, a.v_proj], self.x, y_qkv), k_cache, v_cache, a.scaling,
+                _into([a.o_proj], self.attn, o_out), o_out,
+                n2.weight, torch.tensor(n2.variance_epsilon),
+                _into([m.gate_proj, m.up_proj], self.x, gu), act, g_half, gu.narrow(-1, inter, inter),
+                _into([m.down_proj], g_half, d_out), d_out))
+        self.final = (inner.norm.weight, torch.tensor(inner.norm.variance_epsilon))
+        self.head = _into([model.lm_head], self.x, self.logits)
+
+    def _norm_into_x(self, weight, eps):
+        # LlamaRMSNorm at one float32 row: the sum of squares by a dot product, then the same
+        # division, epsilon, rsqrt and products, in place (0-d tensor operands: no scalar wrapping).
+        s = torch.dot(self.h1, self.h1)
+        s.div_(self.n_hidden).add_(eps).rsqrt_()
+        torch.mul(self.h, s, out=self.x)
+        self.x.mul_(weight)
+
+    def _step(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (1, 1, vocab) of one token (1, 1) at the next position, in a buffer that the
+        next step overwrites."""
+        pos = self.pos
+        end = pos + 1
+        self.pos_t.fill_(pos)
+        cos, sin = self.cos1[pos], self.sin1[pos]  # (d,)
+        h, x, qk, swapped, q, k_new, v_new, attn_out = (
+            self.h, self.x, self.qk, self.swapped, self.q, self.k_new, self.v_new, self.attn_out)
+        qk_in, swap, pos_t, none, norm = self.qk_in, self.swap, self.pos_t, self.none, self._norm_into_x
+        h.copy_(self.embed(token))
+        kts = self.kt_all.narrow(3, 0, end).unbind(0)  # per layer (kv heads, d, end)
+        vs = self.v_all.narrow(2, 0, end).unbind(0)  # per layer (kv heads, end, d)
+        for (w1, eps1, qkv, k_cache, v_cache, scale, o_proj, o_out, w2, eps2, gate_up, act, g, u,
+             down, d_out), kt, v in zip(self._steps, kts, vs):
+            norm(w1, eps1)
+            qkv()
+            torch.index_select(qk_in, 1, swap, out=swapped)  # (x2, x1) of rotate_half's (-x2, x1)
+            swapped.mul_(sin)
+            torch.mul(qk_in, cos, out=qk).add_(swapped)  # q and k rotated
+            k_cache.index_copy_(1, pos_t, k_new)
+            v_cache.index_copy_(1, pos_t, v_new)
+            w = torch.baddbmm(none, q, kt, beta=0, alpha=scale)  # (kv heads, group, end)
+            torch.bmm(w.softmax(-1), v, out=attn_out)
+            o_proj()
+            h.add_(o_out)
+            norm(w2, eps2)
+            gate_up()
+            act()
+            g.mul_(u)
+            down()
+            h.add_(d_out)
+        norm(*self.final)
+        self.head()
+        self.pos = end
+        return self.logits
+
+    @torch.inference_mode()
+    def greedy(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """(batch, prompt + max_new_tokens): the prompt, then each token the argmax of the last
+        logits, never stopping early."""
+        b, p = input_ids.shape
+        out = torch.empty(b, p + max_new_tokens, dtype=torch.long)
+        out[:, :p] = input_ids
+        self.start(b, p + max_new_tokens - 1)  # the last token is chosen, never run
+        logits = self.forward(input_ids)
+        step = self._step if self._steps is not None else self.forward
+        for i in range(p, p + max_new_tokens - 1):
+            token = out[:, i:i + 1]
+            torch.argmax(logits, dim=-1, out=token)  # (b, 1, vocab) -> (b, 1)
+            logits = step(token)
+        torch.argmax(logits, dim=-1, out=out[:, -1:])
+        return out
