@@ -171,35 +171,9 @@ def _piece_bounds(n_blocks: int) -> list[tuple[int, int]]:
     return [(a, min(a + _PIECE_BLOCKS, n_blocks)) for a in range(0, n_blocks, _PIECE_BLOCKS)]
 
 
-def _run_pieces(calls: list) -> list:
-    """Run the calls on torch's thread count of threads, the calling one included, each taking
-    the next call when done: on a busy machine a worker that waits for a core holds up one 4 MiB
-    piece, not a fixed half of the work (fixed halves made 2 threads slower than 1 at load 4 on
-    2 cores), and the caller never sits idle while a woken worker waits to be scheduled. ctypes
-    drops the GIL, so the pieces run in parallel."""
-    helpers = min(torch.get_num_threads(), len(calls)) - 1
-    if helpers <= 0:
-        return [c() for c in calls]
-    results: list = [None] * len(calls)
-    queue = iter(enumerate(calls))  # next() on it is atomic under the GIL
-
-    def drain():
-        for i, c in queue:
-            results[i] = c()
-
-    pool = ckernels._pool(helpers)
-    futures = [pool.submit(drain) for _ in range(helpers)]
-    try:
-        drain()
-    finally:  # the helpers write into the caller's buffers: wait for them, even on an error
-        for f in futures:
-            f.result()
-    return results
-
-
 def _quantize_c(lib, blocks, fmt: BlockFormat, out):
     """blocks (n, 32) float32 -> out (n, type_size); returns (first bad block, why) or None."""
-    return ckernels.first_failure(_run_pieces([
+    return ckernels.first_failure(ckernels.run_pieces([
         ckernels.block_quantizer_piece(lib.zp_quantize_legacy, _C_TYPE[fmt.name], blocks, out, a, b)
         for a, b in _piece_bounds(blocks.shape[0])]))
 
@@ -213,7 +187,7 @@ def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:
         return lambda: lib.zp_dequantize_legacy(type_id, raw[a].data_ptr(), b - a,
                                                 out[a].data_ptr())
 
-    _run_pieces([piece(a, b) for a, b in _piece_bounds(raw.shape[0])])
+    ckernels.run_pieces([piece(a, b) for a, b in _piece_bounds(raw.shape[0])])
     return out
 
 

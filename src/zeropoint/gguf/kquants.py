@@ -338,7 +338,7 @@ def _quantize_c(lib, x, fmt: KQuantFormat, out):
     parts = min(torch.get_num_threads(), max(1, n * QK_K // ckernels.PARALLEL_MIN_ELEMENTS))
     bounds = [n * i // parts // 2 * 2 for i in range(parts)] + [n]
     type_id = int(fmt.name[1])
-    return ckernels.first_failure(ckernels._run(
+    return ckernels.first_failure(ckernels.run_pieces(
         ckernels.block_quantizer_piece(lib.zp_quantize_kquant, type_id, x, out, a, b)
         for a, b in zip(bounds, bounds[1:]) if b > a))
 
