@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from zeropoint import QTensor, QuantSpec, choose_qparams, qparams_from_range, quantize
-from zeropoint.algorithms.gptq import HessianAccumulator, gptq, gptq_quantize
+from zeropoint.algorithms.gptq import GPTQOptions, HessianAccumulator, gptq, gptq_quantize
 
 SPECS = [
     QuantSpec(4, "symmetric", "per_group", group_size=32),
@@ -84,7 +84,7 @@ def test_correlated_inputs_beat_rtn_and_match_the_slow_reference(spec, gen):
     # In float64 the blocked, lazy, Cholesky form must reproduce the column-by-column reference.
     ref_codes, ref_w = reference_gptq(w.double(), H, spec)
     for block in (1, 7, 128):
-        got = gptq(w.double(), H, spec, block_size=block)
+        got = gptq(w.double(), H, spec, GPTQOptions(block_size=block))
         assert torch.equal(got.codes.double(), ref_codes), f"block_size {block}"
     # In float32, the same within float rounding: the layer error agrees to a small tolerance.
     assert output_error(x, w, q.dequantize()) == pytest.approx(output_error(x, w, ref_w), rel=1e-3)
@@ -99,7 +99,7 @@ def test_act_order_helps_where_large_inputs_come_last(gen):
     H = 2 * x.T @ x / x.shape[0]
     for spec in (QuantSpec(3, "symmetric", "per_channel"), QuantSpec(3, "asymmetric", "per_group", group_size=32)):
         plain = output_error(x, w, gptq_quantize(w, H, spec).dequantize())
-        ordered_q = gptq_quantize(w, H, spec, act_order=True)
+        ordered_q = gptq_quantize(w, H, spec, GPTQOptions(act_order=True))
         ordered = output_error(x, w, ordered_q.dequantize())
         assert ordered < 0.9 * plain, spec.describe()
         # Static groups: the scales are the original weights' min/max, by column position.
@@ -112,7 +112,8 @@ def test_dead_columns_are_zero_and_finite(gen):
     w = torch.randn(16, 64, generator=gen)
     H = 2 * x.T @ x / 256
     for act_order in (False, True):
-        q = gptq_quantize(w, H, QuantSpec(4, "symmetric", "per_group", group_size=16), act_order=act_order)
+        q = gptq_quantize(w, H, QuantSpec(4, "symmetric", "per_group", group_size=16),
+                          GPTQOptions(act_order=act_order))
         w_hat = q.dequantize()
         assert torch.isfinite(w_hat).all()
         assert torch.all(w_hat[:, [3, 40]] == 0)
@@ -141,9 +142,13 @@ def test_bad_inputs_raise(gen):
     with pytest.raises(ValueError, match="non-finite"):
         gptq(bad, torch.eye(32), spec)
     with pytest.raises(ValueError, match="block_size"):
-        gptq(w, torch.eye(32), spec, block_size=0)
+        GPTQOptions(block_size=0)
+    with pytest.raises(ValueError, match="percdamp"):
+        GPTQOptions(percdamp=-1.0)
+    with pytest.raises(TypeError, match="GPTQOptions"):
+        gptq(w, torch.eye(32), spec, {"act_order": True})
     with pytest.raises(ValueError, match="positive definite"):
-        gptq(w, -torch.eye(32), spec, percdamp=0.0)
+        gptq(w, -torch.eye(32), spec, GPTQOptions(percdamp=0.0))
     with pytest.raises(ValueError, match="in_features"):
         HessianAccumulator(0)
 
@@ -158,7 +163,7 @@ def test_identity_hessian_with_clip_search_rounds_on_the_mse_scales(act_order, g
 
     spec = QuantSpec(3, "asymmetric", "per_group", group_size=64)
     w = torch.randn(40, 144, generator=gen)
-    got = gptq(w, torch.eye(144), spec, clip=MSESearch(), act_order=act_order)
+    got = gptq(w, torch.eye(144), spec, GPTQOptions(act_order=act_order), clip=MSESearch())
     whole = [mse_qparams(w[:, :128], spec), mse_qparams(w[:, 128:], QuantSpec(
         3, "asymmetric", "per_group", group_size=16))]
     scale = torch.cat([s for s, _ in whole], dim=1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zeropoint import QuantSpec, Recipe, Rule, load, quantize_model
+from zeropoint.algorithms.gptq import GPTQOptions
 from zeropoint.algorithms.sequential import calibration_ids, decoder_layers, gptq_model
 from zeropoint.cli import main
 from zeropoint.nn.qlinear import QLinear
@@ -37,8 +38,8 @@ def test_gptq_beats_rtn_on_held_out_input(tiny, true_sequential, act_order):
     ref = logits(tiny, held_out)
 
     model = copy.deepcopy(tiny)
-    report = gptq_model(model, recipe, calib, batch=5, true_sequential=true_sequential,
-                        act_order=act_order)
+    report = gptq_model(model, recipe, calib, GPTQOptions(percdamp=0.1, act_order=act_order),
+                        batch=5, true_sequential=true_sequential)
     qlinears = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
     assert len(qlinears) == 2 * 7  # q, k, v, o, gate, up, down in each layer; lm_head float
     assert report.layers == 2 and report.tokens == 16 * 32 and report.peak_rss_bytes > 0

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from zeropoint.algorithms.gptq import gptq_columns
+from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns
 from zeropoint.gguf.blocks import quantize_blocks
 from zeropoint.gguf.gptq_grids import LEGACY_TYPES, block_grid
 
@@ -29,9 +29,9 @@ def decode(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(shape)
 
 
-def run(w, H, qtype, **kw) -> torch.Tensor:
+def run(w, H, qtype, options: GPTQOptions) -> torch.Tensor:
     grid = block_grid(qtype)
-    r = gptq_columns(w, H, grid, **kw)
+    r = gptq_columns(w, H, grid, options)
     return grid.pack(r.fits, r.codes)
 
 
@@ -41,7 +41,7 @@ def test_identity_hessian_gives_the_types_own_bytes(qtype, act_order, gen):
     # Uncorrelated unit inputs: no error to spread, so every block keeps the scales and codes
     # the type's own quantizer (bit-exact with llama.cpp, tests/gguf) gives the same weights.
     w = weights(gen, COLUMNS[qtype])
-    got = run(w, torch.eye(w.shape[1]), qtype, act_order=act_order)
+    got = run(w, torch.eye(w.shape[1]), qtype, GPTQOptions(act_order=act_order))
     assert torch.equal(got, quantize_blocks(w, qtype))
 
 
@@ -61,7 +61,7 @@ def test_correlated_inputs_beat_the_types_own_quantization(qtype, act_order, gen
     x = correlated_inputs(gen, 2048, k)
     w = torch.randn(32, k, generator=gen) * 0.02
     H = 2 * x.T @ x / x.shape[0]
-    data = run(w, H, qtype, act_order=act_order)
+    data = run(w, H, qtype, GPTQOptions(act_order=act_order))
     rtn = quantize_blocks(w, qtype)
     assert data.shape == rtn.shape and data.dtype == torch.uint8
     gptq_err = output_error(x, w, decode(data, qtype, w.shape))

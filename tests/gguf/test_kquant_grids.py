@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
-from zeropoint.algorithms.gptq import gptq_columns
+from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns
 from zeropoint.gguf.blocks import quantize_blocks
 from zeropoint.gguf.kquant_grids import KGrid
 
@@ -43,7 +43,7 @@ def test_identity_hessian_gives_the_types_own_bytes(qtype, act_order, gen):
     # codes the type's own quantizer gives the same weights.
     w = weights(gen)
     grid = KGrid(qtype)
-    r = gptq_columns(w, torch.eye(w.shape[1]), grid, act_order=act_order)
+    r = gptq_columns(w, torch.eye(w.shape[1]), grid, GPTQOptions(act_order=act_order))
     assert torch.equal(grid.pack(r.fits, r.codes), quantize_blocks(w, qtype))
 
 
@@ -59,7 +59,7 @@ def test_correlated_inputs_beat_the_types_own_quantization(qtype, act_order, gen
     x = (torch.randn(2048, k, generator=gen) @ mix) * torch.linspace(0.3, 3.0, k)
     w = torch.randn(32, k, generator=gen) * 0.02
     grid = KGrid(qtype)
-    r = gptq_columns(w, 2 * x.T @ x / x.shape[0], grid, act_order=act_order)
+    r = gptq_columns(w, 2 * x.T @ x / x.shape[0], grid, GPTQOptions(act_order=act_order))
     data, rtn = grid.pack(r.fits, r.codes), quantize_blocks(w, qtype)
     assert data.shape == rtn.shape and data.dtype == torch.uint8
     gptq_err = output_error(x, w, decode(data, qtype, w.shape))

@@ -3,13 +3,14 @@
 (hqq.py). GPTQ rounds onto a grid (grids.py): zeropoint's QuantSpec, or a ggml block type
 (zeropoint.gguf.gptq_grids)."""
 
-from .gptq import GPTQResult, HessianAccumulator, gptq, gptq_columns, gptq_quantize
+from .gptq import GPTQOptions, GPTQResult, HessianAccumulator, gptq, gptq_columns, gptq_quantize
 from .grids import SpecGrid
 from .hqq import hqq_qparams, hqq_quantize
 from .sequential import SequentialReport, calibration_ids, gptq_model, run_sequential
 
 __all__ = [
-    "gptq", "gptq_quantize", "gptq_columns", "GPTQResult", "HessianAccumulator", "SpecGrid",
+    "gptq", "gptq_quantize", "gptq_columns", "GPTQOptions", "GPTQResult", "HessianAccumulator",
+    "SpecGrid",
     "hqq_qparams", "hqq_quantize",
     "gptq_model", "run_sequential", "calibration_ids", "SequentialReport",
 ]

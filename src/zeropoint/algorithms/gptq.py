@@ -24,8 +24,25 @@ from ..qtensor import QTensor
 from ..spec import QuantSpec
 from .grids import ColumnGrid, SpecGrid
 
-DEFAULT_BLOCK_SIZE = 128  # GPTQ Sec. 4 "lazy batch updates": 128 columns per block
-DEFAULT_PERCDAMP = 0.01  # GPTQ Sec. 4 "Cholesky reformulation": 1% of the mean diagonal
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ's column loop runs, whatever grid it rounds onto."""
+
+    block_size: int = 128  # GPTQ Sec. 4 "lazy batch updates": 128 columns per block
+    percdamp: float = 0.01  # GPTQ Sec. 4 "Cholesky reformulation": 1% of the mean diagonal
+    # Columns by descending diag(H) (the GPTQ repository's `--act-order`), so that the columns
+    # with the largest input energy are rounded while most columns are still free to absorb
+    # their error. Off as in the paper; on for whole models (sequential.MODEL_OPTIONS).
+    act_order: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
+                or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not self.percdamp >= 0:
+            raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
 
 
 class HessianAccumulator:
@@ -69,19 +86,17 @@ class GPTQResult:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
-                  **kwargs) -> QTensor:
-    """GPTQ codes of `weight` (out, in) as a QTensor; keyword arguments as for `gptq`."""
-    return gptq(weight, hessian, spec, **kwargs).qtensor(spec, weight.dtype)
+                  options: GPTQOptions = GPTQOptions(), **kwargs) -> QTensor:
+    """GPTQ codes of `weight` (out, in) as a QTensor; arguments as for `gptq`."""
+    return gptq(weight, hessian, spec, options, **kwargs).qtensor(spec, weight.dtype)
 
 
 def gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     spec: QuantSpec,
+    options: GPTQOptions = GPTQOptions(),
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
-    act_order: bool = False,
     clip: MSESearch | None = None,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
@@ -91,21 +106,16 @@ def gptq(
     Scales: per-group along in_features (spec axis -1/1) fits each group's scale when GPTQ
     reaches the group's first column, from the weights as updated by every column before it (the
     paper's group-wise variant, Sec. 5): min/max, or with `clip` the clip ratio of least squared
-    error (calibrate.mse_qparams). Every other granularity, and every group when `act_order` is
-    set, is fitted up front from the original weights ("static groups": a QTensor stores groups
-    by column position, so they must not follow the permuted order). Given `scale` (and
-    `zero_point`, grid-shaped), those are used as they are.
-
-    act_order: process columns by descending diag(H) (the GPTQ repository's `--act-order`),
-    so that the columns with the largest input energy are rounded while most columns are still
-    free to absorb their error.
+    error (calibrate.mse_qparams). Every other granularity, and every group when
+    `options.act_order` is set, is fitted up front from the original weights ("static groups": a
+    QTensor stores groups by column position, so they must not follow the permuted order). Given
+    `scale` (and `zero_point`, grid-shaped), those are used as they are.
     """
-    _check_inputs(weight, hessian, spec, block_size, percdamp)
+    _check_inputs(weight, hessian, spec, options)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grid = SpecGrid(spec, tuple(weight.shape), dtype, clip=clip, scale=scale,
                     zero_point=zero_point)
-    result = gptq_columns(weight, hessian, grid, block_size=block_size, percdamp=percdamp,
-                          act_order=act_order)
+    result = gptq_columns(weight, hessian, grid, options)
     scale, zero_point = grid.qparams(result.fits)
     return GPTQResult(result.codes.to(spec.code_dtype), scale, zero_point, result.loss)
 
@@ -121,10 +131,7 @@ def gptq_columns(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     grid: ColumnGrid,
-    *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = DEFAULT_PERCDAMP,
-    act_order: bool = False,
+    options: GPTQOptions = GPTQOptions(),
 ) -> ColumnsResult:
     """GPTQ's column loop onto any grid (grids.py): `weight` (out, in) float32/64, `hessian`
     (in, in). Groups are fitted when reached (dynamic), or all up front from the original
@@ -142,7 +149,8 @@ def gptq_columns(
 
     group = grid.group_size(n_in)
     fits: list = [None] * -(-n_in // group)
-    static = act_order or group >= n_in
+    static = options.act_order or group >= n_in
+    block_size = options.block_size
     if static:
         for k in range(len(fits)):
             fits[k] = grid.fit(W[:, k * group : (k + 1) * group], k * group)
@@ -151,12 +159,13 @@ def gptq_columns(
         # earlier column's update (the lazy update reaches later blocks only at the block's end).
         block_size = max(group, block_size // group * group)
 
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else None
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            if options.act_order else None)
     order = perm.tolist() if perm is not None else range(n_in)  # original index of each column
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
-    Hinv = _upper_cholesky_of_inverse(H, percdamp)  # (in, in) upper triangular
+    Hinv = _upper_cholesky_of_inverse(H, options.percdamp)  # (in, in) upper triangular
     del H
     codes = torch.empty(n_out, n_in, dtype=dtype)
     losses = torch.zeros(n_in, dtype=dtype)  # (in,) each column's share of the proxy loss
@@ -206,7 +215,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor
     )
 
 
-def _check_inputs(weight, hessian, spec, block_size, percdamp) -> None:
+def _check_inputs(weight, hessian, spec, options) -> None:
     check_float_tensor(weight, "weight")
     if weight.dim() != 2:
         raise ValueError(
@@ -223,7 +232,5 @@ def _check_inputs(weight, hessian, spec, block_size, percdamp) -> None:
     raise_if_not_finite(hessian, "hessian")
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not percdamp >= 0:
-        raise ValueError(f"percdamp must be >= 0, got {percdamp!r}")
+    if not isinstance(options, GPTQOptions):
+        raise TypeError(f"options must be a GPTQOptions, got {type(options).__name__}")

@@ -25,7 +25,7 @@ from ..nn.quantize_model import ModelReport, quantize_model
 from ..nn.recipe import Recipe
 from ..qtensor import QTensor
 from ..spec import Granularity, QuantSpec
-from .gptq import DEFAULT_BLOCK_SIZE, HessianAccumulator, gptq
+from .gptq import GPTQOptions, HessianAccumulator, gptq
 
 # Each group's scale from an MSE search of its range (1% steps), not plain min/max.
 DEFAULT_CLIP = MSESearch()
@@ -33,8 +33,9 @@ DEFAULT_CLIP = MSESearch()
 # (SmolLM2, 32 x 256 tokens, int4 sym g128) perplexity went 49.4 (1%) -> 46.0 (10%) -> 46.7
 # (30%) -> 46.5 (100%); at int3, 279 (1%) -> 200 (30%) -> 196 (100%). A stronger pull towards
 # the identity Hessian (round-to-nearest) keeps GPTQ from fitting the calibration text's
-# correlations, which another text does not share.
-MODEL_PERCDAMP = 0.1
+# correlations, which another text does not share. Act-order too: with static groups it costs
+# nothing at inference (the groups stay by column position).
+MODEL_OPTIONS = GPTQOptions(percdamp=0.1, act_order=True)
 
 BATCH_SEQUENCES = 8  # calibration sequences per forward: bounds the attention's working memory
 
@@ -90,10 +91,8 @@ def gptq_model(
     model: nn.Module,
     recipe: Recipe,
     calib_ids: torch.Tensor,
+    options: GPTQOptions = MODEL_OPTIONS,
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = MODEL_PERCDAMP,
-    act_order: bool = True,
     clip: MSESearch | None = DEFAULT_CLIP,
     true_sequential: bool = True,
     batch: int = BATCH_SEQUENCES,
@@ -106,8 +105,7 @@ def gptq_model(
     (an lm_head the recipe quantizes, embeddings) gets round-to-nearest. Returns the measured
     sizes, the time and the peak memory.
 
-    act_order is on by default: with static groups it costs nothing at inference (the groups
-    stay by column position). clip (default: an MSE search of each group's range) picks each
+    clip (default: an MSE search of each group's range) picks each
     group's scale; None keeps min/max. tests/algorithms/test_real_gptq.py has the accuracy
     these defaults reach on SmolLM2.
     true_sequential: quantize q/k/v, then o, then gate/up, then down, each from inputs computed
@@ -116,10 +114,9 @@ def gptq_model(
     started = time.perf_counter()
     qtensors: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
-    options = dict(block_size=block_size, percdamp=percdamp, act_order=act_order, clip=clip)
 
     def solve(layer, prefix, members, H):
-        _quantize_group(layer, members, H, recipe, prefix, options, qtensors, losses)
+        _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses)
 
     n_layers = run_sequential(model, calib_ids, solve, true_sequential=true_sequential,
                               batch=batch, progress=progress)
@@ -299,7 +296,7 @@ def _stackable(spec: QuantSpec) -> bool:
     return spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
 
 
-def _quantize_group(layer, members, H, recipe, prefix, options, qtensors, losses) -> None:
+def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> None:
     """GPTQ for Linears sharing the Hessian H, into `qtensors` (full name -> QTensor) and
     `losses`; each Linear's weight is left fake-quantized for the rest of the layer's passes."""
     linears = _linears(layer)
@@ -313,7 +310,7 @@ def _quantize_group(layer, members, H, recipe, prefix, options, qtensors, losses
         for batch in batches:
             weights = [linears[n].weight for n in batch]
             stacked = torch.cat([w.detach() for w in weights])  # (sum of out_features, in)
-            r = gptq(stacked, H, spec, **options)
+            r = gptq(stacked, H, spec, options, clip=clip)
             losses[prefix + ",".join(batch)] = r.loss
             row = 0
             for n, w in zip(batch, weights):

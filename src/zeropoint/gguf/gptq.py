@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..algorithms.gptq import DEFAULT_BLOCK_SIZE, gptq_columns
-from ..algorithms.sequential import MODEL_PERCDAMP, peak_rss_bytes, run_sequential
+from ..algorithms.gptq import GPTQOptions, gptq_columns
+from ..algorithms.sequential import MODEL_OPTIONS, peak_rss_bytes, run_sequential
 from .blocks import dequantize_blocks
 from .export import ARCH, check_architecture, export_metadata, gguf_name, permute_qk
 from .gptq_grids import GRID_TYPES, block_grid
@@ -47,10 +47,8 @@ def gptq_gguf(
     out: str | os.PathLike,
     target: Target | str,
     calib_ids: torch.Tensor,
+    options: GPTQOptions = MODEL_OPTIONS,
     *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    percdamp: float = MODEL_PERCDAMP,
-    act_order: bool = True,
     progress: bool = False,
     threads: int | None = None,
 ) -> GPTQGGUFReport:
@@ -59,7 +57,7 @@ def gptq_gguf(
     quantized by GPTQ calibrated on `calib_ids` (sequences, length). The model is changed in
     place (its Linears end up holding their dequantized GPTQ weights).
 
-    act_order (default): columns by descending Hessian diagonal, each block's scales fitted up
+    options.act_order (default): columns by descending Hessian diagonal, each block's scales fitted up
     front from the original weights, so they are the very scales the type's own quantizer
     picks. Without it each block's scales are fitted from the weights GPTQ has updated, whose
     largest values the updates tend to grow: on SmolLM2 Q4_0 (calibrated on lee.cor, scored on
@@ -80,7 +78,6 @@ def gptq_gguf(
     _check_gptq_types(loaded.model, names, types)
 
     written: dict[str, tuple[str, torch.Tensor]] = {}  # gguf name -> (type, (out, row bytes))
-    options = dict(block_size=block_size, percdamp=percdamp, act_order=act_order)
 
     def solve(layer, prefix, members, H):
         by_type: dict[str, list[str]] = {}
@@ -92,7 +89,7 @@ def gptq_gguf(
             linears = [layer.get_submodule(m) for m in batch]
             stacked = torch.cat([lin.weight.detach() for lin in linears])  # (sum of out, in)
             grid = block_grid(qtype)
-            r = gptq_columns(stacked.to(torch.float32), H, grid, **options)
+            r = gptq_columns(stacked.to(torch.float32), H, grid, options)
             data = grid.pack(r.fits, r.codes)  # (sum of out, row bytes)
             row = 0
             for member, lin in zip(batch, linears):
