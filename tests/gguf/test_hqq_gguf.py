@@ -70,6 +70,8 @@ def test_bad_input_is_named(gen):
         hqq_blocks(torch.randn(2, 48), "Q4_0")
     with pytest.raises(ValueError, match="NaN or inf"):
         hqq_blocks(torch.full((1, 32), float("nan")), "Q4_0")
+    with pytest.raises(ValueError, match="overflows float16"):
+        hqq_blocks(torch.full((1, 256), 1e10), "Q4_K")
     with pytest.raises(ValueError, match="IQ4_NL.*accepted"):
         hqq_blocks(torch.randn(1, 32), "IQ4_NL")
 
@@ -131,3 +133,10 @@ def test_cli_writes_hqq_gguf_that_llama_cpp_runs(tiny_dir, tmp_path, capsys):
     tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
     _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
     assert mean < 0.1 and same_top > 0.85
+
+
+def test_k_type_rows_must_hold_whole_super_blocks():
+    with pytest.raises(ValueError, match="Q4_K takes rows of whole blocks of 256"):
+        hqq_blocks(torch.randn(2, 96), "Q4_K")
+    with pytest.raises(ValueError, match="Q4_K takes rows"):
+        hqq_blocks(torch.randn(256), "Q4_K")

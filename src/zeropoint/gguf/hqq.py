@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..algorithms.hqq import MIN_GAIN, shrink_lp
-from .blocks import dequantize_blocks
+from .blocks import BLOCK_SIZE, dequantize_blocks, quantize_blocks
 from .gptq_grids import GRID_TYPES, block_grid
 from .requantize import encode
 
@@ -32,16 +32,17 @@ def hqq_blocks(w: torch.Tensor, qtype: str, *, lp_norm: float = 0.7, beta: float
     GRID_TYPES), n a multiple of the type's block size. HQQ's defaults (p = 0.7, beta = 10,
     kappa = 1.01, 20 iterations) as in algorithms/hqq.py."""
     grid = block_grid(qtype)
-    if w.dim() != 2 or w.shape[1] % grid.group_size(w.shape[1]):
-        raise ValueError(f"{qtype} takes rows of whole blocks of {grid.group_size(1)} values, "
-                         f"got shape {tuple(w.shape)}")
-    if not torch.isfinite(w).all():
-        raise ValueError("w must be finite; it holds NaN or inf")
-    n_rows, block = w.shape[0], grid.group_size(w.shape[1])
+    block = BLOCK_SIZE[qtype]
+    if w.dim() != 2 or w.shape[1] % block:
+        raise ValueError(f"{qtype} takes rows of whole blocks of {block} values, got shape "
+                         f"{tuple(w.shape)}")
+    n_rows = w.shape[0]
     x = w.detach().to(torch.float32).reshape(-1, block)  # (rows * blocks, block): one block a row
-    fit = grid.fit(x, 0)  # rows are independent: one fit covers every block
+    # The type's own bytes (llama.cpp's): its quantizer also refuses NaN, inf and blocks whose
+    # scales overflow fp16, naming them.
+    own = quantize_blocks(x, qtype).view(x.shape[0], -1)  # (blocks, type_size)
+    fit = grid.fit(x, 0)  # the same scales; rows are independent: one fit covers every block
     codes, w_hat = fit.round_cols(x)
-    own = grid.pack([fit], codes)  # (blocks, type_size): the type's own quantization
     own_hat, best = w_hat, own.clone()
     best_err = _errors(x, w_hat)
     last_total = float(best_err.sum())
