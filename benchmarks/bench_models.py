@@ -7,13 +7,16 @@
    per-channel and int4 group-128 (every Linear but lm_head), each with lm_head kept float32 (the
    default recipe, and the issue's perplexity setting) and with lm_head quantized too (int8
    per-channel, or int4 group-128): the 49152x576 head is a fifth of the model's weights.
-   Every row runs the same loop (zeropoint.nn.decode.greedy_decode, or transformers' generate
-   with --loop generate), and the rows take turns, repeat after repeat, so that load from other
-   work on the machine falls on all of them alike; medians are printed. Also the quantize time,
-   the perplexity on the first 2,048 pydoc tokens (--no-ppl skips it), and llama.cpp on the same
-   model as the anchor when llama-cpp-python is installed.
+   The float32 baseline that every ratio divides by runs transformers' forward each token
+   (greedy_decode's "hf" loop, or generate with --loop generate); the other rows run --loop:
+   "compact" (default: nn/llama_decode.py, the model's kernels without transformers' module
+   tree), "hf" or "generate". With "compact", float32 through the compact loop is a row too, so
+   that the loop's own share of the gain shows. The rows take turns, repeat after repeat, so
+   that load from other work on the machine falls on all of them alike; medians are printed.
+   Also the quantize time, the perplexity on the first 2,048 pydoc tokens (--no-ppl skips it),
+   and llama.cpp on the same model as the anchor when llama-cpp-python is installed.
 
-    .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 5] [--loop plain]
+    .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 5] [--loop compact]
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def decode_seconds(model, ids, tokens: int, loop: str) -> float:
     """Wall seconds of one greedy decode of `tokens` new tokens."""
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if loop == "plain":
-            greedy_decode(model, ids, tokens)
+        if loop in ("compact", "hf"):
+            greedy_decode(model, ids, tokens, loop=loop)
         else:
             model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     return time.perf_counter() - t0
@@ -143,14 +146,18 @@ QUANTIZED_ROWS = (
 )
 
 
-def decode_rows(model):
-    """(name, model, quantize seconds) for every row of the decode table."""
-    rows = [("float32", model, None), ("bfloat16", copy.deepcopy(model).bfloat16(), None)]
+def decode_rows(model, loop: str):
+    """(name, model, quantize seconds, loop) for every row of the decode table; the first is
+    the float32 baseline, through transformers' forward."""
+    rows = [("float32", model, None, "generate" if loop == "generate" else "hf")]
+    if loop == "compact":
+        rows.append(("float32", model, None, loop))
+    rows.append(("bfloat16", copy.deepcopy(model).bfloat16(), None, loop))
     for name, spec, head_spec in QUANTIZED_ROWS:
         quantized = copy.deepcopy(model)
         t0 = time.perf_counter()
         quantize_model(quantized, Recipe(spec, (Rule("lm_head", head_spec),)))
-        rows.append((name, quantized, time.perf_counter() - t0))
+        rows.append((name, quantized, time.perf_counter() - t0, loop))
     return rows
 
 
@@ -161,24 +168,26 @@ def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
     loaded = load_model(None, progress=False)
     prompt = "The history of the printing press"
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    rows = decode_rows(loaded.model)
-    seconds = {name: [] for name, _, _ in rows}
-    for name, model, _ in rows:  # warm-up: allocator, thread pool, caches
-        decode_seconds(model, ids, tokens, loop)
+    rows = decode_rows(loaded.model, loop)
+    seconds = [[] for _ in rows]
+    for _, model, _, row_loop in rows:  # warm-up: allocator, thread pool, caches
+        decode_seconds(model, ids, tokens, row_loop)
     for _ in range(repeat):  # interleaved: each repeat runs every row once
-        for name, model, _ in rows:
-            seconds[name].append(decode_seconds(model, ids, tokens, loop))
-    loop_name = "zeropoint.nn.decode.greedy_decode" if loop == "plain" else "transformers generate"
-    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, {loop_name}, "
-          f"median of {repeat} interleaved runs")
-    print(f"{'':<26}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}{'perplexity':>12}")
-    base = tokens / statistics.median(seconds["float32"])
+        for times, (_, model, _, row_loop) in zip(seconds, rows):
+            times.append(decode_seconds(model, ids, tokens, row_loop))
+    loop_names = {"compact": "compact (nn/llama_decode.py)", "hf": "hf (transformers forward)",
+                  "generate": "transformers generate"}
+    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, median of {repeat} "
+          f"interleaved runs; loop: {loop_names[loop]}, baseline: the first row")
+    print(f"{'':<26}{'loop':>10}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}"
+          f"{'perplexity':>12}")
+    base = tokens / statistics.median(seconds[0])
     text = default_text()
-    for name, model, quantize_s in rows:
-        tps = tokens / statistics.median(seconds[name])
+    for times, (name, model, quantize_s, row_loop) in zip(seconds, rows):
+        tps = tokens / statistics.median(times)
         q = f"{quantize_s:>12.2f}" if quantize_s is not None else f"{'':>12}"
         p = f"{perplexity(model, loaded.tokenizer, text).perplexity:>12.2f}" if ppl else ""
-        print(f"{name:<26}{tps:>10.1f}{tps / base:>11.2f}x{q}{p}", flush=True)
+        print(f"{name:<26}{row_loop:>10}{tps:>10.1f}{tps / base:>11.2f}x{q}{p}", flush=True)
     gguf = str(default_model_path())
     anchors = [("llama.cpp Q4_1 (its file)", gguf)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -197,8 +206,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--loop", choices=("plain", "generate"), default="plain",
-                    help="decode loop for every row: zeropoint's greedy_decode or generate")
+    ap.add_argument("--loop", choices=("compact", "hf", "generate"), default="compact",
+                    help="decode loop of every row but the float32 baseline: greedy_decode's "
+                    "compact decoder or its transformers loop, or generate")
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
     ap.add_argument("--split-rows", type=int, default=None,
                     help="share the rows of batch-1 matmuls with this many rows or more with a "

@@ -195,8 +195,13 @@ def _ptr(t, offset_elements=0):
 def _local(t, start: int, n: int):
     """A copy of t.flat[start:start + n] made by the calling worker thread. Scales and
     zero-points were just written by another core; read in place, interleaved with the data
-    stream, they cost a cross-core cache transfer per block (measured 2x slower per-group)."""
-    return None if t is None else t.reshape(-1)[start : start + n].clone()
+    stream, they cost a cross-core cache transfer per block (measured 2x slower per-group).
+    numpy copies: a torch copy this large runs an OpenMP region, and an OpenMP team started
+    from a worker thread left the main thread's float matmuls 1.8x slower for the rest of the
+    process (libgomp keeps one team per calling thread, and the two compete for the cores)."""
+    if t is None:
+        return None
+    return torch.from_numpy(t.reshape(-1)[start : start + n].numpy().copy())
 
 
 def _with_params(fn, scale, zero_point, C, s0):

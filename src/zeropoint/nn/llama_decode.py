@@ -12,8 +12,9 @@ rope scaling come from the model. Two paths share one preallocated KV cache:
   calls on the model's kernels, causal attention by scaled_dot_product_attention.
 - the one-row step (batch 1, float32): each call writes into buffers allocated once, a C gemv
   kernel (gemv.py) is called on their raw pointers, and attention is two batched matmuls over the
-  cache; about 30 small torch calls a layer. The OpenMP fork of SDPA and of small reductions
-  costs more than their arithmetic here, and more again when the 2 cores are shared.
+  cache; about 30 small torch calls a layer, on one torch thread (a matmul that torch runs, for
+  float weights, gets the caller's threads): the OpenMP fork and join of SDPA, bmm and softmax
+  cost more than their arithmetic at this size, and far more when the 2 cores are shared.
 
 The arithmetic is the model's: the same kernels on the same inputs, RMSNorm and rotary in
 transformers' order of operations; only summation orders (attention, the norm's sum of squares)
@@ -54,7 +55,8 @@ def _check(model) -> None:
             f"the compact decoder runs Llama-family causal LMs, got model type {model_type!r}; "
             f"accepted: {', '.join(ACCEPTED_MODEL_TYPES)}"
         )
-    if getattr(model, "lm_head", None) is None or not hasattr(getattr(model, "model", None), "layers"):
+    inner = getattr(model, "model", None)
+    if getattr(model, "lm_head", None) is None or not hasattr(inner, "layers"):
         raise ValueError(f"the compact decoder needs a causal LM with model.layers and lm_head, "
                          f"got {type(model).__name__}")
     rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
@@ -96,38 +98,49 @@ def _stacked(modules):
     return lambda x: torch.cat([f(x) for f in fns], dim=-1)
 
 
+def _threaded(call, threads):
+    """`call` on `threads` torch threads, from and back to the one thread of a step."""
+    set_threads = torch.set_num_threads
+    return lambda: (set_threads(threads), call(), set_threads(1))
+
+
 def _kernel_into(kernel, bias, x, y):
-    """A call that writes kernel.linear(x, bias) into buffer y; x and y are fixed buffers."""
+    """(call, is_gemv): a call that writes kernel.linear(x, bias) into buffer y (x and y are
+    fixed buffers), and whether it is a C gemv call that uses no torch thread."""
     if isinstance(kernel, GemvKernel) and x.dtype == torch.float32:
-        # x and y never move, so the C call's checks and output allocation are done once here:
-        # what GemvKernel.linear does per call for one contiguous float32 row.
+        # GemvKernel.linear checks its input and allocates the output on every call; with
+        # buffers that never move, the checks hold once and for all, and the C call is all.
         run, xp, yp = kernel._run, x.data_ptr(), y.data_ptr()
         if bias is None:
-            return lambda: run(xp, yp)
-        return lambda: (run(xp, yp), y.add_(bias))
-    return lambda: y.copy_(kernel.linear(x, bias))
+            return (lambda: run(xp, yp)), True
+        return (lambda: (run(xp, yp), y.add_(bias))), True
+    return (lambda: y.copy_(kernel.linear(x, bias))), False
 
 
 def _into(modules, x, y):
-    """A call that writes the modules' outputs on buffer x, concatenated, into buffer y."""
+    """(call, is_gemv): a call that writes the modules' outputs on buffer x, concatenated, into
+    buffer y, and whether all of it is C gemv calls."""
     group = _fused_group(modules)
     if group is not None:
         return _kernel_into(group.kernel, group.bias, x, y)
-    calls, start = [], 0
+    calls, all_gemv, start = [], True, 0
     for m in modules:
         part = y.narrow(-1, start, m.out_features)
         start += m.out_features
         if isinstance(m, QLinear) and not isinstance(m.kernel, FusedSlice):
-            calls.append(_kernel_into(m.kernel, m.bias, x, part))
+            call, gemv = _kernel_into(m.kernel, m.bias, x, part)
         elif type(m) is nn.Linear:
             x2, y2, w_t, b = x.view(1, -1), part.view(1, -1), m.weight.t(), m.bias
-            calls.append((lambda x2=x2, y2=y2, w_t=w_t: torch.mm(x2, w_t, out=y2)) if b is None
-                         else (lambda x2=x2, y2=y2, w_t=w_t, b=b: torch.addmm(b, x2, w_t, out=y2)))
+            call, gemv = ((lambda x2=x2, y2=y2, w_t=w_t: torch.mm(x2, w_t, out=y2)) if b is None
+                          else (lambda x2=x2, y2=y2, w_t=w_t, b=b: torch.addmm(b, x2, w_t, out=y2))
+                          ), False
         else:
-            calls.append(lambda m=m, part=part: part.copy_(m(x)))
+            call, gemv = (lambda m=m, part=part: part.copy_(m(x))), False
+        calls.append(call)
+        all_gemv &= gemv
     if len(calls) == 1:
-        return calls[0]
-    return lambda: [call() for call in calls]
+        return calls[0], all_gemv
+    return (lambda: [call() for call in calls]), all_gemv
 
 
 def _rms_norm(x, weight, eps):
@@ -173,10 +186,11 @@ class LlamaDecoder:
     @torch.inference_mode()
     def start(self, batch: int, max_len: int) -> None:
         """Empty the cache and make room for `max_len` positions of `batch` sequences."""
-        n_layers, d = len(self.layers), self.head_dim
-        shape = (n_layers, batch, self.n_kv, max_len, d)
-        self.k_cache = torch.empty(shape, dtype=self.dtype)
-        self.v_cache = torch.empty(shape, dtype=self.dtype)
+        d, n_rows = self.head_dim, self.n_heads + 2 * self.n_kv
+        # A position's cache row is the q/k/v projection's whole output, q included (2.5 times
+        # the k/v bytes for SmolLM2): the stacked matmul writes it in place and rotary embedding
+        # rotates it there, so nothing is copied into the cache.
+        self.cache = torch.empty(len(self.layers), batch, max_len, n_rows, d, dtype=self.dtype)
         # The model's own rotary module, once for every position: (1, max_len, d) each.
         positions = torch.arange(max_len).unsqueeze(0)
         cos, sin = self.model.model.rotary_emb(torch.empty(0, dtype=self.dtype), positions)
@@ -201,7 +215,8 @@ class LlamaDecoder:
                              f"got {b} sequences at positions {pos}..{end - 1}")
         if t == 1 and self._steps is not None:
             return self._step(ids).clone()
-        n_heads, n_qk, d, half = self.n_heads, self.n_heads + self.n_kv, self.head_dim, self.head_dim // 2
+        n_heads, n_qk, d = self.n_heads, self.n_heads + self.n_kv, self.head_dim
+        half = d // 2
         cos, sin = self.cos[pos:end], self.sin[pos:end]
         # Rows of one block see the cache and the rows before them; SDPA's own causal mask says
         # that when the block starts the sequence.
@@ -209,17 +224,17 @@ class LlamaDecoder:
         if t > 1 and pos > 0:
             mask = torch.arange(end) <= torch.arange(pos, end).unsqueeze(1)  # (t, end)
         h = self.embed(ids)  # (b, t, hidden), a fresh tensor: the residual adds go in place
-        for (w1, eps1, qkv, o_proj, scale, w2, eps2, gate_up, down, act), k_cache, v_cache in zip(
-                self.layers, self.k_cache, self.v_cache):
-            y = qkv(_rms_norm(h, w1, eps1)).view(b, t, -1, d)  # (b, t, heads + 2 kv heads, d)
-            qk = y[:, :, :n_qk]
-            rot = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
-            k_cache.narrow(2, pos, t).copy_(rot[:, :, n_heads:].transpose(1, 2))
-            v_cache.narrow(2, pos, t).copy_(y[:, :, n_qk:].transpose(1, 2))
+        for (w1, eps1, qkv, o_proj, scale, w2, eps2, gate_up, down, act), rows in zip(
+                self.layers, self.cache):
+            new = rows.narrow(1, pos, t)  # (b, t, heads + 2 kv heads, d)
+            new.copy_(qkv(_rms_norm(h, w1, eps1)).view(b, t, -1, d))
+            qk = new[:, :, :n_qk]
+            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1).mul_(sin)
+            qk.mul_(cos).add_(swapped)  # q and k rotated, in the cache
             a = F.scaled_dot_product_attention(
-                rot[:, :, :n_heads].transpose(1, 2), k_cache.narrow(2, 0, end),
-                v_cache.narrow(2, 0, end), attn_mask=mask, is_causal=causal, scale=scale,
-                enable_gqa=True)  # (b, heads, t, d)
+                new[:, :, :n_heads].transpose(1, 2), rows[:, :end, n_heads:n_qk].transpose(1, 2),
+                rows[:, :end, n_qk:].transpose(1, 2), attn_mask=mask, is_causal=causal,
+                scale=scale, enable_gqa=True)  # (b, heads, t, d)
             h.add_(o_proj(a.transpose(1, 2).reshape(b, t, n_heads * d)))
             g, u = gate_up(_rms_norm(h, w2, eps2)).chunk(2, dim=-1)  # (b, t, intermediate) each
             h.add_(down(act(g) * u))
@@ -230,76 +245,100 @@ class LlamaDecoder:
 
     def _prepare_steps(self) -> None:
         """Buffers for one-row steps and, per layer, the calls that fill them."""
-        d, n_heads, n_kv, max_len = self.head_dim, self.n_heads, self.n_kv, self.max_len
-        n_qk, group = n_heads + n_kv, n_heads // n_kv
+        d, n_heads, n_kv = self.head_dim, self.n_heads, self.n_kv
+        n_qk, n_rows, group = n_heads + n_kv, n_heads + 2 * n_kv, n_heads // n_kv
         model, inner = self.model, self.model.model
         buf = lambda n: torch.empty(1, 1, n)  # noqa: E731
-        self.h, self.x = buf(self.hidden), buf(self.hidden)
-        y_qkv, self.attn = buf((n_qk + n_kv) * d), buf(n_heads * d)
-        o_out, d_out = buf(self.hidden), buf(self.hidden)
+        self.h, self.x, self.attn = buf(self.hidden), buf(self.hidden), buf(n_heads * d)
+        y_qkv, o_out, d_out = buf(n_rows * d), buf(self.hidden), buf(self.hidden)
         inter = self.blocks[0][3].gate_proj.out_features
-        gu = buf(2 * inter)
-        self.logits = buf(model.lm_head.out_features)
-        heads = y_qkv.view(-1, d)  # (heads + 2 kv heads, d)
-        self.qk_in, self.v_new = heads[:n_qk], heads[n_qk:].view(n_kv, 1, d)
-        self.qk, self.swapped = torch.empty(n_qk, d), torch.empty(n_qk, d)
-        self.q = self.qk[:n_heads].view(n_kv, group, d)  # each kv head's query heads as rows
-        self.k_new = self.qk[n_heads:].view(n_kv, 1, d)
-        self.attn_out = self.attn.view(n_kv, group, d)
+        gu, self.logits = buf(2 * inter), buf(model.lm_head.out_features)
+        g, u = gu.narrow(-1, 0, inter), gu.narrow(-1, inter, inter)
+        self.swapped = torch.empty(n_qk, d)
+        self.attn_out = self.attn.view(n_kv, group, d)  # each kv head's query heads as rows
         self.swap = torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
-        self.pos_t = torch.zeros(1, dtype=torch.long)
         self.h1 = self.h.view(-1)
         self.n_hidden = torch.tensor(float(self.hidden))
-        self.none = torch.zeros(())  # baddbmm's input, ignored with beta=0
         self.cos1, self.sin1 = self.cos[:, 0], self.sin[:, 0]  # (max_len, d)
-        self.kt_all = self.k_cache[:, 0].transpose(-1, -2)  # (layers, kv heads, d, max_len)
-        self.v_all = self.v_cache[:, 0]  # (layers, kv heads, max_len, d)
-        g_half = gu.narrow(-1, 0, inter)
+        cache = self.cache[:, 0]  # (layers, max_len, heads + 2 kv heads, d)
+        self.kt_all = cache[:, :, n_heads:n_qk].permute(0, 2, 3, 1)  # (layers, kv, d, max_len)
+        self.v_all = cache[:, :, n_qk:].permute(0, 2, 1, 3)  # (layers, kv, max_len, d)
+        row_bytes = n_rows * d * cache.element_size()
         self._steps = []
-        for (n1, a, n2, m), k_cache, v_cache in zip(self.blocks, self.k_cache[:, 0], self.v_cache[:, 0]):
-            act = ((lambda: F.silu(g_half, inplace=True)) if self.silu
-                   else (lambda m=m: g_half.copy_(m.act_fn(g_half))))
+        self.threads = torch.get_num_threads()
+
+        def into(modules, x, y):
+            call, is_gemv = _into(modules, x, y)
+            return call if is_gemv else _threaded(call, self.threads)
+
+        for (n1, a, n2, m), rows in zip(self.blocks, cache):
+            projections = [a.q_proj, a.k_proj, a.v_proj]
+            group = _fused_group(projections)
+            if group is not None and isinstance(group.kernel, GemvKernel):
+                # The C call writes the position's cache row itself.
+                run, xp, base = group.kernel._run, self.x.data_ptr(), rows.data_ptr()
+                bias = group.bias
+                qkv = ((lambda pos, row, run=run, base=base: run(xp, base + pos * row_bytes))
+                       if bias is None else
+                       (lambda pos, row, run=run, base=base, bias=bias: (
+                           run(xp, base + pos * row_bytes), row.view(-1).add_(bias))))
+            else:
+                call = into(projections, self.x, y_qkv)
+                qkv = lambda pos, row, call=call: (  # noqa: E731
+                    call(), row.copy_(y_qkv.view(n_rows, d)))
+            act = ((lambda: F.silu(g, inplace=True)) if self.silu
+                   else (lambda m=m: g.copy_(m.act_fn(g))))
             self._steps.append((
-                n1.weight, torch.tensor(n1.variance_epsilon),
-                _into([a.q_proj, a.k_proj, a.v_proj], self.x, y_qkv), k_cache, v_cache, a.scaling,
-                _into([a.o_proj], self.attn, o_out), o_out,
+                n1.weight, torch.tensor(n1.variance_epsilon), qkv, torch.tensor(a.scaling),
+                into([a.o_proj], self.attn, o_out), o_out,
                 n2.weight, torch.tensor(n2.variance_epsilon),
-                _into([m.gate_proj, m.up_proj], self.x, gu), act, g_half, gu.narrow(-1, inter, inter),
-                _into([m.down_proj], g_half, d_out), d_out))
+                into([m.gate_proj, m.up_proj], self.x, gu), act, g, u,
+                into([m.down_proj], g, d_out), d_out))
         self.final = (inner.norm.weight, torch.tensor(inner.norm.variance_epsilon))
-        self.head = _into([model.lm_head], self.x, self.logits)
+        self.head = into([model.lm_head], self.x, self.logits)
 
     def _norm_into_x(self, weight, eps):
         # LlamaRMSNorm at one float32 row: the sum of squares by a dot product, then the same
-        # division, epsilon, rsqrt and products, in place (0-d tensor operands: no scalar wrapping).
-        s = torch.dot(self.h1, self.h1)
-        s.div_(self.n_hidden).add_(eps).rsqrt_()
+        # mean, epsilon, rsqrt and products (0-d tensor operands: no scalar wrapping per call).
+        s = torch.addcdiv(eps, torch.dot(self.h1, self.h1), self.n_hidden).rsqrt_()
         torch.mul(self.h, s, out=self.x)
         self.x.mul_(weight)
 
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (1, 1, vocab) of one token (1, 1) at the next position, in a buffer that the
         next step overwrites."""
+        # One torch thread but for the matmuls that torch runs (float weights): the other ops
+        # are too small to share, and their OpenMP fork and join (a few us each, far more when
+        # another process holds the second core) costs more than it saves.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._layers_step(token)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _layers_step(self, token: torch.Tensor) -> torch.Tensor:
         pos = self.pos
         end = pos + 1
-        self.pos_t.fill_(pos)
+        n_heads, n_qk, n_kv = self.n_heads, self.n_heads + self.n_kv, self.n_kv
+        h, swapped, swap, attn_out = self.h, self.swapped, self.swap, self.attn_out
+        norm = self._norm_into_x
         cos, sin = self.cos1[pos], self.sin1[pos]  # (d,)
-        h, x, qk, swapped, q, k_new, v_new, attn_out = (
-            self.h, self.x, self.qk, self.swapped, self.q, self.k_new, self.v_new, self.attn_out)
-        qk_in, swap, pos_t, none, norm = self.qk_in, self.swap, self.pos_t, self.none, self._norm_into_x
         h.copy_(self.embed(token))
-        kts = self.kt_all.narrow(3, 0, end).unbind(0)  # per layer (kv heads, d, end)
-        vs = self.v_all.narrow(2, 0, end).unbind(0)  # per layer (kv heads, end, d)
-        for (w1, eps1, qkv, k_cache, v_cache, scale, o_proj, o_out, w2, eps2, gate_up, act, g, u,
-             down, d_out), kt, v in zip(self._steps, kts, vs):
+        # Per layer views of this position's cache row and of the cache up to it.
+        row = self.cache[:, 0, pos]  # (layers, heads + 2 kv heads, d)
+        rows, qks = row.unbind(0), row[:, :n_qk].unbind(0)
+        qs = row[:, :n_heads].unflatten(1, (n_kv, -1)).unbind(0)  # (kv heads, group, d) each
+        kts = self.kt_all.narrow(3, 0, end).unbind(0)  # (kv heads, d, end) each
+        vs = self.v_all.narrow(2, 0, end).unbind(0)  # (kv heads, end, d) each
+        for (w1, eps1, qkv, scale, o_proj, o_out, w2, eps2, gate_up, act, g, u, down, d_out), \
+                row, qk, q, kt, v in zip(self._steps, rows, qks, qs, kts, vs):
             norm(w1, eps1)
-            qkv()
-            torch.index_select(qk_in, 1, swap, out=swapped)  # (x2, x1) of rotate_half's (-x2, x1)
+            qkv(pos, row)
+            torch.index_select(qk, 1, swap, out=swapped)  # (x2, x1) of rotate_half's (-x2, x1)
             swapped.mul_(sin)
-            torch.mul(qk_in, cos, out=qk).add_(swapped)  # q and k rotated
-            k_cache.index_copy_(1, pos_t, k_new)
-            v_cache.index_copy_(1, pos_t, v_new)
-            w = torch.baddbmm(none, q, kt, beta=0, alpha=scale)  # (kv heads, group, end)
+            qk.mul_(cos).add_(swapped)  # q and k rotated, in the cache
+            w = torch.bmm(q, kt).mul_(scale)  # (kv heads, group, end)
             torch.bmm(w.softmax(-1), v, out=attn_out)
             o_proj()
             h.add_(o_out)
