@@ -80,10 +80,12 @@ def decode_seconds(model, ids, tokens: int, loop: str) -> float:
 
 def llama_cpp_tokens_per_second(path: str, prompt: str, tokens: int, repeat: int) -> float | None:
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    llm = Llama(model_path=path, n_threads=2, n_ctx=512, verbose=False)
+    from zeropoint.gguf.cli import open_llama  # extra buffers off where llama.cpp's AMX crashes
+
+    llm = open_llama(path, n_ctx=512, threads=2, logits_all=False)
 
     def run():
         llm.reset()
@@ -212,12 +214,13 @@ def main():
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
     ap.add_argument("--split-rows", type=int, default=None,
                     help="share the rows of batch-1 matmuls with this many rows or more with a "
-                    "second thread (nn/gemv.py PARALLEL_MIN_ROWS; default: never)")
+                    "second thread (default: nn/gemv.py PARALLEL_MIN_ROWS)")
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    gemv.PARALLEL_MIN_ROWS = args.split_rows
+    if args.split_rows is not None:
+        gemv.PARALLEL_MIN_ROWS = args.split_rows
     if not args.skip_layer:
         bench_layer(args.repeat)
         bench_batch1(args.repeat)

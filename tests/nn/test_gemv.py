@@ -102,7 +102,7 @@ def test_the_bound_catches_a_wrong_weight(gen):
 def test_rows_split_across_threads_give_the_same_bits(gen, spec):
     q = weights(gen, (301, 576), spec)
     x = torch.randn(1, 576, generator=gen)
-    one = QLinear(q, None).kernel
+    one = GemvKernel(q, QLinear(q, None).kernel.fallback, ckernels.library(), threads=1)
     assert one.threads == 1
     split = GemvKernel(q, one.fallback, ckernels.library(), threads=2, split_rows=301)
     assert split.threads == 2

@@ -32,12 +32,14 @@ from .. import ckernels
 from ..qtensor import QTensor
 from ..spec import Granularity
 
-# Matrices of at least this many output rows share their rows with csrc/gemv.c's worker thread;
-# None: none do. On the shared 2-core machine this was measured on, splitting lost or tied on
-# every SmolLM2 shape but the int4 lm_head at load 5 (bench_models.py's "2t" columns: a worker
-# the OS has descheduled in mid-block holds the caller up), and whole-model decoding gained
-# nothing from it even at load 1 (lm_head only, or every matrix: within 4% of one thread).
-PARALLEL_MIN_ROWS: int | None = None
+# Matrices of at least this many output rows share their rows with csrc/gemv.c's worker thread
+# (None: none do). One core does not read memory as fast as two: with the compact decoder at
+# load 1.5, sharing every SmolLM2 matrix (576 rows and up) took int8 decoding from 66 to 82
+# tokens/s and int4 from 94 to 110 (int8 heads), where sharing only the 3072- and 49152-row
+# ones gained nothing. Rows are claimed in blocks by whichever thread is running, so a worker
+# the OS has descheduled costs the caller nothing. Below 256 rows the hand-off costs more than
+# the second core gives.
+PARALLEL_MIN_ROWS: int | None = 256
 
 
 def gemv_form(q: QTensor) -> tuple[str, int] | None:
