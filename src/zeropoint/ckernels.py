@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c", "kquants.c",
-                                                                "legacy.c", "gemv.c")]
+                                                                "legacy.c", "gemv.c", "decode.c")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Full-width vectors
 # (512-bit where the CPU has them) measured 1.5x faster than gcc's default 256-bit choice.
@@ -96,6 +96,10 @@ def _library():
     lib.zp_gemv_q8.argtypes = [_p, _p, _p, _p, _i64, _i64, _int, _int]  # see csrc/gemv.c
     lib.zp_gemv_q4.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]
     lib.zp_gemv_q8.restype = lib.zp_gemv_q4.restype = None
+    lib.zp_add_rmsnorm.argtypes = [_p, _p, _p, _f32, _i64, _p]  # see csrc/decode.c
+    lib.zp_llama_attend.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _f32, _p, _p]
+    lib.zp_silu_mul.argtypes = [_p, _p, _i64]
+    lib.zp_add_rmsnorm.restype = lib.zp_llama_attend.restype = lib.zp_silu_mul.restype = None
     return lib
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ckernels
 from .fuse import FusedSlice
 from .gemv import GemvKernel
 from .qlinear import QLinear
@@ -296,6 +297,10 @@ class LlamaDecoder:
                 into([m.down_proj], g, d_out), d_out))
         self.final = (inner.norm.weight, torch.tensor(inner.norm.variance_epsilon))
         self.head = into([model.lm_head], self.x, self.logits)
+        lib = ckernels.library()
+        self._glue = None
+        if lib is not None and self.silu:
+            self._glue = _CGlue(lib, self, cache, o_out, d_out, g, u)
 
     def _norm_into_x(self, weight, eps):
         # LlamaRMSNorm at one float32 row: the sum of squares by a dot product, then the same
@@ -313,6 +318,8 @@ class LlamaDecoder:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
+            if self._glue is not None:
+                return self._glue.step(token)
             return self._layers_step(token)
         finally:
             torch.set_num_threads(threads)
@@ -369,3 +376,52 @@ class LlamaDecoder:
             logits = step(token)
         torch.argmax(logits, dim=-1, out=out[:, -1:])
         return out
+
+
+class _CGlue:
+    """The one-row step with its small operations in C (csrc/decode.c): per layer four matmul
+    calls and four C calls (norm, attention, norm, gating) instead of about twenty torch calls,
+    whose dispatch cost as long as the int4 matmuls themselves. Same buffers, same kernels."""
+
+    def __init__(self, lib, dec: LlamaDecoder, cache, o_out, d_out, g, u):
+        self.dec, self.lib = dec, lib
+        ptr = lambda t: t.data_ptr()  # noqa: E731
+        n = dec.hidden
+        self.h, self.x, self.attn = ptr(dec.h), ptr(dec.x), ptr(dec.attn)
+        self.scores = torch.empty(dec.max_len)  # attention weights of one head
+        d = dec.head_dim
+        self.cos, self.sin = dec.cos1, dec.sin1  # (max_len, d), sin signed as rotate() takes it
+        self.d, self.row_bytes = d, d * 4
+        self.layers = []
+        for (w1, eps1, qkv, scale, o_proj, _, w2, eps2, gate_up, _, _, _, down, _), rows in zip(
+                dec._steps, cache):
+            self.layers.append((ptr(w1), float(eps1), qkv, rows, ptr(rows), float(scale), o_proj,
+                                ptr(w2), float(eps2), gate_up, down))
+        self.o_out, self.d_out, self.g, self.u = ptr(o_out), ptr(d_out), ptr(g), ptr(u)
+        self.n, self.inter = n, g.shape[-1]
+        self.final = (ptr(dec.final[0]), float(dec.final[1]))
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        dec, lib = self.dec, self.lib
+        norm, attend, gate = lib.zp_add_rmsnorm, lib.zp_llama_attend, lib.zp_silu_mul
+        pos, n, h, x, attn = dec.pos, self.n, self.h, self.x, self.attn
+        n_heads, n_kv, d = dec.n_heads, dec.n_kv, self.d
+        cos, sin, scores = self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), \
+            self.scores.data_ptr()
+        o_out, d_out, g, u, inter = self.o_out, self.d_out, self.g, self.u, self.inter
+        dec.h.copy_(dec.embed(token))
+        delta = None  # the residual the next norm adds first: the previous layer's MLP output
+        for w1, eps1, qkv, rows, base, scale, o_proj, w2, eps2, gate_up, down in self.layers:
+            norm(h, delta, w1, eps1, n, x)
+            qkv(pos, rows[pos])
+            attend(base, pos, n_heads, n_kv, d, cos, sin, scale, scores, attn)
+            o_proj()
+            norm(h, o_out, w2, eps2, n, x)
+            gate_up()
+            gate(g, u, inter)
+            down()
+            delta = d_out
+        norm(h, delta, *self.final, n, x)
+        dec.head()
+        dec.pos = pos + 1
+        return dec.logits
