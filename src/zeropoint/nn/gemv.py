@@ -87,12 +87,15 @@ class GemvKernel:
         split_rows = PARALLEL_MIN_ROWS if split_rows is None else split_rows
         split = threads if split_rows is not None and n_out >= split_rows else 1
         w, s = q.packed.data_ptr(), scale.data_ptr()
+        # run_pointers(x, y): y = W x on raw float32 pointers (in_features in, out_features out),
+        # unchecked: for callers with fixed buffers (llama_decode's step).
         if kind == "int8":
             fn = lib.zp_gemv_q8
-            self._run = lambda xp, yp: fn(xp, w, s, yp, n_in, n_out, split, scalar)
+            self.run_pointers = lambda xp, yp: fn(xp, w, s, yp, n_in, n_out, split, scalar)
         else:
             fn, z = lib.zp_gemv_q4, None if zp is None else zp.data_ptr()
-            self._run = lambda xp, yp: fn(xp, w, s, z, yp, n_in, group, n_out, split, scalar)
+            self.run_pointers = lambda xp, yp: fn(xp, w, s, z, yp, n_in, group, n_out, split,
+                                                  scalar)
         self.threads = split
 
     def __deepcopy__(self, memo):
@@ -117,7 +120,7 @@ class GemvKernel:
         if x.shape[-1] != self.in_features:  # (in_features, 1) and such: the fallback says why
             return self.fallback.linear(x, bias)
         y = torch.empty(*x.shape[:-1], self.out_features)  # unpacked: 1 us less than a tuple
-        self._run(x.data_ptr(), y.data_ptr())  # ctypes drops the GIL for the call
+        self.run_pointers(x.data_ptr(), y.data_ptr())  # ctypes drops the GIL for the call
         if bias is not None:
             y.add_(bias)
         return y

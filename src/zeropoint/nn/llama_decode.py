@@ -111,7 +111,7 @@ def _kernel_into(kernel, bias, x, y):
     if isinstance(kernel, GemvKernel) and x.dtype == torch.float32:
         # GemvKernel.linear checks its input and allocates the output on every call; with
         # buffers that never move, the checks hold once and for all, and the C call is all.
-        run, xp, yp = kernel._run, x.data_ptr(), y.data_ptr()
+        run, xp, yp = kernel.run_pointers, x.data_ptr(), y.data_ptr()
         if bias is None:
             return (lambda: run(xp, yp)), True
         return (lambda: (run(xp, yp), y.add_(bias))), True
@@ -277,7 +277,7 @@ class LlamaDecoder:
             group = _fused_group(projections)
             if group is not None and isinstance(group.kernel, GemvKernel):
                 # The C call writes the position's cache row itself.
-                run, xp, base = group.kernel._run, self.x.data_ptr(), rows.data_ptr()
+                run, xp, base = group.kernel.run_pointers, self.x.data_ptr(), rows.data_ptr()
                 bias = group.bias
                 qkv = ((lambda pos, row, run=run, base=base: run(xp, base + pos * row_bytes))
                        if bias is None else
