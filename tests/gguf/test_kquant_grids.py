@@ -195,3 +195,11 @@ def test_refit_then_keeping_the_better_block_lowers_the_error(qtype, gen):
     _, refit_hat = fit.refit(w, codes).round_cols(w)
     old, new = ((w_hat - w) ** 2).sum(1), ((refit_hat - w) ** 2).sum(1)
     assert float(torch.minimum(old, new).sum()) < 0.999 * float(old.sum())
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_a_scale_that_overflows_float16_is_refused(qtype):
+    w = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    w[1] *= 1e9
+    with pytest.raises(ValueError, match=f"{qtype}: row 1, columns 0..255: .*overflows float16"):
+        KGrid(qtype).fit(w, 0)

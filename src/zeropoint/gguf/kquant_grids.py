@@ -90,8 +90,15 @@ class KGrid:
         return QK_K
 
     def fit(self, cols: torch.Tensor, start: int) -> KFit:
-        """cols (out, 256): each row a super-block, fitted on its own."""
-        return KFit(k_scales(cols.to(torch.float32).contiguous(), self.qtype))
+        """cols (out, 256): each row a super-block, fitted on its own. ValueError where a
+        super-scale overflows float16 (as quantize_blocks refuses such a block)."""
+        scales = k_scales(cols.to(torch.float32).contiguous(), self.qtype)
+        for half in (scales.d, scales.dmin):
+            if half is not None and not torch.isfinite(half).all():
+                row = int((~torch.isfinite(half)).nonzero()[0, 0])
+                raise ValueError(f"{self.qtype}: row {row}, columns {start}..{start + QK_K - 1}: "
+                                 "a scale or minimum overflows float16; ggml cannot store it")
+        return KFit(scales)
 
     def pack(self, fits: list[KFit], codes: torch.Tensor) -> torch.Tensor:
         """codes (out, in), fits[k] for columns 256k.. -> (out, in / 256 * type_size) uint8."""
