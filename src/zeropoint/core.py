@@ -227,14 +227,15 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
     compute = _compute_dtype(x.dtype)
     xv, view, full = _blocked(x, spec)
     s, z = _prepare(view, x.shape, spec, scale, zero_point, compute)
-    codes = torch.empty(view.shape, dtype=spec.code_dtype)
     lib = _fast_path(x.dtype, view)
     if lib is not None:
+        codes = ckernels.host_empty(view.shape, spec.code_dtype)
         # Half inputs are divided in float32 on the eager path too: same values, same codes.
         z_flat = None if z is None else z.contiguous()
         if ckernels.quantize(lib, xv.float(), codes, view, s.contiguous(), z_flat, spec.qmin, spec.qmax):
             raise_if_not_finite(x)
         return _crop(codes, full, x.shape)
+    codes = torch.empty(view.shape, dtype=spec.code_dtype)
     first = next(view.chunks())
     buf = torch.empty((first.stop,) + view.shape[1:], dtype=compute)
     sums = []
@@ -265,7 +266,7 @@ def dequantize(
     s, z = _prepare(view, codes.shape, spec, scale, zero_point, _compute_dtype(dtype))
     lib = _fast_path(dtype, view)
     if lib is not None:
-        out = torch.empty(view.shape, dtype=torch.float32)
+        out = ckernels.host_empty(view.shape, torch.float32)
         z_flat = None if z is None else z.contiguous()
         ckernels.dequantize(lib, cv, out, view, s.contiguous(), z_flat)
         # The eager path also rounds the float32 product once into a half dtype.

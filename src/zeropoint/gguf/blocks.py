@@ -95,7 +95,7 @@ def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
     blocks = x.view(-1, fmt.block_size)  # (n_blocks, 32)
     lib = _legacy_library()
     if lib is not None and x.device.type == "cpu":
-        out = _host_empty((blocks.shape[0], fmt.type_size), np.uint8)
+        out = ckernels.host_empty((blocks.shape[0], fmt.type_size), np.uint8)
         problem = _quantize_c(lib, blocks, fmt, out)
         if problem is not None:
             _refuse(blocks, fmt, *problem)
@@ -141,7 +141,7 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
     data = data.contiguous()
     n_blocks = data.numel() // src.type_size
     if out is None:
-        out = _host_empty((n_blocks * dst.type_size,), np.uint8)
+        out = ckernels.host_empty((n_blocks * dst.type_size,), np.uint8)
     elif out.dtype != torch.uint8 or out.shape != (n_blocks * dst.type_size,) \
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous flat uint8 tensor of "
@@ -154,13 +154,6 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
         bad = data[i * src.type_size : (i + 1) * src.type_size]
         _refuse(dequantize_blocks(bad, src_type, (1, 32)), dst, 0, why.value, first=i)
     return out
-
-
-def _host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor in numpy's memory. numpy asks the kernel for huge pages on
-    large buffers and keeps freed ones for reuse; torch's fresh 4 KiB pages made the first
-    write to a 17 MiB output cost 8 ms, half as long as quantizing 64 MiB into it."""
-    return torch.from_numpy(np.empty(shape, dtype))
 
 
 _PIECE_BLOCKS = 32768  # 4 MiB of float32 per piece a thread takes
@@ -180,7 +173,7 @@ def _quantize_c(lib, blocks, fmt: BlockFormat, out):
 
 def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:
     """raw (n, type_size) bytes -> (n, 32) float32."""
-    out = _host_empty((raw.shape[0], fmt.block_size), np.float32)
+    out = ckernels.host_empty((raw.shape[0], fmt.block_size), np.float32)
     type_id = _C_TYPE[fmt.name]
 
     def piece(a, b):
