@@ -9,7 +9,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from test_export import TEXT, compare, hf_logits, llama_logits, make_tiny_llama
 
 from zeropoint.cli import main
-from zeropoint.gguf.export import export_hf, permute_qk
+from zeropoint.gguf.export import export_hf, gguf_name, permute_qk
 from zeropoint.gguf.gptq import gptq_gguf
 from zeropoint.models.load import load_model
 
@@ -40,13 +40,38 @@ def read_tensors(path) -> dict[str, tuple[str, torch.Tensor]]:
     return out
 
 
-def test_q3_k_file_holds_the_gptq_weights_and_runs_in_llama_cpp(tiny_dir, tmp_path):
+def gptq_file(tiny_dir, out, target):
+    """gptq_gguf of the tiny model into `out`: (the model, left holding its GPTQ weights, and
+    the file's tensors as gguf-py reads them)."""
     loaded = load_model(tiny_dir, progress=False)
     ids = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
-    out = tmp_path / "gptq_q3_k.gguf"
-    report = gptq_gguf(loaded, out, "Q3_K", ids)
+    report = gptq_gguf(loaded, out, target, ids)
     assert report.gptq_tensors == 2 * 7
-    tensors = read_tensors(out)
+    return loaded, read_tensors(out)
+
+
+def assert_llama_cpp_agrees(out, loaded, tensors):
+    """llama.cpp runs the file and computes what transformers computes with the file's weights
+    put into the model (q/k rows back in transformers' order)."""
+    model, config = loaded.model, loaded.model.config
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    with torch.no_grad():
+        for hf_name, p in model.named_parameters():
+            name = gguf_name(hf_name)
+            if name in tensors:
+                v = tensors[name][1]
+                n_head = heads.get(name.split(".")[2], 0) if name.startswith("blk.") else 0
+                if n_head:
+                    v = v[torch.argsort(permute_qk(torch.arange(v.shape[0]), n_head))]
+                p.copy_(v)
+    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
+    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
+    assert mean < 0.1 and same_top > 0.85
+
+
+def test_q3_k_file_holds_the_gptq_weights_and_runs_in_llama_cpp(tiny_dir, tmp_path):
+    out = tmp_path / "gptq_q3_k.gguf"
+    loaded, tensors = gptq_file(tiny_dir, out, "Q3_K")
     model = loaded.model  # its Linears now hold the dequantized GPTQ weights
     heads = {"q_proj": 4, "k_proj": 2}
     for i in range(2):
@@ -65,14 +90,7 @@ def test_q3_k_file_holds_the_gptq_weights_and_runs_in_llama_cpp(tiny_dir, tmp_pa
     for name in ("token_embd.weight", "output.weight", "blk.0.attn_norm.weight"):
         assert torch.equal(tensors[name][1], rtn[name][1]) and tensors[name][0] == rtn[name][0]
     assert not torch.equal(tensors["blk.0.ffn_down.weight"][1], rtn["blk.0.ffn_down.weight"][1])
-
-    # llama.cpp runs the file and computes what transformers computes with the same weights
-    # (the file's embeddings and output matrix put into the model too).
-    model.model.embed_tokens.weight.data.copy_(tensors["token_embd.weight"][1])
-    model.lm_head.weight.data.copy_(tensors["output.weight"][1])
-    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
-    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
-    assert mean < 0.1 and same_top > 0.85
+    assert_llama_cpp_agrees(out, loaded, tensors)
 
 
 def test_cli_writes_gptq_q4_0(tiny_dir, tmp_path, capsys):
@@ -88,12 +106,8 @@ def test_cli_writes_gptq_q4_0(tiny_dir, tmp_path, capsys):
 def test_q4_k_m_file_mixes_k_and_legacy_grids_and_runs_in_llama_cpp(tiny_dir, tmp_path):
     # Q4_K_M gives ffn_down (256-wide rows) Q4_K or Q6_K, attn_v Q6_K, and the 64-wide rows
     # fall back to legacy types: every decoder Linear is written by GPTQ on its own type's grid.
-    loaded = load_model(tiny_dir, progress=False)
-    ids = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
     out = tmp_path / "gptq_q4_k_m.gguf"
-    report = gptq_gguf(loaded, out, "Q4_K_M", ids)
-    assert report.gptq_tensors == 2 * 7
-    tensors = read_tensors(out)
+    loaded, tensors = gptq_file(tiny_dir, out, "Q4_K_M")
     model = loaded.model
     types = set()
     heads = {"attn_q": 4, "attn_k": 2}
@@ -109,9 +123,4 @@ def test_q4_k_m_file_mixes_k_and_legacy_grids_and_runs_in_llama_cpp(tiny_dir, tm
         assert torch.equal(values, permute_qk(w, n_head) if n_head else w), name
         types.add(qtype)
     assert {"Q4_K", "Q6_K"} <= types and types & {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"}
-
-    model.model.embed_tokens.weight.data.copy_(tensors["token_embd.weight"][1])
-    model.lm_head.weight.data.copy_(tensors["output.weight"][1])
-    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
-    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
-    assert mean < 0.1 and same_top > 0.85
+    assert_llama_cpp_agrees(out, loaded, tensors)

@@ -5,7 +5,7 @@ runs."""
 import numpy as np
 import pytest
 import torch
-from test_export import TEXT, compare, hf_logits, llama_logits, make_tiny_llama
+from test_export import make_tiny_llama
 from test_gptq_grids import decode
 
 from zeropoint.cli import main
@@ -85,7 +85,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_cli_writes_hqq_gguf_that_llama_cpp_runs(tiny_dir, tmp_path, capsys):
     from gguf import GGUFReader
-    from test_gptq_gguf import read_tensors
+    from test_gptq_gguf import assert_llama_cpp_agrees, read_tensors
 
     from zeropoint.models.load import load_model
 
@@ -114,29 +114,4 @@ def test_cli_writes_hqq_gguf_that_llama_cpp_runs(tiny_dir, tmp_path, capsys):
     assert changed >= 10
     assert len(GGUFReader(out).tensors) == len(GGUFReader(rtn).tensors)
 
-    # llama.cpp runs the file and computes what transformers computes with its weights.
-    loaded = load_model(tiny_dir, progress=False)
-    model = loaded.model
-    from zeropoint.gguf.export import gguf_name, permute_qk
-
-    heads = {"attn_q": model.config.num_attention_heads, "attn_k": model.config.num_key_value_heads}
-    with torch.no_grad():
-        for hf_name, p in model.named_parameters():
-            name = gguf_name(hf_name)
-            if name in ours:
-                n_head = heads.get(name.split(".")[2], 0) if name.startswith("blk.") else 0
-                v = ours[name][1]
-                if n_head:  # back to transformers' row order
-                    order = permute_qk(torch.arange(v.shape[0]), n_head)
-                    v = v[torch.argsort(order)]
-                p.copy_(v)
-    tokens = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
-    _, mean, same_top = compare(llama_logits(out, tokens), hf_logits(model, tokens))
-    assert mean < 0.1 and same_top > 0.85
-
-
-def test_k_type_rows_must_hold_whole_super_blocks():
-    with pytest.raises(ValueError, match="Q4_K takes rows of whole blocks of 256"):
-        hqq_blocks(torch.randn(2, 96), "Q4_K")
-    with pytest.raises(ValueError, match="Q4_K takes rows"):
-        hqq_blocks(torch.randn(256), "Q4_K")
+    assert_llama_cpp_agrees(out, load_model(tiny_dir, progress=False), ours)
