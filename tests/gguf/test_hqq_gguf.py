@@ -115,3 +115,10 @@ def test_cli_writes_hqq_gguf_that_llama_cpp_runs(tiny_dir, tmp_path, capsys):
     assert len(GGUFReader(out).tensors) == len(GGUFReader(rtn).tensors)
 
     assert_llama_cpp_agrees(out, load_model(tiny_dir, progress=False), ours)
+
+
+def test_k_type_rows_must_hold_whole_super_blocks():
+    with pytest.raises(ValueError, match="Q4_K takes rows of whole blocks of 256"):
+        hqq_blocks(torch.randn(2, 96), "Q4_K")
+    with pytest.raises(ValueError, match="Q4_K takes rows"):
+        hqq_blocks(torch.randn(256), "Q4_K")
