@@ -331,6 +331,41 @@ def test_fast_path_and_eager_path_are_bit_identical(gen, spec, dtype):
         assert torch.equal(a, b), what
 
 
+@pytest.mark.parametrize("shape,spec", [
+    ((1031, 1100), QuantSpec(8, "symmetric")),  # one block across every thread's ranges
+    ((1031, 1100), QuantSpec(4, "asymmetric", "per_channel")),  # whole blocks in each range
+    ((1031, 1100), QuantSpec(8, "asymmetric", "per_channel", axis=-1)),  # a scale per column
+    ((1031, 1100), QuantSpec(4, "asymmetric", "per_group", group_size=100)),
+    ((3, 400_003), QuantSpec(8, "asymmetric", "per_channel")),  # blocks longer than a range
+    ((7, 211, 997), QuantSpec(4, "symmetric", "per_channel", axis=1)),  # blocks in every row
+], ids=lambda v: v.describe() if isinstance(v, QuantSpec) else "x".join(map(str, v)))
+def test_fast_path_splits_large_tensors_across_threads_exactly(gen, shape, spec):
+    """Above a million elements the C kernels split the work into ranges that threads claim in
+    turn; codes, qparams and reconstruction must still equal the eager path's. Three threads, so
+    that ranges end inside blocks and blocks are shared; and again from a worker thread, where
+    the kernels run on that thread alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zeropoint import ckernels
+
+    if ckernels.library() is None:
+        pytest.skip("no C compiler: only the eager path exists here")
+    x = torch.randn(shape, generator=gen) * 2 + 0.3
+    with ckernels.disabled():
+        eager = roundtrip(x, spec)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        fast = roundtrip(x, spec)
+    finally:
+        torch.set_num_threads(saved)
+    with ThreadPoolExecutor(1) as pool:
+        off_main = pool.submit(roundtrip, x, spec).result()
+    for got in (fast, off_main):
+        for a, b, what in zip(got, eager, ("codes", "scale", "zero_point", "dequantized")):
+            assert torch.equal(a, b), what
+
+
 def test_fast_path_reports_nan_like_the_eager_path():
     x = torch.randn(2048, 1024)
     x[1500, 7] = float("nan")

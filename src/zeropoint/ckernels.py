@@ -8,8 +8,9 @@ with the system C compiler on first use and is cached under ~/.cache/zeropoint (
 $ZEROPOINT_CACHE). Without a compiler, or with ZEROPOINT_NO_CKERNELS=1, core.py uses its
 eager path, which computes identical codes: the tests hold the two to that.
 
-Work is split along the first dimension of the block view into one piece per torch thread;
-ctypes releases the GIL during the call, so the pieces run in parallel.
+The affine kernels split their work themselves, on torch's own OpenMP threads
+(csrc/parallel.h). The block quantizers run in pieces through run_pieces: ctypes releases the
+GIL during a call, so pieces on Python threads run in parallel.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,8 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("affine.c", "pack.c", "kquants.c",
-                                                                "legacy.c", "gemv.c", "decode.c")]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "legacy.c",
+                                    "gemv.c", "decode.c")]
+HEADERS = [CSRC / "parallel.h"]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Full-width vectors
 # (512-bit where the CPU has them) measured 1.5x faster than gcc's default 256-bit choice.
@@ -51,10 +55,21 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
-def _build(cache: Path) -> Path:
-    source = b"".join(p.read_bytes() for p in SOURCES)
-    cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256(source + " ".join([cc, *CFLAGS, _cpu_signature()]).encode()).hexdigest()[:16]
+def _torch_openmp() -> list[str]:
+    """Flags that build the kernels with OpenMP on the runtime torch itself loaded (see
+    csrc/parallel.h), or [] when there is no single libgomp to share: a second runtime would
+    keep a second team of threads spinning on the same cores. The library is linked against that
+    very file, and --as-needed drops the compiler's own libgomp, which it then does not need."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return []
+    loaded = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
+    return ["-fopenmp", loaded.pop(), "-Wl,--as-needed"] if len(loaded) == 1 else []
+
+
+def _compile(cache: Path, source: bytes, cc: str, extra: list[str]) -> Path:
+    key = hashlib.sha256(source + " ".join([cc, *CFLAGS, *extra, _cpu_signature()]).encode()).hexdigest()[:16]
     target = cache / f"kernels-{key}.so"
     if target.exists():
         return target
@@ -62,11 +77,26 @@ def _build(cache: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), *extra], check=True,
+                       capture_output=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def _build(cache: Path) -> Path:
+    """The compiled library: with OpenMP where torch has a runtime to share, else serial (also
+    when the compiler cannot do OpenMP)."""
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
+    cc = os.environ.get("CC", "cc")
+    openmp = _torch_openmp()
+    if openmp:
+        try:
+            return _compile(cache, source, cc, openmp)
+        except subprocess.CalledProcessError:
+            pass
+    return _compile(cache, source, cc, [])
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,11 +107,12 @@ def _library():
     except Exception as e:  # no compiler, read-only home, exotic platform: eager path it is
         warnings.warn(f"zeropoint: C kernels unavailable ({e}); using the slower eager path")
         return None
-    lib.zp_quantize_f32.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32]
+    lib.zp_openmp.restype = _int
+    lib.zp_quantize_f32.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _int]
     lib.zp_quantize_f32.restype = _int
-    lib.zp_dequantize_f32.argtypes = [_p, _int, _p, _i64, _i64, _i64, _p, _p]
+    lib.zp_dequantize_f32.argtypes = [_p, _int, _p, _i64, _i64, _i64, _p, _p, _int]
     lib.zp_dequantize_f32.restype = None
-    lib.zp_minmax_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p]
+    lib.zp_minmax_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, _int]
     lib.zp_minmax_f32.restype = _int
     lib.zp_pack.argtypes = lib.zp_unpack.argtypes = [_p, _i64, _int, _p]
     lib.zp_pack.restype = lib.zp_unpack.restype = None
@@ -134,18 +165,6 @@ def pcq(shape: tuple[int, ...], is_block: tuple[bool, ...]):
         return 1, 1, prod(shape)
     k = index[0]
     return prod(shape[:k]), shape[k], prod(shape[k + 1 :])
-
-
-def _pieces(shape, is_block):
-    """Split dimension 0 into one piece per thread: (first row, rows, (P, C, Q), scale offset)."""
-    rows, per_row = shape[0], prod(shape[1:])
-    n = min(torch.get_num_threads(), rows) if rows * per_row >= PARALLEL_MIN_ELEMENTS else 1
-    bounds = [rows * i // n for i in range(n + 1)]
-    for a, b in zip(bounds, bounds[1:]):
-        P, C, Q = pcq((b - a,) + tuple(shape[1:]), is_block)
-        # When dimension 0 carries the scale, each piece owns a slice of it; otherwise all
-        # pieces share the whole scale.
-        yield a, P, C, Q, (0 if is_block[0] else a)
 
 
 def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
@@ -203,72 +222,38 @@ def first_failure(results):
     return min(found) if found else None
 
 
-def _ptr(t, offset_elements=0):
-    return t.data_ptr() + offset_elements * t.element_size() if t is not None else None
+def _ptr(t):
+    return t.data_ptr() if t is not None else None
 
 
-def _local(t, start: int, n: int):
-    """A copy of t.flat[start:start + n] made by the calling worker thread. Scales and
-    zero-points were just written by another core; read in place, interleaved with the data
-    stream, they cost a cross-core cache transfer per block (measured 2x slower per-group).
-    numpy copies: a torch copy this large runs an OpenMP region, and an OpenMP team started
-    from a worker thread left the main thread's float matmuls 1.8x slower for the rest of the
-    process (libgomp keeps one team per calling thread, and the two compete for the cores)."""
-    if t is None:
-        return None
-    return torch.from_numpy(t.reshape(-1)[start : start + n].numpy().copy())
-
-
-def _with_params(fn, scale, zero_point, C, s0):
-    """Run fn(s, z) in the worker with its own copies of the C scale/zero-point entries that
-    its piece (P, C, Q) uses, from entry s0 on."""
-
-    def work():
-        s, z = _local(scale, s0, C), _local(zero_point, s0, C)
-        return fn(_ptr(s), _ptr(z))
-
-    return work
+def threads(n: int) -> int:
+    """Threads for a C kernel over n elements (see csrc/parallel.h): torch's own count, but one
+    for small work, which one thread finishes before a second would start, and one off the main
+    thread: libgomp keeps a team per thread that starts a region, and a second team spinning
+    beside torch's left float matmuls 1.8x slower for the rest of the process."""
+    if n < PARALLEL_MIN_ELEMENTS or threading.current_thread() is not threading.main_thread():
+        return 1
+    return torch.get_num_threads()
 
 
 def quantize(lib, xv, codes, view, scale, zero_point, qmin, qmax) -> bool:
     """Fill `codes` (view-shaped, 1-byte dtype) from float32 `xv`. Returns True on NaN/Inf."""
-    per_row = prod(view.shape[1:])
-
-    def call(a, P, C, Q, s0):
-        def fn(s, z):
-            return lib.zp_quantize_f32(_ptr(xv, a * per_row), _ptr(codes, a * per_row), P, C, Q, s, z,
-                                       qmin, qmax)
-        return _with_params(fn, scale, zero_point, C, s0)
-
-    return any(run_pieces(call(*p) for p in _pieces(view.shape, view.is_block)))
+    P, C, Q = pcq(view.shape, view.is_block)
+    return bool(lib.zp_quantize_f32(_ptr(xv), _ptr(codes), P, C, Q, _ptr(scale), _ptr(zero_point),
+                                    qmin, qmax, threads(xv.numel())))
 
 
 def dequantize(lib, codes, out, view, scale, zero_point) -> None:
-    per_row = prod(view.shape[1:])
-    signed = int(codes.dtype == torch.int8)
-
-    def call(a, P, C, Q, s0):
-        def fn(s, z):
-            lib.zp_dequantize_f32(_ptr(codes, a * per_row), signed, _ptr(out, a * per_row), P, C, Q, s, z)
-        return _with_params(fn, scale, zero_point, C, s0)
-
-    run_pieces(call(*p) for p in _pieces(view.shape, view.is_block))
+    P, C, Q = pcq(view.shape, view.is_block)
+    lib.zp_dequantize_f32(_ptr(codes), int(codes.dtype == torch.int8), _ptr(out), P, C, Q,
+                          _ptr(scale), _ptr(zero_point), threads(codes.numel()))
 
 
 def min_max(lib, xv, view):
     """Per-block (lo, hi) as flat float32 tensors, and whether a NaN/Inf was seen."""
-    per_row = prod(view.shape[1:])
-    pieces = list(_pieces(view.shape, view.is_block))
-    outs = [(torch.empty(C), torch.empty(C)) for _, _, C, _, _ in pieces]
-
-    def call(piece, lo_hi):
-        a, P, C, Q, _ = piece
-        return lambda: lib.zp_minmax_f32(_ptr(xv, a * per_row), P, C, Q, _ptr(lo_hi[0]), _ptr(lo_hi[1]))
-
-    bad = any(run_pieces(call(p, o) for p, o in zip(pieces, outs)))
-    if view.is_block[0] and len(outs) > 1:  # pieces saw the same blocks: combine the partials
-        lo = torch.stack([o[0] for o in outs]).amin(0)
-        hi = torch.stack([o[1] for o in outs]).amax(0)
-    else:
-        lo, hi = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return lo, hi, bad
+    P, C, Q = pcq(view.shape, view.is_block)
+    lo, hi = torch.empty(C), torch.empty(C)
+    bad = lib.zp_minmax_f32(_ptr(xv), P, C, Q, _ptr(lo), _ptr(hi), threads(xv.numel()))
+    if bad < 0:
+        raise MemoryError("zeropoint: no memory for the per-thread block minima")
+    return lo, hi, bool(bad)

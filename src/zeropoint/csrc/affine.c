@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "parallel.h"
+
 #define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
 
 /* Quantizing divides by the scale, and a division costs the CPU about ten times a multiply (the
@@ -92,68 +94,121 @@ static int quantize_divide(const float *x, uint8_t *out, int64_t n, float s, flo
   return bad;
 }
 
-/* Returns 1 if any element is NaN or Inf (x - x is NaN exactly for those), else 0. */
-int zp_quantize_f32(const float *x, uint8_t *out, int64_t P, int64_t C, int64_t Q,
-                    const float *scale, const float *zero_point, float qmin, float qmax) {
+/* --- the whole view, split by zp_parallel into flat element ranges [begin, end) ------------
+ *
+ * Element i of the (P, C, Q) view has scale index (i / Q) % C. A range is walked in segments
+ * that share their scale layout: one block of Q elements when Q > 1, one row of C elements
+ * (a scale per element) when Q == 1. */
+
+#define GRAIN (1 << 18) /* elements a thread claims at a time: 1 MiB of float32 */
+
+typedef struct {
+  const float *x;
+  uint8_t *out;
+  int64_t C, Q;
+  const float *scale, *zero_point; /* C entries; zero_point NULL for symmetric */
+  const float *inv, *zero;          /* Q == 1 only: C reciprocals and C zero-points, or NULL */
+  float qmin, qmax, tie;            /* tie: Q == 1 only, for every zero-point at once */
+  int bad;                          /* atomic: a NaN/Inf was seen */
+} quantize_job;
+
+static void quantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  (void)thread;
+  quantize_job *j = ctx;
   int bad = 0;
-  if (Q == 1) { /* the scale changes every element: reciprocals once, reused for every p */
-    float *inv = malloc(2 * C * sizeof(float)); /* C reciprocals, then C zero-points */
-    int fast = inv != NULL;
+  for (int64_t i = begin; i < end;) {
+    if (j->Q == 1) {
+      const int64_t c = i % j->C, stop = i - c + j->C < end ? i - c + j->C : end;
+      if (j->inv)
+        bad |= quantize_run_per_element(j->x + i, j->out + i, stop - i, j->scale + c, j->inv + c,
+                                        j->zero + c, j->qmin, j->qmax, j->tie);
+      else
+        for (int64_t k = i; k < stop; k++)
+          bad |= quantize_divide(j->x + k, j->out + k, 1, j->scale[k - i + c],
+                                 j->zero_point ? j->zero_point[k - i + c] : 0.0f, j->qmin, j->qmax);
+      i = stop;
+    } else {
+      const int64_t block = i / j->Q, c = block % j->C;
+      const int64_t stop = (block + 1) * j->Q < end ? (block + 1) * j->Q : end;
+      const float s = j->scale[c], z = j->zero_point ? j->zero_point[c] : 0.0f, inv = reciprocal(s);
+      bad |= isnan(inv) ? quantize_divide(j->x + i, j->out + i, stop - i, s, z, j->qmin, j->qmax)
+                        : quantize_run(j->x + i, j->out + i, stop - i, s, inv, z, j->qmin, j->qmax,
+                                       tie_threshold(z, z, j->qmin, j->qmax));
+      i = stop;
+    }
+  }
+  if (bad) __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
+}
+
+/* codes of the (P, C, Q) view of x, one scale per c. Returns 1 if any element is NaN or Inf
+ * (x - x is NaN exactly for those), else 0. */
+int zp_quantize_f32(const float *x, uint8_t *out, int64_t P, int64_t C, int64_t Q,
+                    const float *scale, const float *zero_point, float qmin, float qmax,
+                    int threads) {
+  quantize_job j = {x, out, C, Q, scale, zero_point, NULL, NULL, qmin, qmax, 0.0f, 0};
+  float *table = NULL;
+  if (Q == 1) { /* the scale changes every element: reciprocals once, reused for every row */
+    table = malloc(2 * C * sizeof(float)); /* C reciprocals, then C zero-points */
+    int fast = table != NULL;
     float zlo = 0.0f, zhi = 0.0f;
     for (int64_t c = 0; fast && c < C; c++) {
-      inv[c] = reciprocal(scale[c]);
-      inv[C + c] = zero_point ? zero_point[c] : 0.0f;
-      zlo = fminf(zlo, inv[C + c]);
-      zhi = fmaxf(zhi, inv[C + c]);
-      fast = !isnan(inv[c]);
+      table[c] = reciprocal(scale[c]);
+      table[C + c] = zero_point ? zero_point[c] : 0.0f;
+      zlo = fminf(zlo, table[C + c]);
+      zhi = fmaxf(zhi, table[C + c]);
+      fast = !isnan(table[c]);
     }
-    const float tie = tie_threshold(zlo, zhi, qmin, qmax);
-    for (int64_t p = 0; p < P; p++) {
-      const float *xp = x + p * C;
-      uint8_t *op = out + p * C;
-      if (fast) {
-        bad |= quantize_run_per_element(xp, op, C, scale, inv, inv + C, qmin, qmax, tie);
-      } else {
-        for (int64_t c = 0; c < C; c++)
-          bad |= quantize_divide(xp + c, op + c, 1, scale[c], zero_point ? zero_point[c] : 0.0f,
-                                 qmin, qmax);
-      }
+    if (fast) {
+      j.inv = table, j.zero = table + C;
+      j.tie = tie_threshold(zlo, zhi, qmin, qmax);
     }
-    free(inv);
-    return bad;
   }
-  for (int64_t p = 0; p < P; p++)
-    for (int64_t c = 0; c < C; c++) {
-      const float s = scale[c], z = zero_point ? zero_point[c] : 0.0f, inv = reciprocal(s);
-      const float *xc = x + (p * C + c) * Q;
-      uint8_t *oc = out + (p * C + c) * Q;
-      bad |= isnan(inv) ? quantize_divide(xc, oc, Q, s, z, qmin, qmax)
-                        : quantize_run(xc, oc, Q, s, inv, z, qmin, qmax,
-                                       tie_threshold(z, z, qmin, qmax));
-    }
-  return bad;
+  zp_parallel(threads, P * C * Q, GRAIN, quantize_range, &j);
+  free(table);
+  return j.bad;
 }
+
+typedef struct {
+  const uint8_t *codes;
+  int is_signed;
+  float *out;
+  int64_t C, Q;
+  const float *scale, *zero_point;
+} dequantize_job;
 
 /* Codes are bytes; is_signed says whether they are int8 (symmetric) or uint8 (asymmetric). */
 #define CODE(b) (is_signed ? (float)(int8_t)(b) : (float)(b))
-void zp_dequantize_f32(const uint8_t *codes, int is_signed, float *out, int64_t P, int64_t C,
-                       int64_t Q, const float *scale, const float *zero_point) {
-  for (int64_t p = 0; p < P; p++) {
-    const uint8_t *cp = codes + p * C * Q;
-    float *op = out + p * C * Q;
-    if (Q == 1) {
-      for (int64_t c = 0; c < C; c++)
-        op[c] = (CODE(cp[c]) - (zero_point ? zero_point[c] : 0.0f)) * scale[c];
-      continue;
-    }
-    for (int64_t c = 0; c < C; c++) {
-      const float s = scale[c], z = zero_point ? zero_point[c] : 0.0f;
-      for (int64_t i = 0; i < Q; i++) op[c * Q + i] = (CODE(cp[c * Q + i]) - z) * s;
+
+static void dequantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  (void)thread;
+  const dequantize_job *j = ctx;
+  const uint8_t *restrict codes = j->codes;
+  float *restrict out = j->out;
+  const float *zero_point = j->zero_point;
+  const int is_signed = j->is_signed;
+  for (int64_t i = begin; i < end;) {
+    if (j->Q == 1) {
+      const int64_t c = i % j->C, n = (i - c + j->C < end ? i - c + j->C : end) - i;
+      const float *s = j->scale + c, *z = zero_point ? zero_point + c : NULL;
+      for (int64_t k = 0; k < n; k++) out[i + k] = (CODE(codes[i + k]) - (z ? z[k] : 0.0f)) * s[k];
+      i += n;
+    } else {
+      const int64_t block = i / j->Q, c = block % j->C;
+      const int64_t stop = (block + 1) * j->Q < end ? (block + 1) * j->Q : end;
+      const float s = j->scale[c], z = zero_point ? zero_point[c] : 0.0f;
+      for (int64_t k = i; k < stop; k++) out[k] = (CODE(codes[k]) - z) * s;
+      i = stop;
     }
   }
 }
 
-/* lo[c], hi[c] = min and max over (P, Q) of x[:, c, :]. Returns 1 on NaN/Inf.
+void zp_dequantize_f32(const uint8_t *codes, int is_signed, float *out, int64_t P, int64_t C,
+                       int64_t Q, const float *scale, const float *zero_point, int threads) {
+  dequantize_job j = {codes, is_signed, out, C, Q, scale, zero_point};
+  zp_parallel(threads, P * C * Q, GRAIN, dequantize_range, &j);
+}
+
+/* Block minima and maxima.
  *
  * A min reduction vectorizes only if the compiler may ignore NaN and the sign of zero, so these
  * functions are compiled with finite-math-only and no-signed-zeros. That is safe here: NaN/Inf
@@ -188,21 +243,69 @@ FINITE_MATH static void minmax_run(const float *x, int64_t n, float *lo, float *
   }
 }
 
-FINITE_MATH int zp_minmax_f32(const float *x, int64_t P, int64_t C, int64_t Q, float *lo, float *hi) {
+typedef struct {
+  const float *x;
+  int64_t C, Q;
+  float *lo, *hi; /* C entries each; with `fold`, one such pair per thread, side by side */
+  int fold;       /* 1: blocks span ranges, so each range folds into its thread's partials */
+  uint32_t bad;   /* atomic */
+} minmax_job;
+
+FINITE_MATH static void minmax_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  minmax_job *j = ctx;
+  float *lo = j->lo + (j->fold ? thread * j->C : 0), *hi = j->hi + (j->fold ? thread * j->C : 0);
   uint32_t bad = 0, u;
-  for (int64_t c = 0; c < C; c++) lo[c] = INFINITY, hi[c] = -INFINITY;
-  for (int64_t p = 0; p < P; p++) {
-    const float *xp = x + p * C * Q;
-    if (Q == 1) { /* one element per block in this row: elementwise across c */
-      for (int64_t c = 0; c < C; c++) {
-        float v = xp[c];
+  for (int64_t i = begin; i < end;) {
+    if (j->Q == 1) { /* one element per block in this row: elementwise across c */
+      const int64_t c = i % j->C, n = (i - c + j->C < end ? i - c + j->C : end) - i;
+      const float *xi = j->x + i;
+      float *l = lo + c, *h = hi + c;
+      for (int64_t k = 0; k < n; k++) {
+        float v = xi[k];
         bad |= NOT_FINITE(v, u);
-        lo[c] = v < lo[c] ? v : lo[c];
-        hi[c] = v > hi[c] ? v : hi[c];
+        l[k] = !j->fold || v < l[k] ? v : l[k];
+        h[k] = !j->fold || v > h[k] ? v : h[k];
       }
-      continue;
+      i += n;
+    } else {
+      const int64_t block = i / j->Q, c = block % j->C;
+      const int64_t stop = (block + 1) * j->Q < end ? (block + 1) * j->Q : end;
+      float l = INFINITY, h = -INFINITY;
+      minmax_run(j->x + i, stop - i, &l, &h, &bad);
+      lo[c] = !j->fold || l < lo[c] ? l : lo[c];
+      hi[c] = !j->fold || h > hi[c] ? h : hi[c];
+      i = stop;
     }
-    for (int64_t c = 0; c < C; c++) minmax_run(xp + c * Q, Q, lo + c, hi + c, &bad);
   }
-  return bad != 0;
+  if (bad) __atomic_store_n(&j->bad, 1, __ATOMIC_RELAXED);
+}
+
+/* lo[c], hi[c] = min and max over (P, Q) of the (P, C, Q) view x[:, c, :]. Returns 1 on
+ * NaN/Inf, and -1 when out of memory. */
+FINITE_MATH int zp_minmax_f32(const float *x, int64_t P, int64_t C, int64_t Q, float *lo, float *hi,
+                              int threads) {
+  /* Ranges are whole numbers of blocks when a block fits in one (Q <= GRAIN) and each block
+   * holds one run of the data (P == 1): each block is then seen by one range, which writes its
+   * result. Otherwise every thread folds into partials of its own, merged at the end. */
+  const int64_t grain = Q > 1 && Q <= GRAIN ? GRAIN / Q * Q : GRAIN;
+  const int fold = P > 1 || Q > grain;
+  if (threads < 1) threads = 1;
+  float *parts = NULL;
+  if (fold) {
+    parts = malloc(2 * threads * C * sizeof(float));
+    if (!parts) return -1;
+    for (int64_t k = 0; k < threads * C; k++) parts[k] = INFINITY, parts[threads * C + k] = -INFINITY;
+  }
+  minmax_job j = {x, C, Q, fold ? parts : lo, fold ? parts + threads * C : hi, fold, 0};
+  zp_parallel(threads, P * C * Q, grain, minmax_range, &j);
+  if (fold) {
+    for (int64_t c = 0; c < C; c++) lo[c] = INFINITY, hi[c] = -INFINITY;
+    for (int t = 0; t < threads; t++)
+      for (int64_t c = 0; c < C; c++) {
+        lo[c] = fminf(lo[c], j.lo[t * C + c]);
+        hi[c] = fmaxf(hi[c], j.hi[t * C + c]);
+      }
+    free(parts);
+  }
+  return j.bad != 0;
 }
