@@ -8,9 +8,8 @@ with the system C compiler on first use and is cached under ~/.cache/zeropoint (
 $ZEROPOINT_CACHE). Without a compiler, or with ZEROPOINT_NO_CKERNELS=1, core.py uses its
 eager path, which computes identical codes: the tests hold the two to that.
 
-The affine kernels split their work themselves, on torch's own OpenMP threads
-(csrc/parallel.h). The block quantizers run in pieces through run_pieces: ctypes releases the
-GIL during a call, so pieces on Python threads run in parallel.
+Each kernel splits its work itself, on torch's own OpenMP threads (csrc/parallel.h); ctypes
+releases the GIL for the call.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from math import prod
 from pathlib import Path
@@ -56,16 +54,21 @@ def _cpu_signature() -> str:
 
 
 def _torch_openmp() -> list[str]:
-    """Flags that build the kernels with OpenMP on the runtime torch itself loaded (see
-    csrc/parallel.h), or [] when there is no single libgomp to share: a second runtime would
-    keep a second team of threads spinning on the same cores. The library is linked against that
-    very file, and --as-needed drops the compiler's own libgomp, which it then does not need."""
+    """Flags that build the kernels with OpenMP on the runtime torch itself uses (see
+    csrc/parallel.h), or [] when that runtime cannot be told apart: a second runtime would keep
+    a second team of threads spinning on the same cores. Other packages bring their own libgomp
+    (sentencepiece does), so the one to use is the one in torch's own folders, else the only one
+    loaded. The library is linked against that very file, and --as-needed drops the compiler's
+    own libgomp, which it then does not need."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
         return []
-    loaded = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
-    return ["-fopenmp", loaded.pop(), "-Wl,--as-needed"] if len(loaded) == 1 else []
+    loaded = {Path(line.split()[-1]) for line in maps.splitlines() if "/libgomp" in line}
+    root = Path(torch.__file__).resolve().parent
+    owned = [p for p in loaded if p.resolve().parent in (root / "lib", root.parent / "torch.libs")]
+    found = owned if owned else list(loaded)
+    return ["-fopenmp", str(found[0]), "-Wl,--as-needed"] if len(found) == 1 else []
 
 
 def _compile(cache: Path, source: bytes, cc: str, extra: list[str]) -> Path:
@@ -116,11 +119,11 @@ def _library():
     lib.zp_minmax_f32.restype = _int
     lib.zp_pack.argtypes = lib.zp_unpack.argtypes = [_p, _i64, _int, _p]
     lib.zp_pack.restype = lib.zp_unpack.restype = None
-    lib.zp_quantize_kquant.argtypes = [_int, _p, _i64, _p, _p]
+    lib.zp_quantize_kquant.argtypes = [_int, _p, _i64, _p, _p, _int]
     lib.zp_quantize_kquant.restype = _i64
-    lib.zp_quantize_legacy.argtypes = [_int, _p, _i64, _p, _p]
+    lib.zp_quantize_legacy.argtypes = [_int, _p, _i64, _p, _p, _int]
     lib.zp_quantize_legacy.restype = _i64
-    lib.zp_dequantize_legacy.argtypes = [_int, _p, _i64, _p]
+    lib.zp_dequantize_legacy.argtypes = [_int, _p, _i64, _p, _int]
     lib.zp_dequantize_legacy.restype = _int
     lib.zp_legacy_available.restype = _int
     lib.zp_requantize_legacy.argtypes = [_int, _p, _int, _i64, _p, _p]
@@ -151,11 +154,6 @@ def disabled():
         _enabled = saved
 
 
-@functools.lru_cache(maxsize=None)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="zeropoint")
-
-
 def pcq(shape: tuple[int, ...], is_block: tuple[bool, ...]):
     """(P, C, Q) for a block view with at most one scale dimension, else None (eager handles it)."""
     index = [d for d, blk in enumerate(is_block) if not blk]
@@ -177,49 +175,12 @@ def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
     return torch.from_numpy(np.empty(shape, dtype))
 
 
-def run_pieces(calls) -> list:
-    """Results of `calls` in order, run on torch's thread count of threads, the calling one
-    included, each thread taking the next call when done. ctypes drops the GIL, so C pieces run
-    in parallel. With as many calls as threads this is a plain split; with more (smaller)
-    pieces a busy machine costs less: a worker that waits for a core holds up one piece, not a
-    fixed half of the work (fixed halves made 2 threads slower than 1 at load 4 on 2 cores),
-    and the caller never sits idle while a woken worker waits to be scheduled."""
-    calls = list(calls)
-    helpers = min(torch.get_num_threads(), len(calls)) - 1
-    if helpers <= 0:
-        return [c() for c in calls]
-    results: list = [None] * len(calls)
-    queue = iter(enumerate(calls))  # next() on it is atomic under the GIL
-
-    def drain():
-        for i, c in queue:
-            results[i] = c()
-
-    futures = [_pool(helpers).submit(drain) for _ in range(helpers)]
-    try:
-        drain()
-    finally:  # the helpers write into the caller's buffers: wait for them, even on an error
-        for f in futures:
-            f.result()
-    return results
-
-
-def block_quantizer_piece(fn, type_id: int, src, out, a: int, b: int):
-    """A call of a C block quantizer `fn(type, src, n, out, &why) -> first bad block or -1` on
-    blocks a:b of src (rows) into out; run, it gives (first bad block, why) or None."""
-
-    def run():
-        why = ctypes.c_int(0)
-        i = fn(type_id, src[a].data_ptr(), b - a, out[a].data_ptr(), ctypes.byref(why))
-        return None if i < 0 else (a + i, why.value)
-
-    return run
-
-
-def first_failure(results):
-    """The earliest (block, why) of the pieces' results, or None when every piece succeeded."""
-    found = [r for r in results if r is not None]
-    return min(found) if found else None
+def block_quantize(fn, type_id: int, src, n_blocks: int, out):
+    """A C block quantizer `fn(type, src, n, out, &why, threads) -> first bad block, or < 0`
+    on n_blocks blocks of src into out: (first bad block, why), or None when all went well."""
+    why = ctypes.c_int(0)
+    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why), threads(src.numel()))
+    return None if i < 0 else (i, why.value)
 
 
 def _ptr(t):

@@ -233,12 +233,15 @@ def test_property_matches_llama_cpp_and_gguf_dequantize(qtype, x, scale):
 @needs_ref
 @pytest.mark.parametrize("qtype", TYPES)
 def test_c_and_eager_paths_agree_past_chunks_and_threads(qtype, monkeypatch):
-    # Chunks of 3 super-blocks (eager) and two C pieces on 19 super-blocks: every seam, and an
-    # odd count, which the C kernel's two-at-a-time search of Q4_K/Q5_K pads.
+    # Chunks of 3 super-blocks (eager), and three ranges of the C kernel's 256 super-blocks on
+    # two threads: every seam, and an odd count, which the two-at-a-time search of Q4_K/Q5_K
+    # pads.
     monkeypatch.setattr(kquants, "_CHUNK", 3)
     monkeypatch.setattr(ckernels, "PARALLEL_MIN_ELEMENTS", 256)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     rng = np.random.default_rng(3)
-    x = (rng.standard_normal((19, 256)) * rng.choice([1e-3, 1.0, 50.0], (19, 1))).astype(np.float32)
+    n = 2 * 256 + 19
+    x = (rng.standard_normal((n, 256)) * rng.choice([1e-3, 1.0, 50.0], (n, 1))).astype(np.float32)
     x[4] = 0.0
     ref = reference(x, qtype)
     assert_same_blocks(quantize_np(x, qtype), ref, qtype, "C path")
@@ -317,6 +320,23 @@ def test_non_finite_input_names_the_block(qtype, bad, either_path):
     x = torch.zeros(2, 768)
     x[1, 300] = bad  # super-block 4: past an odd count of Q4_K/Q5_K's pairs
     with pytest.raises(ValueError, match="finite; block 4"):
+        quantize_blocks(x, qtype)
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_first_bad_super_block_is_named_when_threads_split_the_work(qtype, monkeypatch):
+    # Ranges of 256 super-blocks on two threads, bad ones in the second and third range (the
+    # third's may well finish first): the error names the earliest.
+    monkeypatch.setattr(ckernels, "PARALLEL_MIN_ELEMENTS", 256)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(3 * 256 + 5, 256, generator=torch.Generator().manual_seed(4))
+    x[600, 9] = float("nan")
+    x[301, 0] = 1e12  # overflows the fp16 super-scale
+    x[300, 7] = float("inf")
+    with pytest.raises(ValueError, match="finite; block 300"):
+        quantize_blocks(x, qtype)
+    x[300, 7] = 0.0
+    with pytest.raises(ValueError, match=f"{qtype} block 301: its scale or minimum overflows"):
         quantize_blocks(x, qtype)
 
 

@@ -92,7 +92,7 @@ def awkward_blocks(qtype: str, rng) -> np.ndarray:
 def test_awkward_blocks_same_bytes_on_both_paths_and_in_gguf(qtype, n_threads, threads):
     threads(n_threads)
     rng = np.random.default_rng(20)
-    # Repeated past PARALLEL_MIN_ELEMENTS, so the C kernels split the rows over threads.
+    # Repeated past PARALLEL_MIN_ELEMENTS, so the C kernels split the blocks over threads.
     one = awkward_blocks(qtype, rng)
     reps = -(-ckernels.PARALLEL_MIN_ELEMENTS // one.size) + 1
     x = np.concatenate([one] * reps + [rng.standard_normal((5, 32))]).astype(np.float32)
@@ -120,7 +120,7 @@ def refused_input(qtype: str, kind: str, block: int, n_blocks: int) -> torch.Ten
 @pytest.mark.parametrize("where", ["first", "second piece", "last"])
 def test_refusals_are_the_same_on_both_paths(qtype, kind, where, threads):
     threads(2)
-    n = 2 * ckernels.PARALLEL_MIN_ELEMENTS // 32 + 7  # two pieces in C, two chunks in torch
+    n = 2 * ckernels.PARALLEL_MIN_ELEMENTS // 32 + 7  # three ranges in C, two chunks in torch
     block = {"first": 0, "second piece": n // 2 + 3, "last": n - 1}[where]
     x = refused_input(qtype, kind, block, n)
     if block + 5 < n:
@@ -242,14 +242,14 @@ def portable_library(tmp_path_factory, request):
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler {cc!r}")
     so = tmp_path_factory.mktemp("portable") / f"legacy{len(request.param)}.so"
-    source = next(p for p in ckernels.SOURCES if p.name == "legacy.c")
-    subprocess.run([cc, *ckernels.CFLAGS, *request.param, "-o", str(so), str(source)],
+    sources = [str(p) for p in ckernels.SOURCES if p.name in ("legacy.c", "parallel.c")]
+    subprocess.run([cc, *ckernels.CFLAGS, *request.param, "-o", str(so), *sources],
                    check=True, capture_output=True, timeout=120)
     lib = ctypes.CDLL(str(so))
     if not lib.zp_legacy_available():
         pytest.skip("this compiler has no _Float16")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.zp_quantize_legacy.argtypes = [i32, p, i64, p, p]
+    lib.zp_quantize_legacy.argtypes = [i32, p, i64, p, p, i32]
     lib.zp_requantize_legacy.argtypes = [i32, p, i32, i64, p, p]
     lib.zp_quantize_legacy.restype = lib.zp_requantize_legacy.restype = i64
     return lib
@@ -266,7 +266,7 @@ def test_portable_build_matches_gguf_py(portable_library, qtype):
     n, type_id, why = len(x), blocks._C_TYPE[qtype], ctypes.c_int(0)
     out = np.zeros(n * TYPE_SIZE[qtype], np.uint8)
     assert portable_library.zp_quantize_legacy(type_id, x.ctypes.data, n, out.ctypes.data,
-                                               ctypes.byref(why)) == -1
+                                               ctypes.byref(why), 1) == -1
     ref = gguf_quantize(x, gguf.GGMLQuantizationType[qtype]).reshape(-1)
     assert np.array_equal(out, ref), first_differing_block(out, ref, qtype)
     # And legacy -> legacy in one pass, from Q4_1 blocks.

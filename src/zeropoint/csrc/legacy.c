@@ -15,6 +15,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "parallel.h"
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -343,11 +345,7 @@ static int64_t quantize_blocks_singly(int type, const float *x, int64_t n_blocks
   return -1;
 }
 
-/* x: n_blocks x 32 floats -> y: n_blocks x type_size bytes. Returns -1 when all went well, -2
- * for a type it does not know, else the first block that cannot be stored, with *why = 1 if it
- * holds NaN or inf and 2 if its d or m overflows fp16 (blocks after it are left unwritten). */
-int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why) {
-  if (type < 0 || type >= N_TYPES) return -2;
+static int64_t quantize_serial(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why) {
   int64_t b = 0, size = type_size[type];
   for (; b + GROUP <= n_blocks; b += GROUP) {
     if (!quantize_group(type, x + QB * b, y + size * b)) continue;
@@ -356,6 +354,38 @@ int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *
   }
   int64_t i = quantize_blocks_singly(type, x + QB * b, n_blocks - b, y + size * b, why);
   return i < 0 ? -1 : b + i;
+}
+
+#define GRAIN_BLOCKS 32768 /* 4 MiB of float32 input per range; a multiple of GROUP */
+
+typedef struct {
+  int type;
+  const void *src; /* floats to quantize, or blocks to dequantize */
+  void *dst;
+  int64_t failure; /* atomic: lowest ZP_FAILURE seen, or ZP_NO_FAILURE */
+} legacy_job;
+
+static void quantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  (void)thread;
+  legacy_job *j = ctx;
+  int why = 0;
+  const int64_t i = quantize_serial(j->type, (const float *)j->src + QB * begin, end - begin,
+                                    (uint8_t *)j->dst + type_size[j->type] * begin, &why);
+  if (i >= 0) zp_lower(&j->failure, ZP_FAILURE(begin + i, why));
+}
+
+/* x: n_blocks x 32 floats -> y: n_blocks x type_size bytes, on up to `threads` threads.
+ * Returns -1 when all went well, -2 for a type it does not know, else the first block that
+ * cannot be stored, with *why = 1 if it holds NaN or inf and 2 if its d or m overflows fp16
+ * (other blocks may be left unwritten). */
+int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why,
+                           int threads) {
+  if (type < 0 || type >= N_TYPES) return -2;
+  legacy_job j = {type, x, y, ZP_NO_FAILURE};
+  zp_parallel(threads, n_blocks, GRAIN_BLOCKS, quantize_range, &j);
+  if (j.failure == ZP_NO_FAILURE) return -1;
+  *why = (int)(j.failure % 4);
+  return j.failure / 4;
 }
 
 /* One block's bytes -> its 32 floats, gguf-py's x = d * (q - offset) (+ m, a separate add).
@@ -384,12 +414,20 @@ static inline void dequantize_block(int type, const uint8_t *restrict yb, float 
     for (int j = 0; j < QB; j++) xb[j] = xb[j] + m;
 }
 
-/* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats. Returns 0, or -2 for a type it does
- * not know. */
-int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x) {
+static void dequantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  (void)thread;
+  legacy_job *j = ctx;
+  const uint8_t *y = j->src;
+  for (int64_t b = begin; b < end; b++)
+    dequantize_block(j->type, y + type_size[j->type] * b, (float *)j->dst + QB * b);
+}
+
+/* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats, on up to `threads` threads.
+ * Returns 0, or -2 for a type it does not know. */
+int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x, int threads) {
   if (type < 0 || type >= N_TYPES) return -2;
-  for (int64_t b = 0; b < n_blocks; b++)
-    dequantize_block(type, y + type_size[type] * b, x + QB * b);
+  legacy_job j = {type, y, x, ZP_NO_FAILURE};
+  zp_parallel(threads, n_blocks, GRAIN_BLOCKS, dequantize_range, &j);
   return 0;
 }
 
@@ -413,12 +451,13 @@ int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int
 
 #else /* no half floats: the torch code does the work */
 
-int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why) {
-  (void)type, (void)x, (void)n_blocks, (void)y, (void)why;
+int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why,
+                           int threads) {
+  (void)type, (void)x, (void)n_blocks, (void)y, (void)why, (void)threads;
   return -2;
 }
-int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x) {
-  (void)type, (void)y, (void)n_blocks, (void)x;
+int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x, int threads) {
+  (void)type, (void)y, (void)n_blocks, (void)x, (void)threads;
   return -2;
 }
 int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int64_t n_blocks,

@@ -17,4 +17,17 @@ typedef void (*zp_range_fn)(void *ctx, int64_t begin, int64_t end, int thread);
 
 void zp_parallel(int threads, int64_t n, int64_t grain, zp_range_fn fn, void *ctx);
 
+/* Atomically lowers *first to `value` if that is smaller: ranges finish in any order, and the
+ * caller wants the first failure over all of them. */
+static inline void zp_lower(int64_t *first, int64_t value) {
+  int64_t seen = __atomic_load_n(first, __ATOMIC_RELAXED);
+  while (value < seen &&
+         !__atomic_compare_exchange_n(first, &seen, value, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    ;
+}
+
+/* A block kernel's failure as one number that orders by block: block * 4 + why (why 1..3). */
+#define ZP_FAILURE(block, why) ((block) * 4 + (why))
+#define ZP_NO_FAILURE INT64_MAX
+
 #endif

@@ -156,31 +156,17 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
     return out
 
 
-_PIECE_BLOCKS = 32768  # 4 MiB of float32 per piece a thread takes
-
-
-def _piece_bounds(n_blocks: int) -> list[tuple[int, int]]:
-    """(start, stop) ranges of at most _PIECE_BLOCKS blocks, for the threads to take in turn."""
-    return [(a, min(a + _PIECE_BLOCKS, n_blocks)) for a in range(0, n_blocks, _PIECE_BLOCKS)]
-
-
 def _quantize_c(lib, blocks, fmt: BlockFormat, out):
     """blocks (n, 32) float32 -> out (n, type_size); returns (first bad block, why) or None."""
-    return ckernels.first_failure(ckernels.run_pieces([
-        ckernels.block_quantizer_piece(lib.zp_quantize_legacy, _C_TYPE[fmt.name], blocks, out, a, b)
-        for a, b in _piece_bounds(blocks.shape[0])]))
+    return ckernels.block_quantize(lib.zp_quantize_legacy, _C_TYPE[fmt.name], blocks,
+                                   blocks.shape[0], out)
 
 
 def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:
     """raw (n, type_size) bytes -> (n, 32) float32."""
     out = ckernels.host_empty((raw.shape[0], fmt.block_size), np.float32)
-    type_id = _C_TYPE[fmt.name]
-
-    def piece(a, b):
-        return lambda: lib.zp_dequantize_legacy(type_id, raw[a].data_ptr(), b - a,
-                                                out[a].data_ptr())
-
-    ckernels.run_pieces([piece(a, b) for a, b in _piece_bounds(raw.shape[0])])
+    lib.zp_dequantize_legacy(_C_TYPE[fmt.name], raw.data_ptr(), raw.shape[0], out.data_ptr(),
+                             ckernels.threads(out.numel()))
     return out
 
 

@@ -332,15 +332,8 @@ def _quantize_eager(x, fmt: KQuantFormat, out):
 
 
 def _quantize_c(lib, x, fmt: KQuantFormat, out):
-    """As _quantize_eager. The super-blocks go in one piece per torch thread (even-sized:
-    Q4_K/Q5_K search two at a time); ctypes drops the GIL, so the pieces run in parallel."""
-    n = x.shape[0]
-    parts = min(torch.get_num_threads(), max(1, n * QK_K // ckernels.PARALLEL_MIN_ELEMENTS))
-    bounds = [n * i // parts // 2 * 2 for i in range(parts)] + [n]
-    type_id = int(fmt.name[1])
-    return ckernels.first_failure(ckernels.run_pieces(
-        ckernels.block_quantizer_piece(lib.zp_quantize_kquant, type_id, x, out, a, b)
-        for a, b in zip(bounds, bounds[1:]) if b > a))
+    """As _quantize_eager, in C on torch's threads."""
+    return ckernels.block_quantize(lib.zp_quantize_kquant, int(fmt.name[1]), x, x.shape[0], out)
 
 
 # --- dequantize: gguf-py's operation order, so every float32 rounding matches ------------------
