@@ -106,7 +106,7 @@ def test_rows_split_across_threads_give_the_same_bits(gen, spec):
     assert one.threads == 1
     split = GemvKernel(q, one.fallback, ckernels.library(), threads=2, split_rows=301)
     assert split.threads == 2
-    for _ in range(50):  # the worker joins late or early, takes few blocks or many
+    for _ in range(50):  # the second thread joins late or early, takes few blocks or many
         assert torch.equal(split.linear(x), one.linear(x))
 
 

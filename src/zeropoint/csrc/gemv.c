@@ -10,12 +10,14 @@
  *   which is the very weight core.dequantize makes. The AVX-512 path looks w up in a 16-entry
  *   table per group (vpermps on the nibble), so decoding a code costs no int->float conversion.
  *
- * threads = 2 shares blocks of rows with one persistent worker thread (see run_split); a row's
- * arithmetic never depends on the split. `portable` forces the scalar loops (tests hold both
+ * Blocks of rows go to up to `threads` threads (csrc/parallel.h); a row's arithmetic never
+ * depends on the split. `portable` forces the scalar loops (tests hold both
  * paths to the same oracle). Without AVX-512 the int8 loop uses AVX2 where compiled in, and the
  * int4 loop the portable one. */
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "parallel.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -224,7 +226,7 @@ static void gemv_q4_avx512(const float *x, const float *xd, const uint8_t *packe
 }
 #endif
 
-/* --- one job, split into row blocks between the caller and one persistent worker ---------- */
+/* --- one job, its rows split into blocks that threads claim in turn ----------------------- */
 
 typedef struct {
   int bits, portable;
@@ -233,11 +235,12 @@ typedef struct {
   const float *scale;
   const uint8_t *zp;
   float *y;
-  int64_t in, gs, rows, block;
-  int64_t next; /* atomic: first row not yet claimed */
+  int64_t in, gs;
 } job_t;
 
-static void run_rows(const job_t *j, int64_t r0, int64_t r1) {
+static void run_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
+  (void)thread;
+  const job_t *j = ctx;
   if (j->bits == 8) {
     gemv_q8_rows(j->x, j->w, j->scale, j->y, j->in, r0, r1, j->portable);
     return;
@@ -251,146 +254,18 @@ static void run_rows(const job_t *j, int64_t r0, int64_t r1) {
   gemv_q4_portable(j->x, j->w, j->scale, j->zp, j->y, j->in, j->gs, r0, r1);
 }
 
-/* Claim row blocks until none is left. Whoever is running takes the next block, so a worker
- * that the OS has not scheduled yet costs the caller nothing: it just does every block. */
-static void drain(job_t *j) {
-  for (;;) {
-    const int64_t r0 = __atomic_fetch_add(&j->next, j->block, __ATOMIC_SEQ_CST);
-    if (r0 >= j->rows) return;
-    run_rows(j, r0, r0 + j->block < j->rows ? r0 + j->block : j->rows);
-  }
-}
+#define BLOCK_ROWS 32 /* rows a thread claims at a time */
 
-#if defined(__unix__)
-#include <pthread.h>
-#include <sched.h>
-#include <time.h>
-#define SPIN_NS 20000 /* a decode step calls again within tens of us: spin that long, then sleep */
-
-/* Two job slots: a worker that wakes late for job g reads slot g & 1, finds its rows all
- * claimed and leaves, while the caller fills slot (g + 1) & 1. The caller never returns (nor
- * reuses a slot) while the worker is inside a job: `active` counts it. */
-static job_t slots[2];
-static uint64_t generation;
-static int active, sleeping;
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t wake = PTHREAD_COND_INITIALIZER;
-static pthread_once_t once = PTHREAD_ONCE_INIT;
-static int worker_ok;
-
-static int64_t now_ns(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
-}
-
-static void pause_cpu(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#endif
-}
-
-static void *worker(void *arg) {
-  (void)arg;
-  uint64_t seen = 0;
-  for (;;) {
-    uint64_t g;
-    const int64_t until = now_ns() + SPIN_NS;
-    int spins = 0;
-    while ((g = __atomic_load_n(&generation, __ATOMIC_SEQ_CST)) == seen) {
-      if ((++spins & 63) || now_ns() < until) {
-        pause_cpu();
-        continue;
-      }
-      pthread_mutex_lock(&mu);
-      __atomic_store_n(&sleeping, 1, __ATOMIC_SEQ_CST);
-      while ((g = __atomic_load_n(&generation, __ATOMIC_SEQ_CST)) == seen)
-        pthread_cond_wait(&wake, &mu);
-      __atomic_store_n(&sleeping, 0, __ATOMIC_SEQ_CST);
-      pthread_mutex_unlock(&mu);
-      break;
-    }
-    seen = g;
-    __atomic_add_fetch(&active, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&generation, __ATOMIC_SEQ_CST) == seen) drain(&slots[seen & 1]);
-    __atomic_sub_fetch(&active, 1, __ATOMIC_SEQ_CST);
-  }
-  return NULL;
-}
-
-static void start_worker(void) {
-  pthread_t t;
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  worker_ok = pthread_create(&t, &attr, worker, NULL) == 0;
-  pthread_attr_destroy(&attr);
-}
-
-/* Wait for the worker to leave its block. If it takes long, the OS has most likely taken its
- * core away: yielding ours lets it finish instead of spinning through a whole time slice. */
-static void wait_idle(void) {
-  for (int spins = 0; __atomic_load_n(&active, __ATOMIC_SEQ_CST); spins++) {
-    if (spins < 2000)
-      pause_cpu();
-    else
-      sched_yield();
-  }
-}
-
-static pthread_mutex_t one_job = PTHREAD_MUTEX_INITIALIZER;
-
-/* One split job at a time; a caller that finds the worker taken runs its job alone. */
-static void run_split(const job_t *j) {
-  pthread_once(&once, start_worker);
-  if (!worker_ok || pthread_mutex_trylock(&one_job)) {
-    job_t local = *j;
-    drain(&local);
-    return;
-  }
-  wait_idle();
-  const uint64_t g = __atomic_load_n(&generation, __ATOMIC_SEQ_CST) + 1;
-  job_t *slot = &slots[g & 1];
-  *slot = *j;
-  slot->next = 0;
-  __atomic_store_n(&generation, g, __ATOMIC_SEQ_CST);
-  if (__atomic_load_n(&sleeping, __ATOMIC_SEQ_CST)) {
-    pthread_mutex_lock(&mu);
-    pthread_cond_signal(&wake);
-    pthread_mutex_unlock(&mu);
-  }
-  drain(slot);
-  wait_idle();
-  pthread_mutex_unlock(&one_job);
-}
-#else
-static void run_split(const job_t *j) {
-  job_t local = *j;
-  drain(&local);
-}
-#endif
-
-#define BLOCK_ROWS 32
-
-static void run(job_t *j, int threads) {
-  if (threads > 1 && j->rows > BLOCK_ROWS) {
-    j->block = BLOCK_ROWS;
-    run_split(j);
-  } else {
-    run_rows(j, 0, j->rows);
-  }
-}
-
-/* y = W x for all `rows` rows; threads 2 shares the rows with the worker thread. */
+/* y = W x for all `rows` rows, on up to `threads` threads. */
 void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, int64_t in,
                 int64_t rows, int threads, int portable) {
-  job_t j = {8, portable, x, NULL, q, scale, NULL, y, in, in, rows, rows, 0};
-  run(&j, threads);
+  job_t j = {8, portable, x, NULL, q, scale, NULL, y, in, in};
+  zp_parallel(threads, rows, BLOCK_ROWS, run_rows, &j);
 }
 
 void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zp,
                 float *y, int64_t in, int64_t gs, int64_t rows, int threads, int portable) {
-  job_t j = {4, portable, x, NULL, packed, scale, zp, y, in, gs, rows, rows, 0};
+  job_t j = {4, portable, x, NULL, packed, scale, zp, y, in, gs};
 #if defined(__AVX512F__)
   /* Chunks must not straddle groups: whole-chunk groups, or the portable loops. */
   float stack[STACK_FLOATS], *xd = NULL;
@@ -400,9 +275,9 @@ void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale, const
     if (xd) deinterleave(x, xd, chunks);
   }
   j.xd = xd;
-  run(&j, threads);
+  zp_parallel(threads, rows, BLOCK_ROWS, run_rows, &j);
   if (xd && xd != stack) free(xd);
 #else
-  run(&j, threads);
+  zp_parallel(threads, rows, BLOCK_ROWS, run_rows, &j);
 #endif
 }

@@ -32,12 +32,12 @@ from .. import ckernels
 from ..qtensor import QTensor
 from ..spec import Granularity
 
-# Matrices of at least this many output rows share their rows with csrc/gemv.c's worker thread
-# (None: none do). One core does not read memory as fast as two: with the compact decoder at
+# Matrices of at least this many output rows split their rows over torch's threads (None: none
+# do). One core does not read memory as fast as two: with the compact decoder at
 # load 1.5, sharing every SmolLM2 matrix (576 rows and up) took int8 decoding from 66 to 82
 # tokens/s and int4 from 94 to 110 (int8 heads), where sharing only the 3072- and 49152-row
-# ones gained nothing. Rows are claimed in blocks by whichever thread is running, so a worker
-# the OS has descheduled costs the caller nothing. Below 256 rows the hand-off costs more than
+# ones gained nothing. Rows are claimed in blocks by whichever thread is running, so a thread
+# the OS has descheduled costs the others nothing. Below 256 rows the hand-off costs more than
 # the second core gives.
 PARALLEL_MIN_ROWS: int | None = 256
 
@@ -67,8 +67,8 @@ class GemvKernel:
 
     def __init__(self, q: QTensor, fallback, lib, threads: int = 2, portable: bool = False,
                  split_rows: int | None = None):
-        """threads: 2 shares the rows of matrices of `split_rows` (default PARALLEL_MIN_ROWS;
-        None: never) rows or more with a worker thread. portable: the scalar C loops even where
+        """threads: how many threads split the rows of matrices of `split_rows` (default
+        PARALLEL_MIN_ROWS; None: never) rows or more. portable: the scalar C loops even where
         AVX-512 is compiled in (tests check both).
         """
         form = gemv_form(q)
@@ -134,4 +134,4 @@ def with_gemv(q: QTensor, fallback, backend: str = "auto"):
     lib = ckernels.library()
     if lib is None:
         return fallback
-    return GemvKernel(q, fallback, lib, threads=max(1, min(2, torch.get_num_threads())))
+    return GemvKernel(q, fallback, lib, threads=torch.get_num_threads())
