@@ -458,30 +458,11 @@ static int64_t quantize_serial(int type, const float *x, int64_t n_super, uint8_
  * never straddle two ranges and only the very last super-block can be odd. */
 #define GRAIN_SUPER 256
 
-typedef struct {
-  int type;
-  const float *x;
-  uint8_t *y;
-  int64_t failure; /* atomic: lowest ZP_FAILURE seen, or ZP_NO_FAILURE */
-} kquant_job;
-
-static void quantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
-  (void)thread;
-  kquant_job *j = ctx;
-  int why = 0;
-  const int64_t i = quantize_serial(j->type, j->x + QK * begin, end - begin,
-                                    j->y + size[j->type] * begin, &why);
-  if (i >= 0) zp_lower(&j->failure, ZP_FAILURE(begin + i, why));
-}
-
 /* type 2..6 for Q2_K..Q6_K; x holds n_super * 256 floats, y gets n_super blocks of that type,
  * on up to `threads` threads. Returns -1, or the first super-block that cannot be stored (y is
  * then incomplete) with *why = 1 if it holds NaN or inf, 2 if its fp16 super-scale overflows. */
 int64_t zp_quantize_kquant(int type, const float *x, int64_t n_super, uint8_t *y, int *why,
                            int threads) {
-  kquant_job j = {type, x, y, ZP_NO_FAILURE};
-  zp_parallel(threads, n_super, GRAIN_SUPER, quantize_range, &j);
-  if (j.failure == ZP_NO_FAILURE) return -1;
-  *why = (int)(j.failure % 4);
-  return j.failure / 4;
+  return zp_parallel_blocks(threads, GRAIN_SUPER, quantize_serial, type, x, QK, y, size[type],
+                            n_super, why);
 }

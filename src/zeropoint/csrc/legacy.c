@@ -358,22 +358,6 @@ static int64_t quantize_serial(int type, const float *x, int64_t n_blocks, uint8
 
 #define GRAIN_BLOCKS 32768 /* 4 MiB of float32 input per range; a multiple of GROUP */
 
-typedef struct {
-  int type;
-  const void *src; /* floats to quantize, or blocks to dequantize */
-  void *dst;
-  int64_t failure; /* atomic: lowest ZP_FAILURE seen, or ZP_NO_FAILURE */
-} legacy_job;
-
-static void quantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
-  (void)thread;
-  legacy_job *j = ctx;
-  int why = 0;
-  const int64_t i = quantize_serial(j->type, (const float *)j->src + QB * begin, end - begin,
-                                    (uint8_t *)j->dst + type_size[j->type] * begin, &why);
-  if (i >= 0) zp_lower(&j->failure, ZP_FAILURE(begin + i, why));
-}
-
 /* x: n_blocks x 32 floats -> y: n_blocks x type_size bytes, on up to `threads` threads.
  * Returns -1 when all went well, -2 for a type it does not know, else the first block that
  * cannot be stored, with *why = 1 if it holds NaN or inf and 2 if its d or m overflows fp16
@@ -381,11 +365,8 @@ static void quantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
 int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why,
                            int threads) {
   if (type < 0 || type >= N_TYPES) return -2;
-  legacy_job j = {type, x, y, ZP_NO_FAILURE};
-  zp_parallel(threads, n_blocks, GRAIN_BLOCKS, quantize_range, &j);
-  if (j.failure == ZP_NO_FAILURE) return -1;
-  *why = (int)(j.failure % 4);
-  return j.failure / 4;
+  return zp_parallel_blocks(threads, GRAIN_BLOCKS, quantize_serial, type, x, QB, y,
+                            type_size[type], n_blocks, why);
 }
 
 /* One block's bytes -> its 32 floats, gguf-py's x = d * (q - offset) (+ m, a separate add).
@@ -414,19 +395,24 @@ static inline void dequantize_block(int type, const uint8_t *restrict yb, float 
     for (int j = 0; j < QB; j++) xb[j] = xb[j] + m;
 }
 
+typedef struct {
+  int type;
+  const uint8_t *y;
+  float *x;
+} dequantize_job;
+
 static void dequantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
   (void)thread;
-  legacy_job *j = ctx;
-  const uint8_t *y = j->src;
+  const dequantize_job *j = ctx;
   for (int64_t b = begin; b < end; b++)
-    dequantize_block(j->type, y + type_size[j->type] * b, (float *)j->dst + QB * b);
+    dequantize_block(j->type, j->y + type_size[j->type] * b, j->x + QB * b);
 }
 
 /* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats, on up to `threads` threads.
  * Returns 0, or -2 for a type it does not know. */
 int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x, int threads) {
   if (type < 0 || type >= N_TYPES) return -2;
-  legacy_job j = {type, y, x, ZP_NO_FAILURE};
+  dequantize_job j = {type, y, x};
   zp_parallel(threads, n_blocks, GRAIN_BLOCKS, dequantize_range, &j);
   return 0;
 }

@@ -17,17 +17,14 @@ typedef void (*zp_range_fn)(void *ctx, int64_t begin, int64_t end, int thread);
 
 void zp_parallel(int threads, int64_t n, int64_t grain, zp_range_fn fn, void *ctx);
 
-/* Atomically lowers *first to `value` if that is smaller: ranges finish in any order, and the
- * caller wants the first failure over all of them. */
-static inline void zp_lower(int64_t *first, int64_t value) {
-  int64_t seen = __atomic_load_n(first, __ATOMIC_RELAXED);
-  while (value < seen &&
-         !__atomic_compare_exchange_n(first, &seen, value, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
-    ;
-}
+/* A serial block quantizer: n blocks of x into y, returning the first block it cannot store
+ * (with *why > 0) or -1. */
+typedef int64_t (*zp_block_fn)(int type, const float *x, int64_t n, uint8_t *y, int *why);
 
-/* A block kernel's failure as one number that orders by block: block * 4 + why (why 1..3). */
-#define ZP_FAILURE(block, why) ((block) * 4 + (why))
-#define ZP_NO_FAILURE INT64_MAX
+/* fn over n blocks (in_floats floats in, out_bytes bytes out each) in ranges of `grain` blocks
+ * on up to `threads` threads. Ranges finish in any order; returns the first failing block over
+ * all of them, with its *why, or -1. */
+int64_t zp_parallel_blocks(int threads, int64_t grain, zp_block_fn fn, int type, const float *x,
+                           int64_t in_floats, uint8_t *y, int64_t out_bytes, int64_t n, int *why);
 
 #endif
