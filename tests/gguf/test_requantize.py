@@ -10,7 +10,9 @@ import torch
 
 from zeropoint.cli import main
 from zeropoint.gguf import quantize_blocks
-from zeropoint.gguf.io import MetaValue, TensorData, read_gguf, write_gguf
+from zeropoint.gguf.metadata import MetaValue
+from zeropoint.gguf.reader import read_gguf
+from zeropoint.gguf.writer import TensorData, write_gguf
 from zeropoint.gguf.mixes import (
     MIXES,
     PURE_TYPES,

@@ -27,8 +27,10 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
 
 from . import blocks
-from .io import (GGUFFile, Metadata, MetaValue, TensorData, read_gguf, tensor_nbytes,
-                 write_gguf)
+from .layout import tensor_nbytes
+from .metadata import Metadata, MetaValue
+from .reader import GGUFFile, read_gguf
+from .writer import TensorData, write_gguf
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
