@@ -29,9 +29,9 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
 from . import blocks
 from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
+from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 from .reader import GGUFFile, read_gguf
 from .writer import TensorData, write_gguf
-from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
 FILE_TYPE_KEY = "general.file_type"

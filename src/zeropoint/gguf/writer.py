@@ -25,7 +25,6 @@ from ..atomic import atomic_path
 from .layout import MAX_DIMS, data_alignment, ggml_type, tensor_nbytes
 from .metadata import ARRAY_DTYPE, MetaValue, ReadValue, gc_paused
 
-
 TensorBytes = Union[np.ndarray, torch.Tensor, bytes]
 
 
