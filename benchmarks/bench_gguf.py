@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from zeropoint.gguf.cli import llama_cpp_perplexity  # noqa: E402
 from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
-from zeropoint.gguf.io import TensorData, read_gguf, write_gguf  # noqa: E402
+from zeropoint.gguf.reader import read_gguf  # noqa: E402
+from zeropoint.gguf.writer import TensorData, write_gguf  # noqa: E402
 from zeropoint.gguf.mixes import ModelParams, llama_cpp_quantize, plan_types  # noqa: E402
 from zeropoint.gguf.requantize import available_types, output_metadata, requantize  # noqa: E402
 from zeropoint.models.evaluate import default_text  # noqa: E402

@@ -15,8 +15,8 @@ import torch
 from zeropoint.gguf import export
 from zeropoint.gguf.cli import llama_cpp_perplexity, open_llama
 from zeropoint.gguf.export import export_hf
-from zeropoint.gguf.io import read_gguf
 from zeropoint.gguf.mixes import llama_cpp_quantize
+from zeropoint.gguf.reader import read_gguf
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 42 dogs ran 7 miles; "
         "they said: \"don't stop!\" and it's true.\n\nNumbers like 3.14159 and 2718 matter. ") * 8

@@ -10,7 +10,7 @@ import torch
 
 from zeropoint.cli import main
 from zeropoint.gguf import quantize_blocks
-from zeropoint.gguf.io import MetaValue, TensorData, read_gguf, write_gguf
+from zeropoint.gguf.metadata import MetaValue
 from zeropoint.gguf.mixes import (
     MIXES,
     PURE_TYPES,
@@ -20,7 +20,9 @@ from zeropoint.gguf.mixes import (
     parse_target,
     plan_types,
 )
+from zeropoint.gguf.reader import read_gguf
 from zeropoint.gguf.requantize import requantize
+from zeropoint.gguf.writer import TensorData, write_gguf
 
 
 def k_types_available() -> bool:

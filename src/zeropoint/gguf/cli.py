@@ -203,7 +203,7 @@ def open_llama(path, n_ctx: int = 512, threads: int = 2, logits_all: bool = True
     """
     from llama_cpp import Llama
 
-    from .io import read_gguf
+    from .reader import read_gguf
 
     path = Path(path)
     read_gguf(path)  # a clear error for a bad file, before llama.cpp's terse one
@@ -261,7 +261,7 @@ def llama_cpp_generate(llm, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 
 
 def gguf_size(path) -> tuple[int, float]:
     """(file bytes, bits per weight: tensor bytes * 8 / weights, llama.cpp's figure)."""
-    from .io import read_gguf
+    from .reader import read_gguf
 
     f = read_gguf(path)
     return f.file_size, 8 * sum(t.nbytes for t in f.tensors) / sum(t.n_elements for t in f.tensors)

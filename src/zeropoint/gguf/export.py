@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from gguf import GGUFValueType, GGUFWriter, RopeScalingType, SpecialVocab, TokenType
 
-from .io import Metadata, MetaValue
+from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Target
 from .requantize import Encoder, QuantizeReport, SourceTensor, write_quantized
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .io import MetaValue
+from .metadata import MetaValue
 
 # llama.cpp's llama_ftype number (general.file_type) and default tensor type of each mix.
 MIXES: dict[str, tuple[int, str]] = {

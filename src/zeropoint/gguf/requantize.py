@@ -27,9 +27,11 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
 
 from . import blocks
-from .io import (GGUFFile, Metadata, MetaValue, TensorData, read_gguf, tensor_nbytes,
-                 write_gguf)
+from .layout import tensor_nbytes
+from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types
+from .reader import GGUFFile, read_gguf
+from .writer import TensorData, write_gguf
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
 FILE_TYPE_KEY = "general.file_type"

@@ -154,6 +154,15 @@ def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
 
 
 def _load_gguf(file: Path, progress: bool) -> LoadedModel:
+    from ..gguf.reader import read_gguf
+
+    # zeropoint's bounded reader sees the file first: transformers reads it with gguf-py's
+    # GGUFReader, which trusts its lengths (gguf 0.19 loops, eating memory without end, over an
+    # array that claims 2^63 elements).
+    try:
+        read_gguf(file)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     transformers = _offline_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
