@@ -8,8 +8,8 @@
    default recipe, and the issue's perplexity setting) and with lm_head quantized too (int8
    per-channel, or int4 group-128): the 49152x576 head is a fifth of the model's weights.
    The float32 baseline that every ratio divides by runs transformers' forward each token
-   (greedy_decode's "hf" loop, or generate with --loop generate); the other rows run --loop:
-   "compact" (default: nn/llama_decode.py, the model's kernels without transformers' module
+   (greedy_generate's "hf" loop, or generate with --loop generate); the other rows run --loop:
+   "compact" (default: nn/compact_runtime.py, the model's kernels without transformers' module
    tree), "hf" or "generate". With "compact", float32 through the compact loop is a row too, so
    that the loop's own share of the gain shows. The rows take turns, repeat after repeat, so
    that load from other work on the machine falls on all of them alike; medians are printed.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from zeropoint import QTensor, QuantSpec, Recipe, Rule, quantize_model
-from zeropoint.nn.decode import greedy_decode
+from zeropoint.nn.generate import greedy_generate
 from zeropoint import ckernels
 from zeropoint.nn import gemv
 from zeropoint.nn.gemv import GemvKernel
@@ -72,7 +72,7 @@ def decode_seconds(model, ids, tokens: int, loop: str) -> float:
     t0 = time.perf_counter()
     with torch.inference_mode():
         if loop in ("compact", "hf"):
-            greedy_decode(model, ids, tokens, loop=loop)
+            greedy_generate(model, ids, tokens, loop=loop)
         else:
             model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     return time.perf_counter() - t0
@@ -177,7 +177,7 @@ def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
     for _ in range(repeat):  # interleaved: each repeat runs every row once
         for times, (_, model, _, row_loop) in zip(seconds, rows):
             times.append(decode_seconds(model, ids, tokens, row_loop))
-    loop_names = {"compact": "compact (nn/llama_decode.py)", "hf": "hf (transformers forward)",
+    loop_names = {"compact": "compact (nn/compact_runtime.py)", "hf": "hf (transformers forward)",
                   "generate": "transformers generate"}
     print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, median of {repeat} "
           f"interleaved runs; loop: {loop_names[loop]}, baseline: the first row")
@@ -209,7 +209,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--loop", choices=("compact", "hf", "generate"), default="compact",
-                    help="decode loop of every row but the float32 baseline: greedy_decode's "
+                    help="decode loop of every row but the float32 baseline: greedy_generate's "
                     "compact decoder or its transformers loop, or generate")
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity column")
     ap.add_argument("--split-rows", type=int, default=None,

@@ -2,9 +2,9 @@
 
 Writes a synthetic float32 llama-shaped checkpoint (default: hidden 4096, intermediate 11008,
 5 layers, vocab 32000: 5.1 GB in shards of about 1 GB, with config.json and index), quantizes it
-to 4-bit symmetric group-128 with `zeropoint.streaming.quantize_checkpoint` in a child process,
-and prints the sizes, the time and the child's peak RSS against the target: under 1 GB and under
-25% of the checkpoint. Two more children give the baseline: one that only imports torch and
+to 4-bit symmetric group-128 with `zeropoint.modeldir.streaming.quantize_checkpoint` in a child
+process, and prints the sizes, the time and the child's peak RSS against the target: under 1 GB
+and under 25% of the checkpoint. Two more children give the baseline: one that only imports torch and
 zeropoint, one that also builds the model skeleton on the meta device (what quantize_checkpoint
 does before it reads a weight). With --peer, a last child does the same work in memory:
 transformers from_pretrained in float32, then zeropoint.nn.quantize_model with the same recipe.
@@ -40,10 +40,10 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
 torch.set_num_threads(2)
-from zeropoint import streaming
+from zeropoint.modeldir import source, streaming
 mode, src, out = sys.argv[1:4]
 result = {}
-from zeropoint.nn.recipe import Recipe, Rule
+from zeropoint.recipe import Recipe, Rule
 from zeropoint.spec import QuantSpec
 recipe = Recipe(QuantSpec(4, "symmetric", "per_group", group_size=128), (Rule("lm_head", None),))
 if mode == "quantize":
@@ -53,7 +53,7 @@ if mode == "quantize":
                   float_bytes=m.float_bytes, bpw=m.bits_per_weight,
                   qbpw=m.quantized_bits_per_weight, quantized=len(m.quantized))
 elif mode == "skeleton":
-    streaming.weight_modules(src)
+    source.weight_modules(src)
 elif mode == "peer":
     from transformers import AutoModelForCausalLM
     from zeropoint.nn.quantize_model import quantize_model

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-import zeropoint.checkpoint as checkpoint_module
+import zeropoint.modeldir.writer as writer_module
 from zeropoint import load
 from zeropoint.cli import main
 from zeropoint.models.evaluate import perplexity
@@ -88,7 +88,7 @@ def test_a_failed_run_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkey
         self._flush()  # shards are on disk by now
         raise RuntimeError("killed while writing")
 
-    monkeypatch.setattr(checkpoint_module.CheckpointWriter, "finish", fail_midway)
+    monkeypatch.setattr(writer_module.CheckpointWriter, "finish", fail_midway)
     with pytest.raises(RuntimeError, match="killed while writing"):
         main(["quantize", str(tiny_checkpoint), "-o", str(tmp_path / "q"), "--group-size", "32", "--quiet"])
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary directory
@@ -98,7 +98,7 @@ def test_an_interrupted_run_leaves_no_partial_output(tiny_checkpoint, tmp_path):
     """SIGINT while shards are being written: KeyboardInterrupt unwinds through atomic_path."""
     script = (
         "import os, signal, sys\n"
-        "import zeropoint.checkpoint as c\n"
+        "import zeropoint.modeldir.writer as c\n"
         "real = c.CheckpointWriter._flush\n"
         "def flush_then_interrupt(self):\n"
         "    real(self)\n"

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zeropoint import ckernels
-from zeropoint.packing import pack, packed_nbytes, unpack
+from zeropoint.packing import pack, packed_nbytes, row_nbytes, rows_per_whole_bytes, unpack
 
 
 def bitstream_reference(codes: list[int], bits: int) -> bytes:
@@ -54,3 +54,19 @@ def test_bad_bits_and_sizes():
         pack(torch.zeros(3, dtype=torch.uint8), 9)
     with pytest.raises(ValueError, match="take 2 bytes, got 3"):
         unpack(torch.zeros(3, dtype=torch.uint8), 4, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bits=st.integers(1, 8), row_len=st.integers(1, 40), rows=st.integers(1, 12))
+def test_blocks_of_whole_byte_rows_pack_on_their_own(bits, row_len, rows):
+    """A block of rows_per_whole_bytes rows starts on a byte: packing the blocks one by one and
+    concatenating gives the packed whole; row_nbytes is the bytes of one row when rows do."""
+    unit = rows_per_whole_bytes(row_len, bits)
+    codes = torch.randint(0, 2**bits, (unit * rows, row_len), dtype=torch.uint8)
+    blocks = [pack(codes[i:i + unit], bits) for i in range(0, unit * rows, unit)]
+    assert torch.equal(torch.cat(blocks), pack(codes, bits))
+    if unit == 1:
+        assert row_nbytes(row_len, bits) == row_len * bits // 8 == blocks[0].numel()
+    else:
+        assert row_nbytes(row_len, bits) is None
+        assert (unit - 1) * row_len * bits % 8 != 0  # fewer rows end inside a byte

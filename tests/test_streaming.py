@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zeropoint import checkpoint, core, streaming
-from zeropoint.nn.recipe import Recipe, Rule
+from zeropoint import core
+from zeropoint.modeldir import streaming
+from zeropoint.modeldir.format import INDEX, MANIFEST, read_manifest, read_tensors
+from zeropoint.modeldir.writer import CheckpointWriter
+from zeropoint.recipe import Recipe, Rule
 from zeropoint.qtensor import QTensor
 from zeropoint.spec import QuantSpec
 
@@ -79,7 +82,7 @@ def test_bit_identical_to_quantizing_loaded_tensors(which, request, tmp_path):
     recipe = Recipe(G32, (Rule("lm_head", None), Rule("*.down_proj", INT8_CHANNEL)))
     out, _ = run(src, tmp_path, recipe)
     state = source_state(src)
-    _, quantized, kept = checkpoint.read_tensors(out)
+    _, quantized, kept = read_tensors(out)
     assert set(quantized) | set(kept) == set(state) and not set(quantized) & set(kept)
     for name, q in quantized.items():
         assert_same_qtensor(q, QTensor.quantize(state[name].float(), q.spec), name)
@@ -121,7 +124,7 @@ def test_blocks_of_rows_give_the_same_bits(spec, llama_bf16, tmp_path, monkeypat
     recipe = Recipe(spec, (), quantize_embeddings=True)
     out, _ = run(llama_bf16, tmp_path, recipe)
     state = source_state(llama_bf16)
-    _, quantized, kept = checkpoint.read_tensors(out)
+    _, quantized, kept = read_tensors(out)
     assert "lm_head.weight" in quantized and "model.embed_tokens.weight" in quantized
     assert len([r for r in reads if r[0] == "model.embed_tokens.weight"]) > 2  # really in blocks
     for name, q in quantized.items():
@@ -144,7 +147,7 @@ def test_recipe_rules(llama_f32, tmp_path):
             assert q[p + m + ".weight"]["spec"] == G32.to_dict()
     assert len(q) == 14
     assert manifest.extra == {"recipe": recipe.to_dict(), "method": "rtn", "source": str(llama_f32)}
-    assert json.loads((out / checkpoint.MANIFEST).read_text())["method"] == "rtn"
+    assert json.loads((out / MANIFEST).read_text())["method"] == "rtn"
 
     out2 = tmp_path / "embeddings"
     out2.mkdir()
@@ -157,8 +160,8 @@ def test_recipe_rules(llama_f32, tmp_path):
 def test_manifest_sizes_match_stored_tensors(llama_bf16, tmp_path):
     recipe = Recipe(G32, (Rule("lm_head", None), Rule("*.down_proj", INT8_CHANNEL)))
     out, manifest = run(llama_bf16, tmp_path, recipe, max_shard_bytes=20_000)
-    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / checkpoint.INDEX).is_file()
-    read, quantized, kept = checkpoint.read_tensors(out)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / INDEX).is_file()
+    read, quantized, kept = read_tensors(out)
     assert read.to_dict() == manifest.to_dict()
     state = source_state(llama_bf16)
     assert manifest.quantized_bytes == sum(q.nbytes for q in quantized.values())
@@ -180,7 +183,7 @@ def test_manifest_sizes_match_stored_tensors(llama_bf16, tmp_path):
 def test_tied_embeddings_checkpoint(tmp_path):
     src = make_llama(tmp_path / "tied", tie=True)
     out, manifest = run(src, tmp_path, Recipe(G32))
-    _, quantized, kept = checkpoint.read_tensors(out)
+    _, quantized, kept = read_tensors(out)
     assert "lm_head.weight" not in quantized | kept and "model.embed_tokens.weight" in kept
 
 
@@ -234,14 +237,14 @@ CHILD = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from zeropoint import streaming
-    from zeropoint.nn.recipe import Recipe
+    from zeropoint.modeldir import source, streaming
+    from zeropoint.recipe import Recipe
     torch.set_num_threads(2)
     src, out, mode = sys.argv[1:4]
     if mode == "quantize":
         streaming.quantize_checkpoint(src, out, Recipe(), progress=False)
     else:  # the baseline: imports and the meta-device skeleton, no weights
-        streaming.weight_modules(src)
+        source.weight_modules(src)
     try:
         with open("/proc/self/status") as f:
             print(next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) * 1024)
@@ -283,7 +286,7 @@ def write_synthetic_llama(directory: Path, hidden=1024, inter=2816, layers=6, vo
         weight_map.update(dict.fromkeys(shard, name))
         total += sum(t.nbytes for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / streaming.INDEX).write_text(json.dumps(index))
+    (directory / INDEX).write_text(json.dumps(index))
     return total
 
 
@@ -316,7 +319,7 @@ def test_peak_memory_is_bounded(big_tmp):
     out = big_tmp / "out"
     out.mkdir()
     baseline, peak = children_peak_rss((src, out, "baseline"), (src, out, "quantize"))
-    manifest = checkpoint.read_manifest(out)
+    manifest = read_manifest(out)
     assert manifest.quantized_params + manifest.kept_params == size // 4
     # The largest tensor alone (the 33-MB embedding) and the whole checkpoint are far apart:
     # holding the model, or even a whole shard (~100 MB), would break this bound.
@@ -341,7 +344,7 @@ def test_non_finite_weight_names_tensor_and_rows(tmp_path, monkeypatch):
 def test_writer_streams_pieces_into_shards(tmp_path):
     """CheckpointWriter.add_kept_chunks: a tensor given in pieces is stored whole; shards stay
     within max_shard_bytes unless one tensor is larger; files read back with safetensors."""
-    writer = checkpoint.CheckpointWriter(tmp_path, max_shard_bytes=1000)
+    writer = CheckpointWriter(tmp_path, max_shard_bytes=1000)
     big = torch.arange(600, dtype=torch.float32).reshape(60, 10)  # 2400 bytes: a shard alone
     writer.add_kept("a", torch.arange(5, dtype=torch.int64))
     writer.add_kept_chunks("big", torch.float32, (60, 10), (big[:7], big[7:50], big[50:]))
@@ -350,12 +353,12 @@ def test_writer_streams_pieces_into_shards(tmp_path):
     files = sorted(tmp_path.glob("model-*.safetensors"))
     assert [sorted(load_file(f)) for f in files] == [["a"], ["big"], ["c"]]
     assert not list(tmp_path.glob(".shard-*"))  # spool files are gone
-    _, _, kept = checkpoint.read_tensors(tmp_path)
+    _, _, kept = read_tensors(tmp_path)
     assert torch.equal(kept["big"], big) and kept["c"].dtype == torch.bfloat16
     assert torch.equal(kept["a"], torch.arange(5))
     assert manifest.kept_bytes == 40 + 2400 + 24 and manifest.kept_params == 5 + 600 + 12
 
-    short = checkpoint.CheckpointWriter(tmp_path / "short")
+    short = CheckpointWriter(tmp_path / "short")
     (tmp_path / "short").mkdir()
     with pytest.raises(ValueError, match="the pieces hold 40 bytes; shape \\[20\\] .* needs 80"):
         short.add_kept_chunks("x", torch.float32, (20,), (torch.ones(10),))

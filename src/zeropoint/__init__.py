@@ -5,9 +5,9 @@ from .metrics import cosine, max_abs_error, mse, sqnr_db, uniform_noise_mse
 from .qtensor import QTensor
 from .quantizer import Quantizer
 from .spec import Granularity, QuantSpec, Scheme
+from .recipe import Recipe, Rule
 from .nn.quantize_model import quantize_model
-from .nn.recipe import Recipe, Rule
-from .nn.serialize import load_quantized as load
+from .modeldir.load import load_quantized as load
 
 __all__ = [
     "QuantSpec", "Scheme", "Granularity", "Quantizer", "QTensor",

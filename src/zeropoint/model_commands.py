@@ -28,9 +28,9 @@ def _quiet_libraries() -> None:
 
 def open_model(path: str | None, progress: bool = False):
     """A float model (checkpoint dir, .gguf, or 'default') or a zeropoint directory."""
-    from .checkpoint import is_zeropoint_dir
+    from .modeldir.format import is_zeropoint_dir
+    from .modeldir.load import load_quantized
     from .models.load import ModelLoadError, load_model
-    from .nn.serialize import load_quantized
 
     _quiet_libraries()
     try:
@@ -42,7 +42,7 @@ def open_model(path: str | None, progress: bool = False):
 
 
 def _recipe_from_args(args):
-    from .nn.recipe import Recipe
+    from .recipe import Recipe
 
     try:
         if args.recipe:
@@ -76,9 +76,9 @@ def _is_checkpoint_dir(path) -> bool:
 def _write_quantized(args, recipe, out: Path):
     """Quantize args.model into `out` atomically. A Hugging Face checkpoint directory streams
     tensor by tensor (bounded memory); a GGUF file is loaded whole by transformers first."""
+    from .modeldir.streaming import quantize_checkpoint
+    from .modeldir.writer import save_quantized
     from .nn.quantize_model import quantize_model
-    from .nn.serialize import save_quantized
-    from .streaming import quantize_checkpoint
 
     method = getattr(args, "method", "rtn")
     with atomic_path(out, directory=True) as tmp:
@@ -148,7 +148,7 @@ def _evaluate_both(args, out: Path, text: str) -> tuple[str, str, str]:
 
 
 def cmd_quantize(args) -> None:
-    from .checkpoint import is_zeropoint_dir
+    from .modeldir.format import is_zeropoint_dir
 
     if args.type:  # a GGUF file out, in ggml block formats
         from .gguf.cli import quantize_gguf
@@ -196,7 +196,7 @@ def _sentences(text: str, limit: int = 64) -> list[str]:
 
 
 def _model_figures(loaded) -> dict:
-    from .checkpoint import is_zeropoint_dir, read_manifest
+    from .modeldir.format import is_zeropoint_dir, read_manifest
     from .nn.quantize_model import model_bytes
 
     if is_zeropoint_dir(loaded.source):

@@ -12,6 +12,8 @@ the portable path, and the tests hold both to the same bytes.
 
 from __future__ import annotations
 
+from math import gcd
+
 import torch
 
 from . import ckernels
@@ -19,6 +21,19 @@ from . import ckernels
 
 def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
+
+
+def rows_per_whole_bytes(row_len: int, bits: int) -> int:
+    """The fewest rows of `row_len` codes that fill whole bytes. A block of a multiple of this
+    many rows starts on a byte, so blocks pack on their own and their bytes concatenate to the
+    packed whole."""
+    return 8 // gcd(row_len * bits, 8)
+
+
+def row_nbytes(row_len: int, bits: int) -> int | None:
+    """Packed bytes of one row of `row_len` codes, or None when a row ends inside a byte (rows
+    can then not be packed, unpacked or sliced on their own)."""
+    return packed_nbytes(row_len, bits) if rows_per_whole_bytes(row_len, bits) == 1 else None
 
 
 def _check_bits(bits: int) -> None:

@@ -62,9 +62,9 @@ class QTensor:
         """Codes of the given rows of a 2-D tensor, (len(rows), shape[1]), unpacking only them.
         Needs whole bytes per row, so that each row starts a fresh run of the bit stream."""
         n_rows, n_cols = self.shape
-        if (n_cols * self.spec.bits) % 8:
+        row_bytes = self.row_nbytes
+        if row_bytes is None:
             raise ValueError(f"a row of {n_cols} codes at {self.spec.bits} bits is not whole bytes")
-        row_bytes = n_cols * self.spec.bits // 8
         packed = self.packed.view(n_rows, row_bytes)[rows]  # (len(rows), row_bytes)
         unsigned = packing.unpack(packed.reshape(-1), self.spec.bits, rows.numel() * n_cols)
         return _from_unsigned(unsigned, self.spec).view(rows.numel(), n_cols)
@@ -81,6 +81,12 @@ class QTensor:
         """Bytes of codes plus scales plus zero-points: what storing this tensor costs."""
         total = self.packed.nbytes + self.scale.nbytes
         return total + (self.zero_point.nbytes if self.zero_point is not None else 0)
+
+    @property
+    def row_nbytes(self) -> int | None:
+        """Packed bytes of one row (one index along the first dimension), or None when a row
+        ends inside a byte."""
+        return packing.row_nbytes(prod(self.shape[1:]), self.spec.bits)
 
     @property
     def bits_per_weight(self) -> float:

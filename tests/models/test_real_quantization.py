@@ -8,7 +8,7 @@ import torch
 from zeropoint import QuantSpec, Recipe, load, quantize_model
 from zeropoint.models.evaluate import default_text, embedding_cosine, perplexity
 from zeropoint.models.load import load_model
-from zeropoint.nn.serialize import save_quantized
+from zeropoint.modeldir.writer import save_quantized
 
 pytestmark = pytest.mark.slow
 

@@ -19,8 +19,8 @@ from zeropoint.nn.act_quant import (
     apply_static,
     calibrate_activations,
     dynamic_fake_quantize,
-    linear_layers,
 )
+from zeropoint.nn.layers import linear_layers
 
 PER_TENSOR = QuantSpec(8, "asymmetric")
 PER_FEATURE = QuantSpec(8, "asymmetric", "per_channel", axis=-1)

@@ -8,7 +8,7 @@ import torch
 from zeropoint import QTensor, QuantSpec, Recipe, load, quantize_model
 from zeropoint.nn.fuse import fuse_members, fuse_shared_inputs, stack_rows
 from zeropoint.nn.qlinear import QLinear
-from zeropoint.nn.serialize import save_quantized
+from zeropoint.modeldir.writer import save_quantized
 
 SPECS = [
     QuantSpec(4, "symmetric", "per_group", group_size=128),  # ragged last group on 576

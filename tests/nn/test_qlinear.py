@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from zeropoint import QTensor, QuantSpec, Recipe, Rule, load, quantize_model
-from zeropoint.checkpoint import read_manifest
+from zeropoint.modeldir.format import read_manifest
 from zeropoint.nn.qlinear import QEmbedding, QLinear
-from zeropoint.nn.serialize import save_quantized
+from zeropoint.modeldir.writer import save_quantized
 
 BF16_EPS = 2.0**-8
 

@@ -21,9 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate.search import MSESearch
+from ..nn.layers import linear_layers
 from ..nn.quantize_model import ModelReport, quantize_model
-from ..nn.recipe import Recipe
 from ..qtensor import QTensor
+from ..recipe import Recipe
 from ..spec import Granularity, QuantSpec
 from .gptq import GPTQOptions, HessianAccumulator, gptq
 
@@ -161,8 +162,8 @@ def run_sequential(
     groups, names = None, None
     for i in bar:
         layer = layers[i]
-        if tuple(_linears(layer)) != names:  # layers of one stack share their structure
-            names = tuple(_linears(layer))
+        if tuple(linear_layers(layer)) != names:  # layers of one stack share their structure
+            names = tuple(linear_layers(layer))
             groups = _input_groups(layer, inputs[0], kwargs)
         stages = groups if true_sequential else [sum(groups, [])]
         for stage in stages:
@@ -228,10 +229,6 @@ def _first_layer_inputs(model, first_layer, calib_ids, batch):
     return inputs, kwargs
 
 
-def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
 def _input_groups(layer, x, kwargs) -> list[list[str]]:
     """The layer's Linears grouped by the tensor they read, in calling order: for llama
     [[q, k, v], [o], [gate, up], [down]]. Found by running one batch with hooks that keep each
@@ -248,7 +245,7 @@ def _input_groups(layer, x, kwargs) -> list[list[str]]:
             seen.append((args[0], [name]))
         return hook
 
-    for name, lin in _linears(layer).items():
+    for name, lin in linear_layers(layer).items():
         handles.append(lin.register_forward_pre_hook(hook_for(name)))
     try:
         layer(x, **kwargs[x.shape[0]])
@@ -266,7 +263,7 @@ def _shared_inputs(stage: list[str], groups: list[list[str]]) -> list[list[str]]
 def _collect(layer, shared, inputs, kwargs) -> list[HessianAccumulator]:
     """One Hessian per input group, over every calibration batch; the forward stops as soon as
     the last group's last Linear has been reached."""
-    linears = _linears(layer)
+    linears = linear_layers(layer)
     accs = [HessianAccumulator(linears[g[0]].in_features) for g in shared]
     handles = []
     for gi, group in enumerate(shared):
@@ -299,7 +296,7 @@ def _stackable(spec: QuantSpec) -> bool:
 def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> None:
     """GPTQ for Linears sharing the Hessian H, into `qtensors` (full name -> QTensor) and
     `losses`; each Linear's weight is left fake-quantized for the rest of the layer's passes."""
-    linears = _linears(layer)
+    linears = linear_layers(layer)
     by_spec: dict[QuantSpec, list[str]] = {}
     for name in members:
         spec = recipe.spec_for(prefix + name)

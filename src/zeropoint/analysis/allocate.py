@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from .. import core
-from ..nn.recipe import Recipe, Rule
 from ..qtensor import QTensor
+from ..recipe import Recipe, Rule
 from ..spec import Granularity, QuantSpec
-from .common import Batch, linear_layers, one_thread, progress_bar, spec_assigner
+from .common import Batch, analyzed_layers, as_recipe, one_thread, progress_bar
 from .sensitivity import Fisher, fisher_diagonal
 from .specs import label, menu as default_menu
 
@@ -115,7 +115,7 @@ class Allocation:
                 f"{base.activations!r} cannot take (it needs 8-bit per-channel weights everywhere)"
             )
         rules = tuple(Rule(glob.escape(name), o.spec) for name, o in self.chosen.items())
-        return Recipe(base.default, tuple(base.rules) + rules, base.quantize_embeddings, None)
+        return base.with_rules(rules)
 
 
 @lru_cache(maxsize=None)
@@ -158,7 +158,7 @@ def option_table(
     span rows (per-tensor) use the whole weight."""
     if not 0 < row_fraction <= 1:
         raise ValueError(f"row_fraction must be in (0, 1], got {row_fraction}")
-    modules = dict(linear_layers(model))
+    modules = dict(analyzed_layers(model))
     gen = torch.Generator().manual_seed(seed)
     table = []
     with one_thread():
@@ -279,8 +279,9 @@ def allocate(
             f"the budget must be a positive number of bits per weight, got {budget_bpw!r}")
     recipe = recipe or Recipe()
     menu = list(menu) if menu is not None else default_menu()
-    spec_for = spec_assigner(recipe)
-    names = [n for n, m in linear_layers(model) if spec_for(n) is not None and m.weight.dim() == 2]
+    spec_for = as_recipe(recipe).spec_for
+    names = [n for n, m in analyzed_layers(model)
+             if spec_for(n) is not None and m.weight.dim() == 2]
     if not names:
         raise ValueError("the recipe keeps every Linear layer in float: there is nothing to allocate")
     fisher = fisher_diagonal(model, batches, names, samples=samples, seed=seed, progress=progress)

@@ -8,50 +8,35 @@ its `logits` (a language model: damage is KL of the next-token distribution) or 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
-from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
 
-from ..nn.recipe import Recipe
+from ..nn.layers import linear_layers
 from ..qtensor import QTensor
+from ..recipe import Recipe, Rule
 from ..spec import QuantSpec
 
 Batch = torch.Tensor | dict
-SpecFor = Callable[[str], QuantSpec | None]
 
 
-def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    """(qualified name, module) of every nn.Linear, in registration order (a module registered
-    twice is listed once, under its first name)."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no torch.nn.Linear layer; the analysis quantizes Linear "
-            "weights, so it needs at least one"
-        )
-    return layers
+def analyzed_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(qualified name, module) of every nn.Linear the analyses quantize; ValueError if none."""
+    return list(linear_layers(model, "the analysis (it quantizes Linear weights)").items())
 
 
-def spec_assigner(what: QuantSpec | Recipe | None, keep_float: Sequence[str] = ()) -> SpecFor:
-    """name -> spec for a uniform spec (None: everything float) or a Recipe, with `keep_float`
-    name patterns (fnmatch) kept in float on top."""
+def as_recipe(what: QuantSpec | Recipe | None, keep_float: Sequence[str] = ()) -> Recipe:
+    """A uniform spec (None: everything float) or a Recipe as a Recipe, with `keep_float` name
+    patterns (fnmatch) kept in float on top."""
     if isinstance(what, Recipe):
-        base = what.spec_for
+        recipe = what
     elif what is None or isinstance(what, QuantSpec):
-        base = lambda name: what  # noqa: E731
+        recipe = Recipe(what, ())
     else:
         raise TypeError(f"expected a QuantSpec, a Recipe or None, got {type(what).__name__}")
-    patterns = tuple(keep_float)
-
-    def spec_for(name: str) -> QuantSpec | None:
-        if any(fnmatchcase(name, p) for p in patterns):
-            return None
-        return base(name)
-
-    return spec_for
+    return recipe.with_rules(Rule(p, None) for p in keep_float)
 
 
 def text_batches(tokenizer, text: str, *, window: int = 512, max_tokens: int = 2048,

@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..metrics import power_ratio_db
-from ..nn.recipe import Recipe
+from ..recipe import Recipe
 from ..spec import QuantSpec
 from .common import (
-    Batch, final_output, linear_layers, one_thread, progress_bar, quantize_weight, run,
-    spec_assigner, swapped_weights,
+    Batch, analyzed_layers, as_recipe, final_output, one_thread, progress_bar, quantize_weight,
+    run, swapped_weights,
 )
 from .specs import format_spec, label
 
@@ -169,12 +169,12 @@ def analyze_layers(
     if not batches:
         raise ValueError("give at least one batch of calibration input")
     started = time.perf_counter()
-    layers = linear_layers(model)
+    layers = analyzed_layers(model)
     names = {m: n for n, m in layers}
     plans: list[dict[nn.Module, torch.Tensor]] = []  # per spec: module -> dequantized weight
     weight_info: list[dict[nn.Module, tuple]] = []  # per spec: module -> (label, sqnr, bytes, bpw)
     for what in specs:
-        plan, info = _quantize_weights(layers, spec_assigner(what, keep_float), progress)
+        plan, info = _quantize_weights(layers, as_recipe(what, keep_float).spec_for, progress)
         plans.append(plan)
         weight_info.append(info)
 

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.recipe import Recipe
+from ..recipe import Recipe
 from ..spec import QuantSpec
 from .common import (
-    Batch, final_output, frozen, linear_layers, one_thread, progress_bar, quantize_weight, run,
-    spec_assigner, swapped_weights,
+    Batch, analyzed_layers, as_recipe, final_output, frozen, one_thread, progress_bar,
+    quantize_weight, run, swapped_weights,
 )
 from .specs import label
 
@@ -70,7 +70,7 @@ def fisher_diagonal(
     one forward and `samples` backward passes per batch. Parameters are left as they were."""
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    layers = linear_layers(model)
+    layers = analyzed_layers(model)
     wanted = set(names) if names is not None else {n for n, _ in layers}
     targets = [(n, m) for n, m in layers if n in wanted]
     if not targets:
@@ -209,8 +209,8 @@ def layer_sensitivity(
     the rest spread evenly over the ranking, so that the rank correlation means something.
     """
     started = time.perf_counter()
-    spec_for = spec_assigner(spec, keep_float)
-    layers = [(n, m, spec_for(n)) for n, m in linear_layers(model)]
+    spec_for = as_recipe(spec, keep_float).spec_for
+    layers = [(n, m, spec_for(n)) for n, m in analyzed_layers(model)]
     layers = [(n, m, s) for n, m, s in layers if s is not None]
     if not layers:
         raise ValueError("the spec keeps every layer in float: there is no layer to rank")

@@ -31,7 +31,7 @@ def _threads() -> int:
 
 def _source(model: str | None) -> tuple[str, Path]:
     """('gguf' | 'hf', path) for MODEL; CommandError for anything else."""
-    from ..checkpoint import is_zeropoint_dir
+    from ..modeldir.format import is_zeropoint_dir
     from ..models.load import ModelLoadError, default_model_path
 
     if model in (None, DEFAULT_MODEL):

@@ -24,16 +24,10 @@ from torch import nn
 from ..calibrate.observers import MinMaxObserver, Observer
 from ..core import choose_qparams, fake_quantize
 from ..spec import Granularity, QuantSpec
+from .layers import linear_layers
 
-
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear of `model` by its qualified name (a tied module appears once)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to quantize the inputs of")
-    return layers
+# Named in the error for a model without a Linear layer.
+_NEEDED_FOR = "quantizing the inputs of Linear layers"
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +97,7 @@ def calibrate_activations(
     and hooks are restored afterwards. Returns {layer name: (scale, zero_point)}.
     """
     check_static_spec(spec)
-    layers = linear_layers(model)
+    layers = linear_layers(model, _NEEDED_FOR)
     observers = {name: observer(spec) for name in layers}
 
     def hook_for(name):
@@ -139,7 +133,7 @@ def apply_static(
     Values beyond the calibrated range saturate at the end codes, as on integer hardware.
     """
     check_static_spec(spec)
-    layers = linear_layers(model)
+    layers = linear_layers(model, _NEEDED_FOR)
     missing = sorted(set(layers) - set(qparams))
     if missing:
         raise ValueError(
@@ -174,5 +168,5 @@ def apply_dynamic(model: nn.Module, spec: QuantSpec) -> ActivationHooks:
     def hook(module, args):
         return (dynamic_fake_quantize(args[0], spec),) + tuple(args[1:])
 
-    layers = linear_layers(model).values()
+    layers = linear_layers(model, _NEEDED_FOR).values()
     return ActivationHooks([m.register_forward_pre_hook(hook) for m in layers])

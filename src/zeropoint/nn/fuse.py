@@ -136,10 +136,9 @@ def stack_rows(weights: list[QTensor]) -> QTensor:
 def _share_rows(members: list[QLinear], stacked: QTensor) -> None:
     """Point each member's QTensor at its rows of `stacked` (same bytes, so no second copy of
     the weights) when rows are whole bytes; otherwise members keep their own."""
-    in_features = stacked.shape[1]
-    if (in_features * stacked.spec.bits) % 8:
+    row_bytes = stacked.row_nbytes
+    if row_bytes is None:
         return
-    row_bytes = in_features * stacked.spec.bits // 8
     start = 0
     for m in members:
         stop = start + m.out_features

@@ -88,7 +88,7 @@ class GemvKernel:
         split = threads if split_rows is not None and n_out >= split_rows else 1
         w, s = q.packed.data_ptr(), scale.data_ptr()
         # run_pointers(x, y): y = W x on raw float32 pointers (in_features in, out_features out),
-        # unchecked: for callers with fixed buffers (llama_decode's step).
+        # unchecked: for callers with fixed buffers (compact_runtime's step).
         if kind == "int8":
             fn = lib.zp_gemv_q8
             self.run_pointers = lambda xp, yp: fn(xp, w, s, yp, n_in, n_out, split, scalar)

@@ -182,7 +182,7 @@ class QEmbedding(nn.Module):
                 f"QEmbedding needs a 2-D table quantized per row or per group along the "
                 f"embedding dimension, got {spec.describe()} on shape {weight.shape}"
             )
-        if (weight.shape[1] * spec.bits) % 8:
+        if weight.row_nbytes is None:
             raise ValueError(
                 f"an embedding row of {weight.shape[1]} codes at {spec.bits} bits is not whole "
                 "bytes, so rows cannot be unpacked on their own"

@@ -8,9 +8,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..qtensor import QTensor
+from ..recipe import Recipe
 from .fuse import fuse_shared_inputs
+from .layers import module_kind, replace_module
 from .qlinear import QEmbedding, QLinear
-from .recipe import Recipe
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ModelReport:
         return 8.0 * self.stored_bytes / max(1, self.params)
 
 
-def _distinct(tensors):
+def distinct_tensors(tensors):
     """Each tensor once, however many names share it (tied weights)."""
     seen = set()
     for t in tensors:
@@ -51,7 +52,7 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes, elements) of the distinct tensors a model holds: parameters, buffers and the
     packed weights of quantized layers. Tied parameters count once."""
     total = elements = 0
-    for t in _distinct(list(model.parameters()) + list(model.buffers())):
+    for t in distinct_tensors(list(model.parameters()) + list(model.buffers())):
         total += t.nbytes
         elements += t.numel()
     for m in model.modules():
@@ -63,15 +64,9 @@ def model_bytes(model: nn.Module) -> tuple[int, int]:
 
 def _targets(model: nn.Module, recipe: Recipe):
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or (recipe.quantize_embeddings and isinstance(module, nn.Embedding)):
-            spec = recipe.spec_for(name)
-            if spec is not None:
-                yield name, module, spec
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        spec = recipe.spec_for(name, module_kind(module))
+        if spec is not None:
+            yield name, module, spec
 
 
 def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: bool = False,
@@ -85,7 +80,7 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
     same input (q/k/v, gate/up) one matmul, with bit-identical outputs (see fuse.py).
     """
     recipe = recipe or Recipe()
-    params = sum(t.numel() for t in _distinct(model.parameters()))
+    params = sum(t.numel() for t in distinct_tensors(model.parameters()))
     report = ModelReport(params=params, float_bytes=model_bytes(model)[0])
     targets = list(_targets(model, recipe))
     for name, module, spec in tqdm(targets, desc="quantize", unit="tensor", disable=not progress):
@@ -100,12 +95,12 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
         else:
             new = QEmbedding(q, module.padding_idx)
             kernel = "lookup"
-        _set_module(model, name, new)
+        replace_module(model, name, new)
         report.layers.append(LayerReport(name, q.shape, spec.describe(), q.nbytes, q.bits_per_weight, kernel))
     if fuse:
         fuse_shared_inputs(model, backend)
     report.resident_bytes, _ = model_bytes(model)
-    stored_float = sum(t.nbytes for t in _distinct(model.parameters()))
+    stored_float = sum(t.nbytes for t in distinct_tensors(model.parameters()))
     report.stored_bytes = sum(layer.bytes for layer in report.layers) + stored_float
     return report
 

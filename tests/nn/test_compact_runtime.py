@@ -1,4 +1,4 @@
-"""The compact Llama decoder against transformers' own forward and generate.
+"""The compact Llama runtime against transformers' own forward and generate.
 
 The oracle is the HF model itself: its forward with its own cache gives the logits each step, and
 generate(do_sample=False) the tokens. Both the decoder's paths are checked: the general one
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from zeropoint import QuantSpec, Recipe, Rule, quantize_model
-from zeropoint.nn.decode import _cache_keyword, greedy_decode
-from zeropoint.nn.llama_decode import LlamaDecoder, supports
+from zeropoint.nn.compact_runtime import CompactLlama, supports
+from zeropoint.nn.generate import _cache_keyword, greedy_generate
 
 INT8 = QuantSpec(8, "symmetric", "per_channel")
 INT4 = QuantSpec(4, "symmetric", "per_group", group_size=128)
@@ -98,7 +98,7 @@ def test_logits_every_step_match_the_hf_forward(name, spec, fuse, path):
     ids = prompt()
     with torch.inference_mode():
         expected, tokens = hf_logits(model, ids, steps=6)
-        decoder = LlamaDecoder(model, fast=fast)
+        decoder = CompactLlama(model, fast=fast)
         decoder.start(1, ids.shape[1] + 6)
         if path == "torch-step":
             decoder._glue = None
@@ -121,7 +121,7 @@ def test_batch_of_two_and_a_second_prompt_block_match_the_hf_forward(name):
               "use_cache": True}
         first = model(ids[:, :5], **kw).logits
         second = model(ids[:, 5:], **kw).logits
-        decoder = LlamaDecoder(model)
+        decoder = CompactLlama(model)
         decoder.start(2, 12)
         assert_logits_close(decoder.forward(ids[:, :5], all_logits=True), first)
         assert_logits_close(decoder.forward(ids[:, 5:], all_logits=True), second)
@@ -137,8 +137,8 @@ def test_greedy_tokens_are_those_of_generate(name, spec, batch, threads):
     ids = prompt(batch=batch, length=7, seed=2)
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=15, do_sample=False)
-        compact = greedy_decode(model, ids, 15, loop="compact")
-        hf = greedy_decode(model, ids, 15, loop="hf")
+        compact = greedy_generate(model, ids, 15, loop="compact")
+        hf = greedy_generate(model, ids, 15, loop="hf")
     assert expected.shape == (batch, 22)
     assert torch.equal(compact, expected)
     assert torch.equal(hf, expected)
@@ -155,23 +155,24 @@ def test_a_single_new_token_and_the_auto_loop():
     ids = prompt()
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=1, do_sample=False)
-        assert torch.equal(greedy_decode(model, ids, 1, loop="compact"), expected)
-        assert torch.equal(greedy_decode(model, ids, 4), greedy_decode(model, ids, 4, loop="hf"))
+        assert torch.equal(greedy_generate(model, ids, 1, loop="compact"), expected)
+        assert torch.equal(greedy_generate(model, ids, 4),
+                           greedy_generate(model, ids, 4, loop="hf"))
     with pytest.raises(ValueError, match="unknown loop 'fast'; accepted: auto, hf, compact"):
-        greedy_decode(model, ids, 3, loop="fast")
+        greedy_generate(model, ids, 3, loop="fast")
 
 
 def test_a_decoder_made_before_quantization_is_not_reused():
-    """greedy_decode builds its decoder per call: quantizing the model in place in between
+    """greedy_generate builds its decoder per call: quantizing the model in place in between
     must change the tokens' source, not keep the float weights."""
     model = tiny_llama("gqa-tied", seed=3)
     ids = prompt(seed=3)
     with torch.inference_mode():
-        greedy_decode(model, ids, 5)
+        greedy_generate(model, ids, 5)
         quantize_model(model, Recipe(QuantSpec(2, "symmetric", "per_group", group_size=128),
                                      (Rule("lm_head", INT4),)))
         expected = model.generate(ids, max_new_tokens=5, do_sample=False)
-        assert torch.equal(greedy_decode(model, ids, 5), expected)
+        assert torch.equal(greedy_generate(model, ids, 5), expected)
 
 
 def tiny_gpt2():
@@ -187,13 +188,13 @@ def test_an_unsupported_architecture_is_refused_and_auto_falls_back():
     model = tiny_gpt2()
     assert not supports(model)
     with pytest.raises(ValueError, match=r"got model type 'gpt2'; accepted: llama"):
-        LlamaDecoder(model)
+        CompactLlama(model)
     ids = prompt()
     with pytest.raises(ValueError, match="accepted: llama"):
-        greedy_decode(model, ids, 3, loop="compact")
+        greedy_generate(model, ids, 3, loop="compact")
     with torch.inference_mode():
         expected = model.generate(ids, max_new_tokens=6, do_sample=False)
-        assert torch.equal(greedy_decode(model, ids, 6), expected)  # "auto": the HF loop
+        assert torch.equal(greedy_generate(model, ids, 6), expected)  # "auto": the HF loop
 
 
 def test_a_length_dependent_rope_is_refused():
@@ -205,7 +206,7 @@ def test_a_length_dependent_rope_is_refused():
     model = LlamaForCausalLM(config).eval()
     assert not supports(model)
     with pytest.raises(ValueError, match="rope type 'dynamic' depends on the decoded length"):
-        LlamaDecoder(model)
+        CompactLlama(model)
 
 
 @pytest.mark.slow
@@ -217,9 +218,9 @@ def test_smollm2_int4_compact_tokens_equal_the_hf_loop():
     quantize_model(model, Recipe(INT4, (Rule("lm_head", INT4),)))
     ids = loaded.tokenizer("The history of the printing press", return_tensors="pt")["input_ids"]
     with torch.inference_mode():
-        decoder = LlamaDecoder(model)
+        decoder = CompactLlama(model)
         compact = decoder.greedy(ids, 32)
-        hf = greedy_decode(model, ids, 32, loop="hf")
+        hf = greedy_generate(model, ids, 32, loop="hf")
     assert decoder._steps is not None  # the batch-1 step path ran
     assert compact.shape == (1, ids.shape[1] + 32)
     assert torch.equal(compact, hf)

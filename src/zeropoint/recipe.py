@@ -2,20 +2,24 @@
 
 A default spec plus rules by module-name pattern (fnmatch: `lm_head`, `*.down_proj`,
 `model.layers.0.*`). The last rule that matches a name wins, so a general rule can come first and
-exceptions after it. A rule with spec None keeps the layer in float.
+exceptions after it. A rule with spec None keeps the layer in float. Only Linear layers, and
+Embedding tables when `quantize_embeddings` says so, are ever quantized (see `Recipe.spec_for`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ..atomic import atomic_path
-from ..spec import QuantSpec
+from .atomic import atomic_path
+from .spec import QuantSpec
 
 ACTIVATION_MODES = (None, "int8-dynamic")
+# What a module is, as far as quantizing its weight goes (zeropoint.nn.layers.module_kind).
+MODULE_KINDS = ("linear", "embedding")
 
 
 @dataclass(frozen=True)
@@ -43,13 +47,24 @@ class Recipe:
             )
         object.__setattr__(self, "rules", tuple(self.rules))
 
-    def spec_for(self, name: str) -> QuantSpec | None:
-        """The spec for the module called `name`, or None to keep it in float."""
+    def spec_for(self, name: str, kind: str | None = "linear") -> QuantSpec | None:
+        """The spec for the module called `name`, or None to keep it in float.
+
+        kind: "linear" (the rules decide), "embedding" (float unless `quantize_embeddings`),
+        or None for any other module, which always stays float."""
+        if kind is not None and kind not in MODULE_KINDS:
+            raise ValueError(f"unknown module kind {kind!r}; accepted: 'linear', 'embedding', None")
+        if kind is None or (kind == "embedding" and not self.quantize_embeddings):
+            return None
         spec = self.default
         for rule in self.rules:
             if fnmatchcase(name, rule.pattern):
                 spec = rule.spec
         return spec
+
+    def with_rules(self, rules: Iterable[Rule]) -> "Recipe":
+        """This recipe with `rules` after its own, so that they win where they match."""
+        return replace(self, rules=self.rules + tuple(rules))
 
     @classmethod
     def uniform(cls, spec: QuantSpec | None, keep_float=("lm_head",), **kw) -> "Recipe":

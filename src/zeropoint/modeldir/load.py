@@ -1,4 +1,4 @@
-"""Save a quantized model as a zeropoint directory (see checkpoint.py) and load it back.
+"""Load a zeropoint model directory (see format.py) back into a model.
 
 Loading rebuilds the architecture from config.json, swaps in QLinear/QEmbedding layers built
 from the stored QTensors and loads every other tensor as stored, so the loaded model computes
@@ -9,33 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..checkpoint import CheckpointWriter, Manifest, read_tensors
-from .fuse import fuse_shared_inputs
-from .qlinear import QEmbedding, QLinear
-from .quantize_model import _distinct, _set_module, quantized_layers
-from .recipe import Recipe
-
-
-def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, tokenizer=None,
-                   config=None, **extra) -> Manifest:
-    """Write `model` into the (new, empty) `directory`. Tied tensors are written once."""
-    directory = Path(directory)
-    writer = CheckpointWriter(directory)
-    for name, module in quantized_layers(model):
-        q = module.weight_q
-        writer.add_quantized(name + ".weight", q, source_bytes=q.numel * torch.finfo(q.dtype).bits // 8)
-    state = model.state_dict()
-    # A tied weight is written under its first name; the architecture ties it again on load.
-    for t in _distinct(state.values()):
-        writer.add_kept(next(k for k, v in state.items() if v is t), t)
-    if config is not None:
-        config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    return writer.finish(recipe=recipe.to_dict(), kind=kind, **extra)
+from ..nn.fuse import fuse_shared_inputs
+from ..nn.layers import replace_module
+from ..nn.qlinear import QEmbedding, QLinear
+from ..recipe import Recipe
+from .format import read_tensors
 
 
 def load_quantized(directory, backend: str = "auto", fuse: bool = True):
@@ -59,7 +39,7 @@ def load_quantized(directory, backend: str = "auto", fuse: bool = True):
             new = QEmbedding(q, module.padding_idx)
         else:
             new = QLinear(q, kept.get(module_name + ".bias"), recipe.activations, backend)
-        _set_module(model, module_name, new)
+        replace_module(model, module_name, new)
     missing, unexpected = model.load_state_dict(kept, strict=False)
     if unexpected:
         raise ValueError(f"{directory} holds tensors the architecture does not have: {unexpected[:5]}")

@@ -1,7 +1,7 @@
 """Round-to-nearest quantization of a Hugging Face safetensors checkpoint, tensor by tensor.
 
 `quantize_checkpoint` turns a checkpoint directory into a zeropoint model directory (the layout of
-`checkpoint.py`) without ever loading the float model: the module types come from a skeleton
+format.py) without ever loading the float model: the module types come from a skeleton
 built on the meta device (no weights), and the weights are read from the safetensors files one
 block of rows at a time. The result is bit for bit what quantizing the model loaded in float32
 gives: every weight is converted to float32 before it is quantized, and round-to-nearest with
@@ -9,10 +9,8 @@ min/max ranges is the same arithmetic whether a tensor is seen whole or a block 
 
 Memory model (what the process holds at most, beyond Python, torch and transformers themselves):
 
-- Reading: tensor bytes are read with `os.pread` into a buffer this module owns, never through
-  a memory map. (safetensors' `safe_open` maps the file, and every page touched through the map
-  counts as resident memory until the file is closed: reading a whole 1-GB shard through it
-  makes the process 1 GB larger.) The page cache the reads fill is the kernel's, not ours.
+- Reading: tensor bytes are read with `os.pread` into buffers of our own, never through a
+  memory map (source.py says why). The page cache the reads fill is the kernel's, not ours.
 - Working set: one block of rows of about `CHUNK_BYTES` in float32, plus the source-dtype buffer
   it came from (bf16/fp16 sources) and the quantizer's codes (a quarter of it) and packed bytes.
   A weight larger than a block is quantized block by block: per-channel and per-group scales of
@@ -35,63 +33,33 @@ importing torch and transformers and building the meta skeleton take by themselv
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
-from math import gcd, prod
+from math import lcm
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, core
-from .checkpoint import Manifest
-from .nn.recipe import Recipe
-from .packing import packed_nbytes
-from .qtensor import QTensor
-from .spec import Granularity, QuantSpec
+from .. import core
+from ..packing import packed_nbytes, rows_per_whole_bytes
+from ..qtensor import QTensor
+from ..recipe import Recipe
+from ..spec import Granularity, QuantSpec
+from .format import Manifest
+from .source import SourceTensor, read_rows, source_tensors, weight_modules
+from .writer import DEFAULT_SHARD_BYTES, CheckpointWriter
 
 # float32 bytes of one block of rows: large enough that per-block overhead vanishes, small
 # enough that the working set stays a small part of the memory budget.
 CHUNK_BYTES = 32 << 20
-INDEX = "model.safetensors.index.json"
 # Files copied beside the weights when the source has them: what loading the model needs.
 AUX_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.txt", "merges.txt", "vocab.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-_ACCEPTED = "accepted: a Hugging Face checkpoint directory (config.json + *.safetensors)"
-_TORCH_DTYPES = {name: dtype for dtype, name in checkpoint.SAFETENSORS_DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """Where one tensor of a safetensors file lies."""
-
-    name: str
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # absolute file offset of its first byte
-
-    @property
-    def numel(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_numel(self) -> int:
-        return prod(self.shape[1:]) if self.shape else 1
 
 
 def quantize_checkpoint(
@@ -100,18 +68,17 @@ def quantize_checkpoint(
     recipe: Recipe,
     *,
     progress: bool = True,
-    max_shard_bytes: int = checkpoint.DEFAULT_SHARD_BYTES,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Manifest:
     """Quantize the Hugging Face checkpoint in `src_dir` with round-to-nearest into `out_dir`.
 
     src_dir: config.json plus model.safetensors, or sharded model-*.safetensors with
     model.safetensors.index.json. out_dir: an existing empty directory; the caller renames it
-    into place. The weights of the nn.Linear modules (and of nn.Embedding modules when
-    `recipe.quantize_embeddings`) that `recipe.spec_for(module)` gives a spec are quantized from
-    float32; every other floating tensor is stored as float32, other tensors as they are.
-    config.json, generation_config.json and the tokenizer files are copied. Returns the manifest
-    written to out_dir/zeropoint.json. Memory stays bounded whatever the checkpoint's size: see
-    the module docstring.
+    into place. The weights of the nn.Linear and nn.Embedding modules that `recipe.spec_for`
+    gives a spec are quantized from float32; every other floating tensor is stored as float32,
+    other tensors as they are. config.json, generation_config.json and the tokenizer files are
+    copied. Returns the manifest written to out_dir/zeropoint.json. Memory stays bounded whatever
+    the checkpoint's size: see the module docstring.
 
     Raises ValueError for a directory that is not a safetensors checkpoint, an architecture that
     transformers cannot build, or a weight whose shape does not suit its spec (checked for every
@@ -130,7 +97,7 @@ def quantize_checkpoint(
 
     from tqdm.auto import tqdm
 
-    writer = checkpoint.CheckpointWriter(out_dir, max_shard_bytes)
+    writer = CheckpointWriter(out_dir, max_shard_bytes)
     fds: dict[Path, int] = {}
     try:
         with tqdm(total=len(plan), unit="tensor", desc="quantize", disable=not progress) as bar:
@@ -161,160 +128,6 @@ def quantize_checkpoint(
     return writer.finish(recipe=recipe.to_dict(), method="rtn", source=str(src_dir))
 
 
-# --- the source checkpoint ---------------------------------------------------------------------
-
-
-def source_tensors(src_dir) -> list[SourceTensor]:
-    """Every tensor of the checkpoint's safetensors files, file by file, in file order.
-
-    Reads only the headers. ValueError for a missing directory, no config.json, no safetensors
-    files, a file an index names but that is missing, or a tensor found twice.
-    """
-    src_dir = Path(src_dir)
-    if not src_dir.is_dir():
-        raise ValueError(f"checkpoint directory {str(src_dir)!r} does not exist; {_ACCEPTED}")
-    if not (src_dir / "config.json").is_file():
-        raise ValueError(f"directory {str(src_dir)!r} has no config.json; {_ACCEPTED}")
-    index = src_dir / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index (no weight_map): {e}") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (src_dir / f).is_file()]
-        if missing:
-            raise ValueError(f"{index} names files that are missing: {', '.join(missing)}")
-        paths = [src_dir / f for f in files]
-    elif (src_dir / "model.safetensors").is_file():
-        paths = [src_dir / "model.safetensors"]
-    else:
-        paths = sorted(src_dir.glob("*.safetensors"))
-    if not paths:
-        others = sorted(p.name for p in src_dir.glob("*.bin"))
-        hint = f" (it holds {', '.join(others)}: save it with safe_serialization)" if others else ""
-        raise ValueError(
-            f"directory {str(src_dir)!r} has no *.safetensors weights{hint}; {_ACCEPTED}"
-        )
-    tensors: dict[str, SourceTensor] = {}
-    for path in paths:
-        for t in read_header(path):
-            if t.name in tensors:
-                first = tensors[t.name].path.name
-                raise ValueError(f"tensor {t.name} is in both {first} and {path.name}")
-            tensors[t.name] = t
-    return list(tensors.values())
-
-
-def read_header(path) -> list[SourceTensor]:
-    """The tensors of one safetensors file, in the order of their data. ValueError if the header
-    is not valid: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}}."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
-            raise ValueError(
-                f"{path} is not a safetensors file (header length {n}, file size {size})"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
-    start = 8 + n
-    out = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _TORCH_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except KeyError as e:
-            raise ValueError(f"{path}: tensor {name} has no or an unknown {e} in its header entry; "
-                             f"known dtypes: {', '.join(_TORCH_DTYPES)}") from None
-        t = SourceTensor(name, path, dtype, shape, start + begin)
-        if end - begin != t.nbytes or start + end > size:
-            raise ValueError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] that do not "
-                             f"match shape {list(shape)} of {dtype} inside a {size}-byte file")
-        out.append(t)
-    return sorted(out, key=lambda t: t.offset)
-
-
-def read_rows(fd: int, t: SourceTensor, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of `t` in its own dtype, read with pread into a fresh buffer."""
-    nbytes = (stop - start) * t.row_numel * t.dtype.itemsize
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    offset = t.offset + start * t.row_numel * t.dtype.itemsize
-    done = 0
-    while done < nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise ValueError(f"{t.path} ends inside tensor {t.name}")
-        done += n
-    shape = (stop - start, *t.shape[1:]) if t.shape else ()
-    return buf.view(t.dtype).view(shape)
-
-
-def weight_modules(src_dir) -> tuple[dict[str, str], str]:
-    """{module name: "linear" or "embedding"} of the model that config.json describes, and the
-    model's base_model_prefix. The model is built on the meta device: no weight is allocated.
-
-    The class is the one `models.load.load_model` would load (AutoModelForCausalLM for causal
-    LMs, else AutoModel), so module names are those a quantizer of the loaded model sees.
-    ValueError, naming the architecture, if transformers cannot build it.
-    """
-    src_dir = Path(src_dir)
-    try:
-        raw = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {src_dir / 'config.json'}: {e}") from None
-    archs = list(raw.get("architectures") or []) if isinstance(raw, dict) else []
-    model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    label = f"{', '.join(archs) or 'none named'} (model_type {model_type!r})"
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = transformers.AutoConfig.from_pretrained(src_dir, local_files_only=True)
-    except Exception as e:  # transformers says "unrecognized model type" in several exception types
-        raise ValueError(
-            f"cannot build architecture {label} from {src_dir / 'config.json'}: transformers "
-            f"{transformers.__version__} does not know it ({type(e).__name__}: {e})"
-        ) from e
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    is_causal = any(a in causal for a in archs) or (
-        not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    )
-    autos = [transformers.AutoModelForCausalLM, transformers.AutoModel]
-    if not is_causal:
-        autos.reverse()
-    errors = []
-    for auto in autos:
-        try:
-            with torch.device("meta"):
-                model = auto.from_config(config)
-            break
-        except Exception as e:  # any failure to build means: not this auto class
-            errors.append(f"{auto.__name__}: {type(e).__name__}: {e}")
-    else:
-        raise ValueError(
-            f"cannot build architecture {label} from {src_dir / 'config.json'}: "
-            + "; ".join(errors)
-        )
-    kinds = {}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            kinds[name] = "linear"
-        elif isinstance(m, torch.nn.Embedding):
-            kinds[name] = "embedding"
-    return kinds, getattr(model, "base_model_prefix", "") or ""
-
-
 def _module_of(tensor: str, modules: dict[str, str], prefix: str) -> str | None:
     """The Linear/Embedding module whose weight `tensor` is, allowing for a checkpoint saved
     with or without the base model's prefix (`bert.`, `model.`)."""
@@ -335,10 +148,7 @@ def _plan(tensors, modules, prefix, recipe: Recipe) -> list[tuple[SourceTensor, 
     plan = []
     for t in tensors:
         module = _module_of(t.name, modules, prefix)
-        kind = modules.get(module)
-        spec = None
-        if kind == "linear" or (kind == "embedding" and recipe.quantize_embeddings):
-            spec = recipe.spec_for(module)
+        spec = None if module is None else recipe.spec_for(module, modules[module])
         if spec is not None:
             if not t.dtype.is_floating_point:
                 raise ValueError(f"cannot quantize {t.name}: its dtype is {t.dtype}, not a float")
@@ -362,9 +172,9 @@ def _block_rows(t: SourceTensor, spec: QuantSpec | None) -> int:
     if spec is None or len(t.shape) < 2:
         return min(step, t.rows) if spec is None else t.rows
     height = spec.block_size(t.shape)[0]
-    unit = 8 // gcd(t.row_numel * spec.bits, 8)  # rows whose codes fill whole bytes
+    unit = rows_per_whole_bytes(t.row_numel, spec.bits)
     if height < t.rows:
-        unit = unit * height // gcd(unit, height)
+        unit = lcm(unit, height)
     elif spec.granularity is Granularity.PER_GROUP:
         return t.rows  # one group spans every row: no split keeps the groups whole
     return min(t.rows, max(unit, step // unit * unit))
@@ -413,7 +223,7 @@ def _quantize_independent(fd, t: SourceTensor, spec: QuantSpec, rows: int, heigh
     for start, stop in _blocks(t, rows):
         with _rows_named(start, stop):
             q = QTensor.quantize(read_rows(fd, t, start, stop).float(), spec)
-        at = start * t.row_numel * spec.bits // 8  # whole bytes: see _block_rows
+        at = packed_nbytes(start * t.row_numel, spec.bits)  # whole bytes: see _block_rows
         packed[at : at + q.packed.numel()] = q.packed
         g = start // height  # blocks start on a group boundary: see _block_rows
         scale[g : g + q.scale.shape[0]] = q.scale
@@ -438,6 +248,6 @@ def _quantize_two_pass(fd, t: SourceTensor, spec: QuantSpec, rows: int) -> QTens
         x = read_rows(fd, t, start, stop).float()
         codes = core.quantize(x, spec, scale, zero_point)
         q = QTensor.from_codes(codes, spec, scale, zero_point, torch.float32)
-        at = start * t.row_numel * spec.bits // 8
+        at = packed_nbytes(start * t.row_numel, spec.bits)
         packed[at : at + q.packed.numel()] = q.packed
     return QTensor(packed, q.scale, q.zero_point, spec, t.shape, torch.float32)

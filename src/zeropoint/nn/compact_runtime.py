@@ -1,5 +1,5 @@
-"""A compact greedy decoder for Llama-family causal LMs: the model's own weights and kernels,
-without transformers' module tree per token.
+"""The compact runtime for Llama-family causal LMs: the model's own weights and kernels,
+without transformers' module tree per token, over a preallocated KV cache.
 
 At batch 1 a quantized SmolLM2-135M spent about as long in transformers' per-layer Python
 (module calls, the cache object, masks, rotary embedding) as in its 121 matmuls. This decoder
@@ -18,7 +18,7 @@ rope scaling come from the model. Two paths share one preallocated KV cache:
 
 The arithmetic is the model's: the same kernels on the same inputs, RMSNorm and rotary in
 transformers' order of operations; only summation orders (attention, the norm's sum of squares)
-differ, at float32 rounding (tests/nn/test_llama_decode.py holds both paths to the HF logits).
+differ, at float32 rounding (tests/nn/test_compact_runtime.py holds both paths to the HF logits).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .fuse import FusedSlice
 from .gemv import GemvKernel
 from .qlinear import QLinear
 
-# Checked, layer by layer, against the HF forward (tests/nn/test_llama_decode.py).
+# Checked, layer by layer, against the HF forward (tests/nn/test_compact_runtime.py).
 ACCEPTED_MODEL_TYPES = ("llama",)
 # Rope types whose cos/sin depend on the length decoded so far: a table built once for the
 # final length would differ from what the model computes at each step.
@@ -40,7 +40,7 @@ _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 def supports(model) -> bool:
-    """True when LlamaDecoder accepts `model` (its config's model type and rope type)."""
+    """True when CompactLlama accepts `model` (its config's model type and rope type)."""
     try:
         _check(model)
     except ValueError:
@@ -150,8 +150,8 @@ def _rms_norm(x, weight, eps):
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class LlamaDecoder:
-    """Greedy decoding of a Llama-family LM through its own weights and kernels.
+class CompactLlama:
+    """Greedy generation by a Llama-family LM through its own weights and kernels.
 
     Built from the model, it keeps references, not copies: a model quantized or edited afterwards
     needs a new decoder. `start(batch, max_len)` allocates the KV cache, `forward` runs token ids
@@ -383,7 +383,7 @@ class _CGlue:
     calls and four C calls (norm, attention, norm, gating) instead of about twenty torch calls,
     whose dispatch cost as long as the int4 matmuls themselves. Same buffers, same kernels."""
 
-    def __init__(self, lib, dec: LlamaDecoder, cache, o_out, d_out, g, u):
+    def __init__(self, lib, dec: CompactLlama, cache, o_out, d_out, g, u):
         self.dec, self.lib = dec, lib
         ptr = lambda t: t.data_ptr()  # noqa: E731
         n = dec.hidden
