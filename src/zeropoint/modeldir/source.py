@@ -94,40 +94,66 @@ def source_tensors(src_dir) -> list[SourceTensor]:
     return list(tensors.values())
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit: a larger header is no real checkpoint
+
+
 def read_header(path) -> list[SourceTensor]:
     """The tensors of one safetensors file, in the order of their data. ValueError if the header
-    is not valid: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}}."""
+    is not valid: 8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}}, every
+    tensor's bytes inside the data section and no two tensors sharing a byte. The checks come
+    before any read: files from strangers are read here."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= size - 8:
-            raise ValueError(
-                f"{path} is not a safetensors file (header length {n}, file size {size})"
-            )
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path} is not a safetensors file (header length {n}, file size "
+                             f"{size}; a header holds 2 bytes to {MAX_HEADER_BYTES} bytes)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{path} has a corrupt safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} has a corrupt safetensors header: a JSON "
+                         f"{type(header).__name__}, not an object of tensors")
     start = 8 + n
     out = []
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _TORCH_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except KeyError as e:
-            raise ValueError(f"{path}: tensor {name} has no or an unknown {e} in its header entry; "
-                             f"known dtypes: {', '.join(_TORCH_DTYPES)}") from None
-        t = SourceTensor(name, path, dtype, shape, start + begin)
-        if end - begin != t.nbytes or start + end > size:
-            raise ValueError(f"{path}: tensor {name} has data_offsets [{begin}, {end}] that do not "
-                             f"match shape {list(shape)} of {dtype} inside a {size}-byte file")
-        out.append(t)
-    return sorted(out, key=lambda t: t.offset)
+        if name != "__metadata__":
+            out.append(_header_entry(path, name, entry, start, size))
+    out.sort(key=lambda t: t.offset)
+    for a, b in zip(out, out[1:]):
+        if a.offset + a.nbytes > b.offset:
+            raise ValueError(f"{path}: tensors {a.name} and {b.name} share bytes")
+    return out
+
+
+def _header_entry(path: Path, name: str, entry, start: int, size: int) -> SourceTensor:
+    """One tensor's header entry, checked: a known dtype, a shape of non-negative integers, and
+    data_offsets [begin, end] inside the data section whose length the shape and dtype give."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} has a header entry that is not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _TORCH_DTYPES:
+        raise ValueError(f"{where} has dtype {dtype!r}; known dtypes: {', '.join(_TORCH_DTYPES)}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise ValueError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+        raise ValueError(f"{where} has data_offsets {offsets!r}; they are [begin, end], two "
+                         "non-negative integers")
+    begin, end = offsets
+    t = SourceTensor(name, path, _TORCH_DTYPES[dtype], tuple(shape), start + begin)
+    if not begin <= end <= size - start or end - begin != t.nbytes:
+        raise ValueError(f"{where} has data_offsets [{begin}, {end}] that do not match shape "
+                         f"{shape} of {dtype} inside a {size}-byte file")
+    return t
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def read_rows(fd: int, t: SourceTensor, start: int, stop: int) -> torch.Tensor:
