@@ -85,7 +85,9 @@ def test_the_library_exports_the_header_and_nothing_else():
         assert not hasattr(lib, internal), internal
 
 
-def test_every_source_includes_the_header():
+def test_every_source_is_built_and_includes_the_header():
+    assert set(ckernels.CSRC.glob("*.c")) == set(ckernels.SOURCES)
+    assert set(ckernels.CSRC.glob("*.h")) == set(ckernels.HEADERS)  # all in the cache key
     for source in ckernels.SOURCES:
         assert '#include "zeropoint.h"' in source.read_text(), source.name
 

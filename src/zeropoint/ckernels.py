@@ -95,7 +95,8 @@ def cflags() -> list[str]:
 def _cpu_signature() -> str:
     # -march=native code from one CPU may not run on another sharing the same home folder.
     try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
     return platform.machine() + flags
@@ -269,9 +270,11 @@ def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
 
 def block_quantize(fn, type_id: int, src, n_blocks: int, out):
     """A C block quantizer `fn(type, src, n, out, &why, threads) -> first bad block, or < 0`
-    on n_blocks blocks of src into out: (first bad block, why), or None when all went well."""
+    on n_blocks blocks of src into out: (first bad block, why), or None when all went well.
+    type_id is the ggml type number (gguf.types' GGMLType.id); ValueError for one `fn` lacks."""
     why = ctypes.c_int(0)
-    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why), threads(src.numel()))
+    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why),
+           threads(src.numel()))
     if i == -2:
         raise ValueError(f"the C block quantizer has no ggml type {type_id}")
     return None if i < 0 else (i, why.value)

@@ -272,7 +272,7 @@ def quantize_kblocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
     gtype = TYPES[qtype]
     out = torch.empty(x.shape[0], gtype.type_size, dtype=torch.uint8)
     lib = ckernels.library()
-    problem = _quantize_c(lib, x, gtype, out) if lib is not None else _quantize_eager(x, qtype, out)
+    problem = _quantize_c(lib, x, gtype, out) if lib is not None else _quantize_eager(x, gtype, out)
     if problem is not None:
         i, why = problem
         if why == _NOT_FINITE:
@@ -286,14 +286,14 @@ def quantize_kblocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
 _NOT_FINITE, _OVERFLOW = 1, 2  # the C kernel's codes for a block it cannot store
 
 
-def _quantize_eager(x, qtype: str, out):
+def _quantize_eager(x, gtype: GGMLType, out):
     """Fills out; returns (first super-block that cannot be stored, why) or None."""
     bad = ~torch.isfinite(x).all(1)
     if bad.any():
         return int(bad.nonzero()[0, 0]), _NOT_FINITE
     for start in range(0, x.shape[0], _CHUNK):
-        out[start : start + _CHUNK] = _quantize_k(x[start : start + _CHUNK], qtype)
-    for col in K_FORMATS[qtype].half_offsets:
+        out[start : start + _CHUNK] = _quantize_k(x[start : start + _CHUNK], gtype.name)
+    for col in K_FORMATS[gtype.name].half_offsets:
         half = out[:, col : col + 2].contiguous().view(torch.float16).view(-1)
         if not torch.isfinite(half).all():
             return int((~torch.isfinite(half)).nonzero()[0, 0]), _OVERFLOW
