@@ -43,7 +43,8 @@ from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
 from zeropoint.gguf.reader import read_gguf  # noqa: E402
 from zeropoint.gguf.writer import TensorData, write_gguf  # noqa: E402
 from zeropoint.gguf.mixes import ModelParams, llama_cpp_quantize, plan_types  # noqa: E402
-from zeropoint.gguf.requantize import available_types, output_metadata, requantize  # noqa: E402
+from zeropoint.gguf.requantize import output_metadata, requantize  # noqa: E402
+from zeropoint.gguf.types import WRITABLE_TYPES  # noqa: E402
 from zeropoint.models.evaluate import default_text  # noqa: E402
 from zeropoint.models.load import default_model_path  # noqa: E402
 
@@ -103,7 +104,7 @@ def main() -> None:
 
 
 def run(args, src: Path, work: Path) -> None:
-    have_k = "Q4_K" in available_types()
+    have_k = "Q4_K" in WRITABLE_TYPES
     types = [t for t in args.types.split(",") if have_k or "_K" not in t]
 
     print(f"source: {src.name} ({src.stat().st_size / 2**20:.1f} MiB), torch threads and "

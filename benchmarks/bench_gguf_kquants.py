@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from zeropoint import ckernels
-from zeropoint.gguf import K_FORMATS, quantize_blocks
+from zeropoint.gguf import quantize_blocks
+from zeropoint.gguf.kquants import K_FORMATS
 
 from timing import median_seconds  # benchmarks/timing.py
 

@@ -1,6 +1,8 @@
 """Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
 packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c, used by gguf.kquants) and
-legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks).
+legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), batch-1 matrix-vector products
+(csrc/gemv.c) and the compact runtime's per-token steps (csrc/token_ops.c). csrc/zeropoint.h
+declares every function the library exports; SIGNATURES binds each.
 
 Eager PyTorch needs one pass over memory per op (divide, round, shift, clamp, cast); the C
 loop does them all in one pass, about 2-5x faster on a CPU. It compiles in well under a second
@@ -22,6 +24,7 @@ import platform
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from math import prod
@@ -30,24 +33,70 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds go unlocked
+    fcntl = None
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "legacy.c",
-                                    "gemv.c", "decode.c")]
-HEADERS = [CSRC / "parallel.h"]
+                                    "gemv.c", "token_ops.c")]
+HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
-# turn the division into a multiply by a reciprocal and change codes at ties. Full-width vectors
-# (512-bit where the CPU has them) measured 1.5x faster than gcc's default 256-bit choice.
-CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-shared", "-fPIC"]
+# turn the division into a multiply by a reciprocal and change codes at ties. Hidden visibility:
+# the library exports csrc/zeropoint.h's functions and nothing else.
+BASE_CFLAGS = ["-O3", "-fno-math-errno", "-shared", "-fPIC", "-fvisibility=hidden"]
 PARALLEL_MIN_ELEMENTS = 1 << 20  # below this, one thread finishes before a second would start
+_COMPILE_SECONDS = 120
+_UNUSED_SECONDS = 7 * 24 * 3600  # a cached library of another key unused this long is pruned
+_MESSAGE_LINES = 20  # of the compiler's output, in the warning of a failed build
 
 _enabled = os.environ.get("ZEROPOINT_NO_CKERNELS", "") in ("", "0")
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+
+# Every function of csrc/zeropoint.h, in its order: name -> (restype, argtypes). One to one with
+# the header: tests/test_ckernels.py reads it and compares.
+SIGNATURES = {
+    "zp_openmp": (_int, []),
+    "zp_quantize_f32": (_int, [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _int]),
+    "zp_dequantize_f32": (None, [_p, _int, _p, _i64, _i64, _i64, _p, _p, _int]),
+    "zp_minmax_f32": (_int, [_p, _i64, _i64, _i64, _p, _p, _int]),
+    "zp_pack": (None, [_p, _i64, _int, _p]),
+    "zp_unpack": (None, [_p, _i64, _int, _p]),
+    "zp_quantize_kquant": (_i64, [_int, _p, _i64, _p, _p, _int]),
+    "zp_legacy_available": (_int, []),
+    "zp_quantize_legacy": (_i64, [_int, _p, _i64, _p, _p, _int]),
+    "zp_dequantize_legacy": (_int, [_int, _p, _i64, _p, _int]),
+    "zp_requantize_legacy": (_i64, [_int, _p, _int, _i64, _p, _p]),
+    "zp_gemv_q8": (None, [_p, _p, _p, _p, _i64, _i64, _int, _int]),
+    "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]),
+    "zp_add_rmsnorm": (None, [_p, _p, _p, _f32, _i64, _p]),
+    "zp_llama_attend": (None, [_p, _i64, _i64, _i64, _i64, _p, _p, _f32, _p, _p]),
+    "zp_silu_mul": (None, [_p, _p, _i64]),
+}
+
+
+class CompileError(RuntimeError):
+    """The C compiler failed; the message carries the start of what it said."""
+
+
+def cflags() -> list[str]:
+    """The flags for this machine: BASE_CFLAGS and its CPU's own instructions."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        # Full-width vectors (512-bit where the CPU has them) measured 1.5x faster than gcc's
+        # default 256-bit choice; the flag exists on x86 only.
+        return [*BASE_CFLAGS, "-march=native", "-mprefer-vector-width=512"]
+    if machine in ("aarch64", "arm64") or machine.startswith(("arm", "ppc", "powerpc")):
+        return [*BASE_CFLAGS, "-mcpu=native"]  # what gcc and clang take for the host CPU there
+    return list(BASE_CFLAGS)  # elsewhere the compiler's baseline: -march=native is not portable
 
 
 def _cpu_signature() -> str:
     # -march=native code from one CPU may not run on another sharing the same home folder.
     try:
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
     return platform.machine() + flags
@@ -71,21 +120,81 @@ def _torch_openmp() -> list[str]:
     return ["-fopenmp", str(found[0]), "-Wl,--as-needed"] if len(found) == 1 else []
 
 
+@contextmanager
+def _build_lock(cache: Path):
+    """Hold the cache folder's lock: one process compiles, any other waits for its library."""
+    if fcntl is None:
+        yield
+        return
+    with open(cache / "build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _compile(cache: Path, source: bytes, cc: str, extra: list[str]) -> Path:
-    key = hashlib.sha256(source + " ".join([cc, *CFLAGS, *extra, _cpu_signature()]).encode()).hexdigest()[:16]
+    flags = cflags()
+    build = " ".join([cc, *flags, *extra, _cpu_signature()]).encode()
+    key = hashlib.sha256(source + build).hexdigest()[:16]
     target = cache / f"kernels-{key}.so"
     if target.exists():
+        _mark_used(target)
         return target
     cache.mkdir(parents=True, exist_ok=True)
+    with _build_lock(cache):
+        if not target.exists():  # else another process built it while this one waited
+            _run_compiler([cc, *flags], extra, cache, target)
+            _prune(cache, keep=target)
+    return target
+
+
+def _run_compiler(command: list[str], extra: list[str], cache: Path, target: Path) -> None:
+    """Compile SOURCES into target (atomically: no process sees a half-written library)."""
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
-        subprocess.run([cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), *extra], check=True,
-                       capture_output=True, timeout=120)
-        os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
+        done = subprocess.run([*command, "-o", tmp, *map(str, SOURCES), *extra],
+                              capture_output=True, text=True, timeout=_COMPILE_SECONDS)
+        if done.returncode:
+            raise CompileError(f"{command[0]} exited with status {done.returncode}: "
+                               f"{_first_lines(done.stderr or done.stdout)}")
+        os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return target
+
+
+def _first_lines(text: str) -> str:
+    lines = text.strip().splitlines()
+    shown = "\n".join(lines[:_MESSAGE_LINES])
+    more = len(lines) - _MESSAGE_LINES
+    return shown + (f"\n... ({more} more lines)" if more > 0 else "")
+
+
+def _mark_used(library: Path) -> None:
+    """Record a use in the library's mtime, which _prune reads."""
+    try:
+        os.utime(library)
+    except OSError:  # a read-only cache: nothing is pruned there either
+        pass
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove the libraries of other keys (older sources, other flags or compilers) that no
+    process has used for _UNUSED_SECONDS, and the temporary files of builds killed long ago. The
+    grace keeps two checkouts or environments that share the cache from rebuilding each other's
+    library at every switch. A process that loaded a removed library keeps it: the file's
+    mapping lives until that process exits."""
+    now = time.time()
+    for pattern, unused in (("kernels-*.so", _UNUSED_SECONDS),
+                            (".kernels-*.so", 5 * _COMPILE_SECONDS)):
+        for path in cache.glob(pattern):
+            try:
+                if path != keep and path.stat().st_mtime < now - unused:
+                    path.unlink()
+            except FileNotFoundError:  # another process pruned it first
+                pass
 
 
 def _build(cache: Path) -> Path:
@@ -97,45 +206,29 @@ def _build(cache: Path) -> Path:
     if openmp:
         try:
             return _compile(cache, source, cc, openmp)
-        except subprocess.CalledProcessError:
+        except CompileError:
             pass
     return _compile(cache, source, cc, [])
 
 
-@functools.lru_cache(maxsize=None)
-def _library():
-    cache = Path(os.environ.get("ZEROPOINT_CACHE", Path.home() / ".cache" / "zeropoint"))
+def load_library(cache: Path):
+    """The library built (once) in folder `cache`, its functions bound; None, with a warning
+    that says why (a failed compile's own message), where it cannot be had."""
     try:
         lib = ctypes.CDLL(str(_build(cache)))
     except Exception as e:  # no compiler, read-only home, exotic platform: eager path it is
         warnings.warn(f"zeropoint: C kernels unavailable ({e}); using the slower eager path")
         return None
-    lib.zp_openmp.restype = _int
-    lib.zp_quantize_f32.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _int]
-    lib.zp_quantize_f32.restype = _int
-    lib.zp_dequantize_f32.argtypes = [_p, _int, _p, _i64, _i64, _i64, _p, _p, _int]
-    lib.zp_dequantize_f32.restype = None
-    lib.zp_minmax_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, _int]
-    lib.zp_minmax_f32.restype = _int
-    lib.zp_pack.argtypes = lib.zp_unpack.argtypes = [_p, _i64, _int, _p]
-    lib.zp_pack.restype = lib.zp_unpack.restype = None
-    lib.zp_quantize_kquant.argtypes = [_int, _p, _i64, _p, _p, _int]
-    lib.zp_quantize_kquant.restype = _i64
-    lib.zp_quantize_legacy.argtypes = [_int, _p, _i64, _p, _p, _int]
-    lib.zp_quantize_legacy.restype = _i64
-    lib.zp_dequantize_legacy.argtypes = [_int, _p, _i64, _p, _int]
-    lib.zp_dequantize_legacy.restype = _int
-    lib.zp_legacy_available.restype = _int
-    lib.zp_requantize_legacy.argtypes = [_int, _p, _int, _i64, _p, _p]
-    lib.zp_requantize_legacy.restype = _i64
-    lib.zp_gemv_q8.argtypes = [_p, _p, _p, _p, _i64, _i64, _int, _int]  # see csrc/gemv.c
-    lib.zp_gemv_q4.argtypes = [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]
-    lib.zp_gemv_q8.restype = lib.zp_gemv_q4.restype = None
-    lib.zp_add_rmsnorm.argtypes = [_p, _p, _p, _f32, _i64, _p]  # see csrc/decode.c
-    lib.zp_llama_attend.argtypes = [_p, _i64, _i64, _i64, _i64, _p, _p, _f32, _p, _p]
-    lib.zp_silu_mul.argtypes = [_p, _p, _i64]
-    lib.zp_add_rmsnorm.restype = lib.zp_llama_attend.restype = lib.zp_silu_mul.restype = None
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
     return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _library():
+    return load_library(Path(os.environ.get("ZEROPOINT_CACHE",
+                                            Path.home() / ".cache" / "zeropoint")))
 
 
 def library():
@@ -177,9 +270,13 @@ def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
 
 def block_quantize(fn, type_id: int, src, n_blocks: int, out):
     """A C block quantizer `fn(type, src, n, out, &why, threads) -> first bad block, or < 0`
-    on n_blocks blocks of src into out: (first bad block, why), or None when all went well."""
+    on n_blocks blocks of src into out: (first bad block, why), or None when all went well.
+    type_id is the ggml type number (gguf.types' GGMLType.id); ValueError for one `fn` lacks."""
     why = ctypes.c_int(0)
-    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why), threads(src.numel()))
+    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why),
+           threads(src.numel()))
+    if i == -2:
+        raise ValueError(f"the C block quantizer has no ggml type {type_id}")
     return None if i < 0 else (i, why.value)
 
 

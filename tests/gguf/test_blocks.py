@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from zeropoint import ckernels
-from zeropoint.gguf import BLOCK_SIZE, TYPE_SIZE, blocks, dequantize_blocks, quantize_blocks
+from zeropoint.gguf import ggml_type, blocks, dequantize_blocks, quantize_blocks
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 WITH_MIN = {"Q4_1", "Q5_1"}
@@ -45,8 +45,8 @@ def gguf_type(name: str) -> gguf.GGMLQuantizationType:
 def assert_same_blocks(ours: np.ndarray, ref: np.ndarray, qtype: str) -> None:
     """Equal bytes, or a message naming the first differing block and both byte strings."""
     assert ours.shape == ref.shape, f"shape {ours.shape} != gguf-py's {ref.shape}"
-    ours_b = ours.reshape(-1, TYPE_SIZE[qtype])
-    ref_b = ref.reshape(-1, TYPE_SIZE[qtype])
+    ours_b = ours.reshape(-1, ggml_type(qtype).type_size)
+    ref_b = ref.reshape(-1, ggml_type(qtype).type_size)
     differing = np.flatnonzero((ours_b != ref_b).any(axis=1))
     if differing.size:
         i = int(differing[0])
@@ -78,7 +78,8 @@ def assert_bitwise_equal(ours: np.ndarray, ref: np.ndarray) -> None:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_sizes_match_ggml(qtype):
-    assert (BLOCK_SIZE[qtype], TYPE_SIZE[qtype]) == GGML_QUANT_SIZES[gguf_type(qtype)]
+    ours = ggml_type(qtype)
+    assert (ours.block_size, ours.type_size) == GGML_QUANT_SIZES[gguf_type(qtype)]
 
 
 # --- quantize: bytes equal to gguf-py ----------------------------------------------------
@@ -251,7 +252,7 @@ def test_dequantize_matches_gguf(qtype):
 def test_dequantize_arbitrary_bytes(qtype):
     # Every code pattern, with random finite fp16 scales (NaN payloads are not compared).
     rng = np.random.default_rng(11)
-    data = rng.integers(0, 256, size=(512, TYPE_SIZE[qtype]), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(512, ggml_type(qtype).type_size), dtype=np.uint8)
     n_fields = 2 if qtype in WITH_MIN else 1
     fields = rng.uniform(-100, 100, size=(512, n_fields)).astype(np.float16)
     data[:, : 2 * n_fields] = fields.view(np.uint8)

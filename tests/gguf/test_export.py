@@ -175,7 +175,7 @@ def test_real_smollm2_exports_to_a_gguf_with_transformers_perplexity(tmp_path):
     """The default model, loaded by transformers and saved as a checkpoint, comes back as a GGUF
     whose tensors are the original GGUF's (q/k permuted back) and whose llama.cpp perplexity is
     transformers' float perplexity."""
-    from zeropoint.gguf.requantize import decode
+    from zeropoint.gguf.requantize import dequantize_tensor
     from zeropoint.models.evaluate import default_text, perplexity
     from zeropoint.models.load import default_model_path, load_model, strip_gguf_quantization
 
@@ -191,8 +191,8 @@ def test_real_smollm2_exports_to_a_gguf_with_transformers_perplexity(tmp_path):
     ours, original = read_gguf(f32), read_gguf(default_model_path())
     for name in ("blk.0.attn_q.weight", "blk.7.attn_k.weight", "blk.29.ffn_down.weight"):
         t = original[name]
-        assert torch.equal(decode(ours.raw(name), "F32", t.shape),
-                           decode(original.raw(t), t.type, t.shape)), name
+        assert torch.equal(dequantize_tensor(ours.raw(name), "F32", t.shape),
+                           dequantize_tensor(original.raw(t), t.type, t.shape)), name
     got = llama_cpp_perplexity(f32, text, max_tokens=1024)
     assert got.tokens == reference.tokens
     assert got.perplexity == pytest.approx(reference.perplexity, rel=2e-3)

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 import zeropoint.gguf.kquants as kquants
 from zeropoint import ckernels
-from zeropoint.gguf import BLOCK_SIZE, TYPE_SIZE, dequantize_blocks, quantize_blocks
+from zeropoint.gguf import ggml_type, dequantize_blocks, quantize_blocks
 from zeropoint.gguf.kquants_search import nearest_int
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -40,7 +40,8 @@ def gguf_type(name: str) -> gguf.GGMLQuantizationType:
 
 def assert_same_blocks(ours: np.ndarray, ref: np.ndarray, qtype: str, what: str) -> None:
     """Equal bytes, or a message naming how many blocks differ, the first, and both in hex."""
-    ours_b, ref_b = ours.reshape(-1, TYPE_SIZE[qtype]), ref.reshape(-1, TYPE_SIZE[qtype])
+    size = ggml_type(qtype).type_size
+    ours_b, ref_b = ours.reshape(-1, size), ref.reshape(-1, size)
     assert ours_b.shape == ref_b.shape
     differing = np.flatnonzero((ours_b != ref_b).any(axis=1))
     if differing.size:
@@ -160,7 +161,7 @@ needs_ref = pytest.mark.skipif(GGML_BASE is None, reason="libggml-base with *_K_
 def reference(x: np.ndarray, qtype: str) -> np.ndarray:
     """quantize_row_q*_K_ref of llama.cpp's own build: (rows, n) -> (rows, n/256*size) bytes."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros(x.size // 256 * TYPE_SIZE[qtype], np.uint8)
+    out = np.zeros(x.size // 256 * ggml_type(qtype).type_size, np.uint8)
     fn = getattr(GGML_BASE, f"quantize_row_{qtype[:2].lower()}_K_ref")
     fn(ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(x.size))
     return out.reshape(*x.shape[:-1], -1)
@@ -171,7 +172,8 @@ def reference(x: np.ndarray, qtype: str) -> np.ndarray:
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_sizes_match_ggml(qtype):
-    assert (BLOCK_SIZE[qtype], TYPE_SIZE[qtype]) == GGML_QUANT_SIZES[gguf_type(qtype)]
+    ours = ggml_type(qtype)
+    assert (ours.block_size, ours.type_size) == GGML_QUANT_SIZES[gguf_type(qtype)]
 
 
 # --- quantize: bytes equal to llama_model_quantize -------------------------------------------
@@ -253,7 +255,7 @@ def test_shapes_dtypes_and_layout(qtype):
     rng = np.random.default_rng(8)
     x = rng.standard_normal((3, 2, 512)).astype(np.float32)
     ours = quantize_blocks(torch.from_numpy(x), qtype)
-    assert ours.dtype == torch.uint8 and tuple(ours.shape) == (3, 2, 2 * TYPE_SIZE[qtype])
+    assert ours.dtype == torch.uint8 and tuple(ours.shape) == (3, 2, 2 * ggml_type(qtype).type_size)
     flat = quantize_np(x.reshape(-1, 256), qtype).reshape(3, 2, -1)
     assert np.array_equal(ours.numpy(), flat)  # super-blocks are independent of the shape
     # float64 is rounded to float32 first; a non-contiguous view is fine.
@@ -270,7 +272,7 @@ def test_shapes_dtypes_and_layout(qtype):
 def test_dequantize_arbitrary_bytes(qtype):
     # Every code and scale pattern, with random finite fp16 super-scales.
     rng = np.random.default_rng(11)
-    data = rng.integers(0, 256, size=(256, TYPE_SIZE[qtype]), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(256, ggml_type(qtype).type_size), dtype=np.uint8)
     for col in kquants.K_FORMATS[qtype].half_offsets:
         data[:, col : col + 2] = rng.uniform(-100, 100, (256, 1)).astype(np.float16).view(np.uint8)
     ours = dequantize_blocks(torch.from_numpy(data), qtype, (16, 16 * 256)).numpy()
@@ -300,8 +302,9 @@ def test_unknown_type_lists_k_types():
 def test_row_length_must_be_a_multiple_of_256(qtype):
     with pytest.raises(ValueError, match=f"multiple of {qtype}'s block size 256, got 576"):
         quantize_blocks(torch.zeros(2, 576), qtype)
+    one_block = torch.zeros(ggml_type(qtype).type_size, dtype=torch.uint8)
     with pytest.raises(ValueError, match="block size 256"):
-        dequantize_blocks(torch.zeros(TYPE_SIZE[qtype], dtype=torch.uint8), qtype, (128, 2))
+        dequantize_blocks(one_block, qtype, (128, 2))
 
 
 @pytest.fixture(params=["C", "eager"])

@@ -11,7 +11,7 @@ import torch
 from gguf.quants import quantize as gguf_quantize
 
 from zeropoint import ckernels
-from zeropoint.gguf import TYPE_SIZE, blocks, dequantize_blocks, quantize_blocks
+from zeropoint.gguf import ggml_type, blocks, dequantize_blocks, quantize_blocks
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 WITH_MIN = {"Q4_1", "Q5_1"}
@@ -48,7 +48,7 @@ def both_paths(fn):
 
 
 def first_differing_block(a: np.ndarray, b: np.ndarray, qtype: str) -> str:
-    a, b = a.reshape(-1, TYPE_SIZE[qtype]), b.reshape(-1, TYPE_SIZE[qtype])
+    a, b = a.reshape(-1, ggml_type(qtype).type_size), b.reshape(-1, ggml_type(qtype).type_size)
     i = int(np.flatnonzero((a != b).any(axis=1))[0])
     return f"block {i}: C {a[i].tobytes().hex(' ')} vs torch {b[i].tobytes().hex(' ')}"
 
@@ -151,7 +151,7 @@ def test_dequantize_special_halves_same_on_both_paths(qtype, threads):
     threads(2)
     rng = np.random.default_rng(22)
     n = ckernels.PARALLEL_MIN_ELEMENTS // 32 * 2 + 3  # split over two threads
-    data = rng.integers(0, 256, size=(n, TYPE_SIZE[qtype]), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(n, ggml_type(qtype).type_size), dtype=np.uint8)
     halves = np.array([0.0, -0.0, 65504.0, -65504.0, 2.0**-24, -(2.0**-24), np.inf, -np.inf,
                        np.nan], np.float16)
     n_fields = 2 if qtype in WITH_MIN else 1
@@ -189,7 +189,7 @@ def test_transcode_matches_gguf_py(src, dst):
     # set to finite values (of every magnitude) so that the floats are finite. 16-block groups
     # and a tail: 16 * 9 + 7 blocks.
     n = 16 * 9 + 7
-    raw = rng.integers(0, 256, size=(n, TYPE_SIZE[src]), dtype=np.uint8)
+    raw = rng.integers(0, 256, size=(n, ggml_type(src).type_size), dtype=np.uint8)
     n_fields = 2 if src in WITH_MIN else 1
     halves = (rng.standard_normal((n, n_fields)) * 10.0 ** rng.integers(-6, 2, (n, 1)))
     halves[:5] = 0.0  # d = 0 (and m = 0): constant blocks
@@ -199,7 +199,7 @@ def test_transcode_matches_gguf_py(src, dst):
     floats = awkward_blocks(src, rng)
     floats = floats[np.abs(floats).max(axis=1) < FP16_MAX]
     awkward = quantize_blocks(torch.from_numpy(floats), src).numpy()
-    raw = np.concatenate([raw, awkward.reshape(-1, TYPE_SIZE[src])]).reshape(-1)
+    raw = np.concatenate([raw, awkward.reshape(-1, ggml_type(src).type_size)]).reshape(-1)
     ours = blocks.transcode_blocks(torch.from_numpy(raw), src, dst).numpy()
     ref = gguf_py_transcode(raw, src, dst)
     assert np.array_equal(ours, ref), first_differing_block(ours, ref, dst)
@@ -208,7 +208,7 @@ def test_transcode_matches_gguf_py(src, dst):
 def test_transcode_into_a_buffer_and_refusals():
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(24))
     raw = quantize_blocks(x, "Q4_1").view(-1)
-    buf = torch.full((40 * TYPE_SIZE["Q8_0"],), 7, dtype=torch.uint8)
+    buf = torch.full((40 * ggml_type("Q8_0").type_size,), 7, dtype=torch.uint8)
     assert blocks.transcode_blocks(raw, "Q4_1", "Q8_0", out=buf) is buf
     assert np.array_equal(buf.numpy(), gguf_py_transcode(raw.numpy(), "Q4_1", "Q8_0"))
     with pytest.raises(ValueError, match="out must be a contiguous flat uint8 tensor of 1360"):
@@ -243,7 +243,7 @@ def portable_library(tmp_path_factory, request):
         pytest.skip(f"no C compiler {cc!r}")
     so = tmp_path_factory.mktemp("portable") / f"legacy{len(request.param)}.so"
     sources = [str(p) for p in ckernels.SOURCES if p.name in ("legacy.c", "parallel.c")]
-    subprocess.run([cc, *ckernels.CFLAGS, *request.param, "-o", str(so), *sources],
+    subprocess.run([cc, *ckernels.cflags(), *request.param, "-o", str(so), *sources],
                    check=True, capture_output=True, timeout=120)
     lib = ctypes.CDLL(str(so))
     if not lib.zp_legacy_available():
@@ -263,8 +263,8 @@ def test_portable_build_matches_gguf_py(portable_library, qtype):
     floats = awkward_blocks(qtype, rng)
     x = np.concatenate([floats, rng.standard_normal((16 * 8 + 3, 32))]).astype(np.float32)
     x = x + np.float32(0.0) if qtype in WITH_MIN else x  # gguf-py's unstable zero min, as above
-    n, type_id, why = len(x), blocks._C_TYPE[qtype], ctypes.c_int(0)
-    out = np.zeros(n * TYPE_SIZE[qtype], np.uint8)
+    n, type_id, why = len(x), ggml_type(qtype).id, ctypes.c_int(0)
+    out = np.zeros(n * ggml_type(qtype).type_size, np.uint8)
     assert portable_library.zp_quantize_legacy(type_id, x.ctypes.data, n, out.ctypes.data,
                                                ctypes.byref(why), 1) == -1
     ref = gguf_quantize(x, gguf.GGMLQuantizationType[qtype]).reshape(-1)
@@ -272,9 +272,9 @@ def test_portable_build_matches_gguf_py(portable_library, qtype):
     # And legacy -> legacy in one pass, from Q4_1 blocks.
     raw = gguf_quantize(rng.standard_normal((16 * 8 + 3, 32)).astype(np.float32),
                         gguf.GGMLQuantizationType.Q4_1).reshape(-1)
-    n = raw.size // TYPE_SIZE["Q4_1"]
-    out = np.zeros(n * TYPE_SIZE[qtype], np.uint8)
-    assert portable_library.zp_requantize_legacy(blocks._C_TYPE["Q4_1"], raw.ctypes.data, type_id,
+    n = raw.size // ggml_type("Q4_1").type_size
+    out = np.zeros(n * ggml_type(qtype).type_size, np.uint8)
+    assert portable_library.zp_requantize_legacy(ggml_type("Q4_1").id, raw.ctypes.data, type_id,
                                                  n, out.ctypes.data, ctypes.byref(why)) == -1
     ref = gguf_py_transcode(raw, "Q4_1", qtype)
     assert np.array_equal(out, ref), first_differing_block(out, ref, qtype)

@@ -91,7 +91,7 @@ WEIGHT_IDS = [s if s == "float" else f"{s}-{'fused' if f else 'unfused'}" for s,
 @pytest.mark.parametrize("spec,fuse", WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_every_step_match_the_hf_forward(name, spec, fuse, path):
-    # c-step: the one-row step with csrc/decode.c's norm, attention and gating (where the C
+    # c-step: the one-row step with csrc/token_ops.c's norm, attention and gating (where the C
     # kernels build); torch-step: the same step in torch calls (builds without them).
     fast = path != "general"
     model = quantized(tiny_llama(name), SPECS[spec], fuse)

@@ -12,7 +12,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
 #include "parallel.h"
+#include "zeropoint.h"
 
 #define CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v)))
 
@@ -215,7 +217,7 @@ void zp_dequantize_f32(const uint8_t *codes, int is_signed, float *out, int64_t 
  * are caught by an integer test of the exponent bits (which those flags cannot fold away) and
  * the caller then raises, and min(-0, +0) either way gives the same scale and zero-point. */
 #define FINITE_MATH __attribute__((optimize("finite-math-only", "no-signed-zeros")))
-#define NOT_FINITE(v, u) (memcpy(&(u), &(v), 4), ((u) & 0x7f800000u) == 0x7f800000u)
+#define NOT_FINITE(v, u) (memcpy(&(u), &(v), 4), ZP_INF_OR_NAN(u))
 #define LANES 8
 
 FINITE_MATH static void minmax_run(const float *x, int64_t n, float *lo, float *hi, uint32_t *bad) {

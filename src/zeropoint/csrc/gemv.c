@@ -18,6 +18,7 @@
 #include <stdlib.h>
 
 #include "parallel.h"
+#include "zeropoint.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif

@@ -18,9 +18,11 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
 #include "parallel.h"
+#include "zeropoint.h"
 
-#define QK 256
+#define QK ZP_QK_K /* values per super-block */
 #define LANES 16 /* sub-blocks per group: one super-block of 16s, two of 32s */
 #define MAXN 32  /* largest sub-block */
 /* Lanes per vector: the CPU's register width. gcc lowers wider vector types badly (spills). */
@@ -47,42 +49,6 @@ static inline int32_t nearest(float v) {
   memcpy(&i, &t, 4);
   return (i & 0x7fffff) - 0x400000;
 }
-
-/* float32 -> IEEE half, round to nearest even; overflow gives inf (the caller reports it). */
-static uint16_t to_half(float f) {
-  uint32_t b, a;
-  memcpy(&b, &f, 4);
-  uint32_t sign = (b >> 16) & 0x8000u;
-  a = b & 0x7fffffffu;
-  if (a >= 0x47800000u) return (uint16_t)(sign | 0x7c00u); /* >= 2^16: inf */
-  if (a < 0x38800000u) {                                  /* below 2^-14: subnormal half */
-    float t = fabsf(f) + 0.5f; /* the ulp of 0.5 is 2^-24, the subnormal step: the add rounds */
-    memcpy(&a, &t, 4);
-    return (uint16_t)(sign | (a - 0x3f000000u));
-  }
-  a += 0xfffu + ((a >> 13) & 1u); /* ties to even; a carry into the exponent is correct */
-  return (uint16_t)(sign | ((a >> 13) - (112u << 10)));
-}
-
-static float from_half(uint16_t h) {
-  uint32_t e = (h >> 10) & 31, m = h & 1023, b;
-  float f;
-  if (e == 31) return (h & 0x8000) ? -INFINITY : INFINITY; /* an overflowed d: reported later */
-  if (e == 0) {
-    f = (float)m * 0x1p-24f;
-    return (h & 0x8000) ? -f : f;
-  }
-  b = ((uint32_t)(h & 0x8000) << 16) | ((e + 112) << 23) | (m << 13);
-  memcpy(&f, &b, 4);
-  return f;
-}
-
-static void put_half(uint8_t *p, float v) {
-  uint16_t h = to_half(v);
-  p[0] = (uint8_t)h, p[1] = (uint8_t)(h >> 8);
-}
-
-static float get_half(const uint8_t *p) { return from_half((uint16_t)(p[0] | (p[1] << 8))); }
 
 /* ---- searches over VW sub-blocks at once (see kquants_search.py for the maths) ----
  * One vf holds element i of VW sub-blocks (gcc/clang vector extensions), every lane an IEEE
@@ -347,7 +313,7 @@ static void finish_q3(const float *x, const float *sc, uint8_t *codes, uint8_t *
 /* Q6_K (210 B): 0 ql[128] (low 4 bits), 128 qh[64] (high 2 bits), 192 scales[16] int8, 208 d. */
 static void finish_q6(const float *x, const float *sc, uint8_t *codes, uint8_t *y) {
   float top = first_absmax(sc, 16);
-  memset(y, 0, 210);
+  memset(y, 0, ZP_Q6_K_BYTES);
   if (fabsf(top) < GROUP_MAX_EPS) return; /* the reference writes an all-zero block */
   float iscale = -128.f / top;
   put_half(y + 208, 1 / iscale);
@@ -367,39 +333,43 @@ static void finish_q6(const float *x, const float *sc, uint8_t *codes, uint8_t *
 
 /* 1 if an fp16 super-scale of block y overflowed: llama.cpp refuses such a block. */
 static int half_overflow(int type, const uint8_t *y) {
-  static const int at[7][2] = {{0}, {0}, {80, 82}, {108, 108}, {0, 2}, {0, 2}, {208, 208}};
-  return (y[at[type][0] + 1] & 0x7c) == 0x7c || (y[at[type][1] + 1] & 0x7c) == 0x7c;
+  int d = 0, dmin = 2; /* Q4_K, Q5_K: d and dmin lead the block */
+  if (type == ZP_Q2_K) d = 80, dmin = 82;
+  if (type == ZP_Q3_K) d = dmin = 108;
+  if (type == ZP_Q6_K) d = dmin = 208;
+  return (y[d + 1] & 0x7c) == 0x7c || (y[dmin + 1] & 0x7c) == 0x7c;
 }
 
-static const int size[7] = {0, 0, 84, 110, 144, 176, 210}; /* bytes per block */
+/* Q4_K and Q5_K search sub-blocks of 32, the others of 16. */
+static int sub_block(int type) { return type == ZP_Q4_K || type == ZP_Q5_K ? 32 : 16; }
 
 /* The search of `type` on VW sub-blocks of n values: codes, scales and (Q2/4/5_K) mins. */
 static void search(int type, int n, const vf *x, vf *codes, vf *sc, vf *mn) {
   vf w[MAXN], av = splat(0);
   *mn = splat(0); /* the signed types have none */
   switch (type) {
-    case 2:
+    case ZP_Q2_K:
       for (int i = 0; i < n; i++) w[i] = vabs(x[i]);
       search_min(n, 3, x, w, -0.5f, 0.1f, 15, 1, codes, sc, mn);
       break;
-    case 4:
-    case 5: /* weights sqrt(mean x^2) + |x|; sqrtf is correctly rounded */
+    case ZP_Q4_K:
+    case ZP_Q5_K: /* weights sqrt(mean x^2) + |x|; sqrtf is correctly rounded */
       for (int i = 0; i < n; i++) av += x[i] * x[i];
       av = av / 32;
       for (int k = 0; k < VW; k++) av[k] = sqrtf(av[k]);
       for (int i = 0; i < n; i++) w[i] = av + vabs(x[i]);
-      if (type == 4) search_min(n, 15, x, w, -1.f, 0.1f, 20, 0, codes, sc, mn);
+      if (type == ZP_Q4_K) search_min(n, 15, x, w, -1.f, 0.1f, 20, 0, codes, sc, mn);
       else search_min(n, 31, x, w, -0.5f, 0.1f, 15, 0, codes, sc, mn);
       break;
-    case 3: search_greedy(n, 4, x, codes, sc); break;
-    default: search_signed(n, 32, x, codes, sc); break;
+    case ZP_Q3_K: search_greedy(n, 4, x, codes, sc); break;
+    default: search_signed(n, 32, x, codes, sc); break; /* Q6_K */
   }
 }
 
 /* LANES sub-blocks = `per` super-blocks of x, quantized into `per` blocks of y. Returns the
  * first of them whose super-scale overflows fp16, or -1. */
 static int quantize_group(int type, const float *x, uint8_t *y) {
-  int n = (type == 4 || type == 5) ? 32 : 16, per = n / 16;
+  int n = sub_block(type), per = n / 16;
   vf xt[NV][MAXN], ct[NV][MAXN], sc[NV], mn[NV];
   uint8_t codes[2 * QK];
   transpose_in(x, n, xt);
@@ -413,34 +383,26 @@ static int quantize_group(int type, const float *x, uint8_t *y) {
     const float *xb = x + QK * b, *sb = scales + (LANES / per) * b, *mb = mins + (LANES / per) * b;
     uint8_t *cb = codes + QK * b;
     switch (type) {
-      case 2: finish_q2(xb, sb, mb, cb, y); y += 84; break;
-      case 3: finish_q3(xb, sb, cb, y); y += 110; break;
-      case 4: finish_q45(xb, sb, mb, cb, 4, y); y += 144; break;
-      case 5: finish_q45(xb, sb, mb, cb, 5, y); y += 176; break;
-      default: finish_q6(xb, sb, cb, y); y += 210; break;
+      case ZP_Q2_K: finish_q2(xb, sb, mb, cb, y); break;
+      case ZP_Q3_K: finish_q3(xb, sb, cb, y); break;
+      case ZP_Q4_K: finish_q45(xb, sb, mb, cb, 4, y); break;
+      case ZP_Q5_K: finish_q45(xb, sb, mb, cb, 5, y); break;
+      default: finish_q6(xb, sb, cb, y); break;
     }
-    if (overflow < 0 && half_overflow(type, y - size[type])) overflow = b;
+    if (overflow < 0 && half_overflow(type, y)) overflow = b;
+    y += zp_type_bytes(type);
   }
   return overflow;
 }
 
-/* 1 if any of the n floats is NaN or inf (all exponent bits set). */
-static int non_finite(const float *x, int64_t n) {
-  uint32_t bad = 0, u;
-  for (int64_t i = 0; i < n; i++) {
-    memcpy(&u, x + i, 4);
-    bad |= (u & 0x7f800000u) == 0x7f800000u;
-  }
-  return (int)bad;
-}
-
 static int64_t quantize_serial(int type, const float *x, int64_t n_super, uint8_t *y, int *why) {
-  int per = (type == 4 || type == 5) ? 2 : 1;
+  const int per = sub_block(type) / 16;
+  const int64_t size = zp_type_bytes(type);
   for (int64_t b = 0; b < n_super; b += per) {
     float pad[2 * QK] = {0};
-    uint8_t out[2 * 176];
+    uint8_t out[2 * ZP_Q5_K_BYTES]; /* a pair of the largest type searched in pairs */
     const float *xb = x + QK * b;
-    uint8_t *yb = y + size[type] * b;
+    uint8_t *yb = y + size * b;
     if (b + per > n_super) { /* an odd last super-block of Q4_K/Q5_K: search it beside zeros */
       memcpy(pad, xb, QK * sizeof(float));
       xb = pad, yb = out;
@@ -449,7 +411,7 @@ static int64_t quantize_serial(int type, const float *x, int64_t n_super, uint8_
       if (non_finite(xb + QK * i, QK)) return *why = 1, b + i;
     int overflow = quantize_group(type, xb, yb);
     if (overflow >= 0) return *why = 2, b + overflow;
-    if (yb == out) memcpy(y + size[type] * b, out, (size_t)size[type]);
+    if (yb == out) memcpy(y + size * b, out, (size_t)size);
   }
   return -1;
 }
@@ -458,11 +420,13 @@ static int64_t quantize_serial(int type, const float *x, int64_t n_super, uint8_
  * never straddle two ranges and only the very last super-block can be odd. */
 #define GRAIN_SUPER 256
 
-/* type 2..6 for Q2_K..Q6_K; x holds n_super * 256 floats, y gets n_super blocks of that type,
- * on up to `threads` threads. Returns -1, or the first super-block that cannot be stored (y is
- * then incomplete) with *why = 1 if it holds NaN or inf, 2 if its fp16 super-scale overflows. */
+/* type: ZP_Q2_K .. ZP_Q6_K; x holds n_super * 256 floats, y gets n_super blocks of that type,
+ * on up to `threads` threads. Returns -1, -2 for a type it does not know, or the first
+ * super-block that cannot be stored (y is then incomplete) with *why = 1 if it holds NaN or
+ * inf, 2 if its fp16 super-scale overflows. */
 int64_t zp_quantize_kquant(int type, const float *x, int64_t n_super, uint8_t *y, int *why,
                            int threads) {
-  return zp_parallel_blocks(threads, GRAIN_SUPER, quantize_serial, type, x, QK, y, size[type],
-                            n_super, why);
+  if (type < ZP_Q2_K || type > ZP_Q6_K) return -2;
+  return zp_parallel_blocks(threads, GRAIN_SUPER, quantize_serial, type, x, QK, y,
+                            zp_type_bytes(type), n_super, why);
 }

@@ -16,54 +16,29 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "common.h"
 #include "parallel.h"
+#include "zeropoint.h"
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-#define QB 32
+#define QB ZP_QK_LEGACY /* values per block */
 #define GROUP 16 /* blocks quantized together: 2 KiB, read from memory once, then from L1 */
-enum { Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, N_TYPES };
-static const int type_size[N_TYPES] = {34, 18, 20, 22, 24};
 /* Round half away from zero = truncate after adding nextafter(0.5, 0) with v's sign (0.5 itself
  * would carry 0.5 - 2^-25 up to 1); gguf-py's floor-based np_roundf agrees for |v| < 2^22. */
 #define JUST_BELOW_HALF 0.49999997f
 
-/* 1 if the compiler has IEEE half floats (gcc >= 12, clang on x86-64 and arm64): the conversion
- * is then one instruction and rounds to nearest even, as numpy's astype(float16). Without it the
- * entry points report -2 and zeropoint uses its torch code. */
-#if defined(__FLT16_MANT_DIG__)
-#define HAVE_HALF 1
-static inline uint16_t half_bits(float f) {
-  _Float16 h = (_Float16)f;
-  uint16_t b;
-  memcpy(&b, &h, 2);
-  return b;
-}
-static inline float half_value(const uint8_t *p) {
-  _Float16 h;
-  memcpy(&h, p, 2);
-  return (float)h;
-}
-static inline int half_finite(uint16_t b) { return (b & 0x7c00u) != 0x7c00u; }
-#else
-#define HAVE_HALF 0
-#endif
+/* Built only where the compiler has IEEE half floats (common.h's ZP_NATIVE_HALF), which make
+ * each fp16 conversion one instruction. Without them the entry points report -2 and zeropoint
+ * uses its torch code. */
+int zp_legacy_available(void) { return ZP_NATIVE_HALF; }
 
-int zp_legacy_available(void) { return HAVE_HALF; }
+#if ZP_NATIVE_HALF
 
-#if HAVE_HALF
-
-/* 1 if any of n values is inf or NaN (exponent all ones). Integer ops over a long run, so the
- * loop vectorizes with one horizontal reduction at the end, not one per block. */
-static int non_finite(const float *x, int64_t n) {
-  uint32_t bad = 0;
-  for (int64_t j = 0; j < n; j++) {
-    uint32_t bits;
-    memcpy(&bits, x + j, 4);
-    bad |= (bits & 0x7f800000u) == 0x7f800000u;
-  }
-  return (int)bad;
+static int is_legacy(int type) {
+  return type == ZP_Q8_0 || type == ZP_Q4_0 || type == ZP_Q4_1 || type == ZP_Q5_0 ||
+         type == ZP_Q5_1;
 }
 
 /* lo and hi of 32 finite values. Exact in any order; explicit vectors where the CPU has them,
@@ -168,14 +143,14 @@ static inline void q8_codes(const float *x, float inv, uint8_t *out) {
 static inline void store_block(int type, const float *x, uint16_t hd, uint16_t hm, float inv,
                                float sub, float add, uint8_t *y) {
   memcpy(y, &hd, 2);
-  if (type == Q8_0) {
+  if (type == ZP_Q8_0) {
     if (isinf(inv))
       memset(y + 2, 0, QB);
     else
       q8_codes(x, inv, y + 2);
     return;
   }
-  int has_min = type == Q4_1 || type == Q5_1, five = type == Q5_0 || type == Q5_1;
+  int has_min = type == ZP_Q4_1 || type == ZP_Q5_1, five = type == ZP_Q5_0 || type == ZP_Q5_1;
   int col = 2, top = five ? 31 : 15;
   if (has_min) memcpy(y + 2, &hm, 2), col = 4;
   int32_t c[QB];
@@ -190,7 +165,7 @@ static inline void store_block(int type, const float *x, uint16_t hd, uint16_t h
 static int quantize_block(int type, const float *x, uint8_t *y) {
   float lo, hi;
   block_min_max(x, &lo, &hi);
-  if (type == Q8_0) {
+  if (type == ZP_Q8_0) {
     float amax = fabsf(-lo > hi ? lo : hi); /* fabsf: an all -0.0 block gives d = +0.0 */
     float d = amax / 127;
     uint16_t hd = half_bits(d);
@@ -198,8 +173,8 @@ static int quantize_block(int type, const float *x, uint8_t *y) {
     store_block(type, x, hd, 0, inverse(d), 0.f, 0.f, y);
     return 0;
   }
-  int five = type == Q5_0 || type == Q5_1;
-  if (type == Q4_1 || type == Q5_1) {
+  int five = type == ZP_Q5_0 || type == ZP_Q5_1;
+  if (type == ZP_Q4_1 || type == ZP_Q5_1) {
     if (lo == 0) lo = first_zero(x);
     if (hi == 0) hi = first_zero(x);
     float d = (hi - lo) / (float)(five ? 31 : 15);
@@ -294,9 +269,9 @@ static int quantize_group(int type, const float *x, uint8_t *y) {
   float lo[GROUP], hi[GROUP], d[GROUP], m[GROUP], inv[GROUP];
   uint16_t hd[GROUP], hm[GROUP] = {0};
   if (group_min_max(x, lo, hi)) return 1;
-  int five = type == Q5_0 || type == Q5_1, has_min = type == Q4_1 || type == Q5_1;
+  int five = type == ZP_Q5_0 || type == ZP_Q5_1, has_min = type == ZP_Q4_1 || type == ZP_Q5_1;
   float offset = five ? 16.f : 8.f, add = 0.f;
-  if (type == Q8_0) {
+  if (type == ZP_Q8_0) {
     for (int k = 0; k < GROUP; k++) {
       float amax = -lo[k] > hi[k] ? -lo[k] : hi[k]; /* max |x|, exactly */
       d[k] = fabsf(amax) / 127;
@@ -327,7 +302,7 @@ static int quantize_group(int type, const float *x, uint8_t *y) {
   for (int k = 0; k < GROUP; k++)
     bad |= (uint16_t)(!half_finite(hd[k]) | (has_min && !half_finite(hm[k])));
   if (bad) return 1;
-  int size = type_size[type];
+  const int64_t size = zp_type_bytes(type);
   for (int k = 0; k < GROUP; k++)
     store_block(type, x + QB * k, hd[k], hm[k], inv[k], has_min ? lo[k] : 0.f, add,
                 y + size * k);
@@ -340,13 +315,13 @@ static int64_t quantize_blocks_singly(int type, const float *x, int64_t n_blocks
   for (int64_t b = 0; b < n_blocks; b++) {
     const float *xb = x + QB * b;
     if (non_finite(xb, QB)) return *why = 1, b;
-    if (quantize_block(type, xb, y + type_size[type] * b)) return *why = 2, b;
+    if (quantize_block(type, xb, y + zp_type_bytes(type) * b)) return *why = 2, b;
   }
   return -1;
 }
 
 static int64_t quantize_serial(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why) {
-  int64_t b = 0, size = type_size[type];
+  int64_t b = 0, size = zp_type_bytes(type);
   for (; b + GROUP <= n_blocks; b += GROUP) {
     if (!quantize_group(type, x + QB * b, y + size * b)) continue;
     int64_t i = quantize_blocks_singly(type, x + QB * b, GROUP, y + size * b, why);
@@ -364,19 +339,19 @@ static int64_t quantize_serial(int type, const float *x, int64_t n_blocks, uint8
  * (other blocks may be left unwritten). */
 int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why,
                            int threads) {
-  if (type < 0 || type >= N_TYPES) return -2;
+  if (!is_legacy(type)) return -2;
   return zp_parallel_blocks(threads, GRAIN_BLOCKS, quantize_serial, type, x, QB, y,
-                            type_size[type], n_blocks, why);
+                            zp_type_bytes(type), n_blocks, why);
 }
 
 /* One block's bytes -> its 32 floats, gguf-py's x = d * (q - offset) (+ m, a separate add).
  * Straight loops over bytes that the compiler vectorizes (a loop per step through an int32
  * array of codes took 0.4 ns per value). */
 static inline void dequantize_block(int type, const uint8_t *restrict yb, float *restrict xb) {
-  int has_min = type == Q4_1 || type == Q5_1, five = type == Q5_0 || type == Q5_1;
+  int has_min = type == ZP_Q4_1 || type == ZP_Q5_1, five = type == ZP_Q5_0 || type == ZP_Q5_1;
   int col = has_min ? 4 : 2, offset = has_min ? 0 : (five ? 16 : 8);
-  float d = half_value(yb), m = has_min ? half_value(yb + 2) : 0.f;
-  if (type == Q8_0) {
+  float d = get_half(yb), m = has_min ? get_half(yb + 2) : 0.f;
+  if (type == ZP_Q8_0) {
     const int8_t *q = (const int8_t *)(yb + 2);
     for (int j = 0; j < QB; j++) xb[j] = d * (float)q[j];
     return;
@@ -404,14 +379,14 @@ typedef struct {
 static void dequantize_range(void *ctx, int64_t begin, int64_t end, int thread) {
   (void)thread;
   const dequantize_job *j = ctx;
-  for (int64_t b = begin; b < end; b++)
-    dequantize_block(j->type, j->y + type_size[j->type] * b, j->x + QB * b);
+  const int64_t size = zp_type_bytes(j->type);
+  for (int64_t b = begin; b < end; b++) dequantize_block(j->type, j->y + size * b, j->x + QB * b);
 }
 
 /* y: n_blocks x type_size bytes -> x: n_blocks x 32 floats, on up to `threads` threads.
  * Returns 0, or -2 for a type it does not know. */
 int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x, int threads) {
-  if (type < 0 || type >= N_TYPES) return -2;
+  if (!is_legacy(type)) return -2;
   dequantize_job j = {type, y, x};
   zp_parallel(threads, n_blocks, GRAIN_BLOCKS, dequantize_range, &j);
   return 0;
@@ -422,9 +397,9 @@ int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x,
  * of GROUP blocks. Returns as zp_quantize_legacy. */
 int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int64_t n_blocks,
                              uint8_t *y, int *why) {
-  if (src_type < 0 || src_type >= N_TYPES || dst_type < 0 || dst_type >= N_TYPES) return -2;
+  if (!is_legacy(src_type) || !is_legacy(dst_type)) return -2;
   float x[QB * GROUP];
-  int64_t in = type_size[src_type], out = type_size[dst_type];
+  int64_t in = zp_type_bytes(src_type), out = zp_type_bytes(dst_type);
   for (int64_t b = 0; b < n_blocks; b += GROUP) {
     int n = n_blocks - b < GROUP ? (int)(n_blocks - b) : GROUP;
     for (int k = 0; k < n; k++) dequantize_block(src_type, src + in * (b + k), x + QB * k);

@@ -3,6 +3,8 @@
  * so the stream is built a run of 8 codes at a time in one 64-bit word. */
 #include <stdint.h>
 
+#include "zeropoint.h"
+
 void zp_pack(const uint8_t *codes, int64_t n, int bits, uint8_t *out) {
   const int64_t runs = n / 8;
   for (int64_t r = 0; r < runs; r++) {

@@ -1,10 +1,10 @@
 #include "parallel.h"
+#include "zeropoint.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-/* 1 when built with OpenMP: ckernels.py reports which parallel path the library took. */
 int zp_openmp(void) {
 #ifdef _OPENMP
   return 1;

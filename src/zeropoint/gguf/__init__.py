@@ -1,24 +1,6 @@
-"""ggml block formats in torch (bit-exact with gguf-py; the K-quants with llama.cpp), and GGUF
-files through gguf-py."""
-from zeropoint.gguf.blocks import (
-    BLOCK_SIZE,
-    FORMATS,
-    TYPE_SIZE,
-    BlockFormat,
-    block_format,
-    dequantize_blocks,
-    quantize_blocks,
-)
-from zeropoint.gguf.kquants import K_FORMATS, KQuantFormat
+"""ggml's types (one table), block formats in torch (bit-exact with gguf-py; the K-quants with
+llama.cpp), and GGUF files."""
+from zeropoint.gguf.blocks import dequantize_blocks, quantize_blocks
+from zeropoint.gguf.types import TYPES, GGMLType, ggml_type
 
-__all__ = [
-    "BLOCK_SIZE",
-    "FORMATS",
-    "K_FORMATS",
-    "TYPE_SIZE",
-    "BlockFormat",
-    "KQuantFormat",
-    "block_format",
-    "dequantize_blocks",
-    "quantize_blocks",
-]
+__all__ = ["TYPES", "GGMLType", "dequantize_blocks", "ggml_type", "quantize_blocks"]

@@ -22,13 +22,13 @@ from __future__ import annotations
 import ctypes
 import math
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from zeropoint import ckernels
-from zeropoint.gguf.kquants import K_FORMATS, KQuantFormat, dequantize_kblocks, quantize_kblocks
+from zeropoint.gguf.kquants import dequantize_kblocks, quantize_kblocks
+from zeropoint.gguf.types import TYPES, GGMLType
 
 if sys.byteorder != "little":  # ggml's fields are little-endian; the byte views below assume it
     raise ImportError("zeropoint.gguf.blocks needs a little-endian machine")
@@ -38,41 +38,17 @@ if sys.byteorder != "little":  # ggml's fields are little-endian; the byte views
 _CHUNK_BLOCKS = 32768
 _JUST_BELOW_HALF = 0.5 - 2.0**-25  # nextafter(0.5, 0) in float32
 
-
-@dataclass(frozen=True)
-class BlockFormat:
-    name: str
-    bits: int  # bits per code: 4, 5 or 8
-    has_min: bool  # the "_1" types store the block minimum m next to the step d
-    block_size: int = 32
-
-    @property
-    def type_size(self) -> int:
-        """Bytes per block: fp16 d (and m), the 5-bit types' high bits, then the codes."""
-        fields = 4 if self.has_min else 2
-        high_bits = self.block_size // 8 if self.bits == 5 else 0
-        codes = self.block_size if self.bits == 8 else self.block_size // 2  # bytes or nibbles
-        return fields + high_bits + codes
+# The types with zeropoint's own block kernels: the legacy ones here, the K types in kquants.py.
+BLOCK_TYPES = tuple(name for name, t in TYPES.items() if t.writable and t.quantized)
+LEGACY_TYPES = tuple(name for name in BLOCK_TYPES if TYPES[name].family == "legacy")
 
 
-FORMATS = {
-    f.name: f
-    for f in (
-        BlockFormat("Q8_0", 8, False),
-        BlockFormat("Q4_0", 4, False),
-        BlockFormat("Q4_1", 4, True),
-        BlockFormat("Q5_0", 5, False),
-        BlockFormat("Q5_1", 5, True),
-    )
-} | K_FORMATS
-BLOCK_SIZE = {name: f.block_size for name, f in FORMATS.items()}
-TYPE_SIZE = {name: f.type_size for name, f in FORMATS.items()}
-
-
-def block_format(qtype: str) -> BlockFormat | KQuantFormat:
-    if qtype not in FORMATS:
-        raise ValueError(f"unknown ggml block type {qtype!r}; accepted: {', '.join(FORMATS)}")
-    return FORMATS[qtype]
+def block_type(qtype: str) -> GGMLType:
+    """The ggml type named `qtype` when zeropoint has block kernels for it, else ValueError."""
+    if qtype not in BLOCK_TYPES:
+        raise ValueError(f"zeropoint has no block kernels for ggml type {qtype!r}; accepted: "
+                         f"{', '.join(BLOCK_TYPES)}")
+    return TYPES[qtype]
 
 
 # --- quantize ---------------------------------------------------------------------------------
@@ -81,35 +57,35 @@ def block_format(qtype: str) -> BlockFormat | KQuantFormat:
 def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """(..., n) floats, n a multiple of the block size (32; 256 for the K types)
     -> (..., n // block_size * type_size) uint8: ggml's bytes."""
-    fmt = block_format(qtype)
+    gtype = block_type(qtype)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"x must be a floating-point torch.Tensor, got {got}")
-    if x.dim() == 0 or x.shape[-1] % fmt.block_size:
-        raise ValueError(f"last dimension must be a multiple of {fmt.name}'s block size "
-                         f"{fmt.block_size}, got {x.shape[-1] if x.dim() else 'a scalar'}")
+    if x.dim() == 0 or x.shape[-1] % gtype.block_size:
+        raise ValueError(f"last dimension must be a multiple of {gtype.name}'s block size "
+                         f"{gtype.block_size}, got {x.shape[-1] if x.dim() else 'a scalar'}")
     x = x.to(torch.float32).contiguous()  # gguf-py rounds to float32 first too
-    row_bytes = x.shape[-1] // fmt.block_size * fmt.type_size
-    if isinstance(fmt, KQuantFormat):
-        return quantize_kblocks(x.view(-1, fmt.block_size), qtype).view(*x.shape[:-1], row_bytes)
-    blocks = x.view(-1, fmt.block_size)  # (n_blocks, 32)
+    row_bytes = x.shape[-1] // gtype.block_size * gtype.type_size
+    if gtype.family == "k":
+        return quantize_kblocks(x.view(-1, gtype.block_size), qtype).view(*x.shape[:-1],
+                                                                          row_bytes)
+    blocks = x.view(-1, gtype.block_size)  # (n_blocks, 32)
     lib = _legacy_library()
     if lib is not None and x.device.type == "cpu":
-        out = ckernels.host_empty((blocks.shape[0], fmt.type_size), np.uint8)
-        problem = _quantize_c(lib, blocks, fmt, out)
+        out = ckernels.host_empty((blocks.shape[0], gtype.type_size), np.uint8)
+        problem = _quantize_c(lib, blocks, gtype, out)
         if problem is not None:
-            _refuse(blocks, fmt, *problem)
+            _refuse(blocks, gtype, *problem)
     else:
-        out = torch.empty(blocks.shape[0], fmt.type_size, dtype=torch.uint8, device=x.device)
+        out = torch.empty(blocks.shape[0], gtype.type_size, dtype=torch.uint8, device=x.device)
         for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
             stop = start + _CHUNK_BLOCKS
-            _quantize_chunk(blocks[start:stop], fmt, out[start:stop], start)
+            _quantize_chunk(blocks[start:stop], gtype, out[start:stop], start)
     return out.view(*x.shape[:-1], row_bytes)
 
 
 # --- the C kernels (csrc/legacy.c): the same bytes as the torch code below, in one pass -------
 
-_C_TYPE = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q5_0": 3, "Q5_1": 4}  # legacy.c's type numbers
 _NOT_FINITE, _OVERFLOW = 1, 2  # legacy.c's reasons for refusing a block
 
 
@@ -121,7 +97,7 @@ def _legacy_library():
 
 def can_transcode(src_type: str, dst_type: str) -> bool:
     """Whether transcode_blocks does src_type -> dst_type here (legacy types, C kernels built)."""
-    return src_type in _C_TYPE and dst_type in _C_TYPE and _legacy_library() is not None
+    return src_type in LEGACY_TYPES and dst_type in LEGACY_TYPES and _legacy_library() is not None
 
 
 def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
@@ -131,9 +107,9 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
     in C: the floats never leave L1. `out`, if given, is a flat uint8 tensor of the result's size
     that is filled and returned (so a caller can reuse one buffer). Needs can_transcode."""
     if not can_transcode(src_type, dst_type):
-        raise ValueError(f"transcode_blocks needs two legacy types ({', '.join(_C_TYPE)}) and the "
-                         f"C kernels; got {src_type} -> {dst_type}")
-    src, dst = FORMATS[src_type], FORMATS[dst_type]
+        raise ValueError(f"transcode_blocks needs two legacy types ({', '.join(LEGACY_TYPES)}) "
+                         f"and the C kernels; got {src_type} -> {dst_type}")
+    src, dst = TYPES[src_type], TYPES[dst_type]
     if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() % src.type_size:
         raise ValueError(f"data must be flat uint8 bytes of whole {src_type} blocks "
                          f"({src.type_size} bytes each), got {data.dtype} of shape "
@@ -147,74 +123,73 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
         raise ValueError(f"out must be a contiguous flat uint8 tensor of "
                          f"{n_blocks * dst.type_size} bytes, got {out.dtype} {tuple(out.shape)}")
     why = ctypes.c_int(0)
-    i = _legacy_library().zp_requantize_legacy(_C_TYPE[src_type], data.data_ptr(),
-                                               _C_TYPE[dst_type], n_blocks, out.data_ptr(),
-                                               ctypes.byref(why))
+    i = _legacy_library().zp_requantize_legacy(src.id, data.data_ptr(), dst.id, n_blocks,
+                                               out.data_ptr(), ctypes.byref(why))
     if i >= 0:
         bad = data[i * src.type_size : (i + 1) * src.type_size]
         _refuse(dequantize_blocks(bad, src_type, (1, 32)), dst, 0, why.value, first=i)
     return out
 
 
-def _quantize_c(lib, blocks, fmt: BlockFormat, out):
+def _quantize_c(lib, blocks, gtype: GGMLType, out):
     """blocks (n, 32) float32 -> out (n, type_size); returns (first bad block, why) or None."""
-    return ckernels.block_quantize(lib.zp_quantize_legacy, _C_TYPE[fmt.name], blocks,
-                                   blocks.shape[0], out)
+    return ckernels.block_quantize(lib.zp_quantize_legacy, gtype.id, blocks, blocks.shape[0],
+                                   out)
 
 
-def _dequantize_c(lib, raw, fmt: BlockFormat) -> torch.Tensor:
+def _dequantize_c(lib, raw, gtype: GGMLType) -> torch.Tensor:
     """raw (n, type_size) bytes -> (n, 32) float32."""
-    out = ckernels.host_empty((raw.shape[0], fmt.block_size), np.float32)
-    lib.zp_dequantize_legacy(_C_TYPE[fmt.name], raw.data_ptr(), raw.shape[0], out.data_ptr(),
+    out = ckernels.host_empty((raw.shape[0], gtype.block_size), np.float32)
+    lib.zp_dequantize_legacy(gtype.id, raw.data_ptr(), raw.shape[0], out.data_ptr(),
                              ckernels.threads(out.numel()))
     return out
 
 
-def _refuse(blocks, fmt: BlockFormat, i: int, why: int, first: int = 0):
+def _refuse(blocks, gtype: GGMLType, i: int, why: int, first: int = 0):
     """Raise for blocks[i] (block first + i overall): it holds NaN or inf, or its d or m
     overflows fp16."""
     if why == _NOT_FINITE:
         raise ValueError(f"x must be finite; block {first + i} holds NaN or inf")
-    raise ValueError(f"{fmt.name} block {first + i}: its scale or minimum overflows float16 "
+    raise ValueError(f"{gtype.name} block {first + i}: its scale or minimum overflows float16 "
                      f"(largest |x| {float(blocks[i].abs().max()):.4g}); ggml cannot store it")
 
 
 # --- the torch code ---------------------------------------------------------------------------
 
 
-def _quantize_chunk(blocks, fmt: BlockFormat, out, first: int) -> None:
+def _quantize_chunk(blocks, gtype: GGMLType, out, first: int) -> None:
     """blocks (n, 32) float32 -> out (n, type_size) bytes; first = index of blocks[0] overall."""
-    d, m = legacy_params(blocks, fmt)
-    codes = legacy_codes(blocks, d, m, fmt)
+    d, m = legacy_params(blocks, gtype)
+    codes = legacy_codes(blocks, d, m, gtype)
     # NaN/inf input propagates into d, so this one check catches it as well as fp16 overflow.
     halves = torch.cat([d] if m is None else [d, m], dim=-1).to(torch.float16)  # (n, 1 or 2)
     if not torch.isfinite(halves).all():
-        _raise_for_block(blocks, halves, fmt, first)
-    pack_legacy(halves, codes, fmt, out)
+        _raise_for_block(blocks, halves, gtype, first)
+    pack_legacy(halves, codes, gtype, out)
 
 
-def pack_legacy(halves: torch.Tensor, codes: torch.Tensor, fmt: BlockFormat,
+def pack_legacy(halves: torch.Tensor, codes: torch.Tensor, gtype: GGMLType,
                 out: torch.Tensor) -> None:
     """halves (n, 1 or 2) float16 d [, m] and codes (n, 32) int8 as stored (Q8_0 signed, the
     others 0..2^bits-1) -> out (n, type_size) bytes in ggml's layout."""
     col = 2 * halves.shape[-1]
     out[:, :col] = halves.view(torch.uint8)  # (n, k) fp16 -> (n, 2k) bytes
-    if fmt.bits == 8:
+    if gtype.bits == 8:
         out[:, col:] = codes.view(torch.uint8)
         return
-    if fmt.bits == 5:
+    if gtype.bits == 5:
         _pack_high_bits(codes, out[:, col : col + 4])
         col += 4
     _pack_nibbles(codes, out[:, col:])
 
 
-def _raise_for_block(blocks, halves, fmt: BlockFormat, first: int):  # says which and why
+def _raise_for_block(blocks, halves, gtype: GGMLType, first: int):  # says which and why
     i = int((~torch.isfinite(halves)).any(-1).nonzero()[0, 0])
     why = _OVERFLOW if torch.isfinite(blocks[i]).all() else _NOT_FINITE
-    _refuse(blocks, fmt, i, why, first)
+    _refuse(blocks, gtype, i, why, first)
 
 
-def legacy_params(blocks: torch.Tensor, fmt: BlockFormat):
+def legacy_params(blocks: torch.Tensor, gtype: GGMLType):
     """The type's own (d, m) for blocks (n, 32) float32, as float32 (n, 1) before their fp16
     rounding; m is None for the types without a minimum. NaN and inf propagate into d.
 
@@ -224,16 +199,16 @@ def legacy_params(blocks: torch.Tensor, fmt: BlockFormat):
     """
     # Two reductions: aminmax is 3x slower on rows of 32.
     lo, hi = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
-    if fmt.bits == 8:
+    if gtype.bits == 8:
         return torch.maximum(-lo, hi).abs_() / 127, None  # abs_: all -0.0 gives +0.0, as |x|
-    if fmt.has_min:
+    if gtype.has_min:
         lo, hi = _first_zero_sign(blocks, lo), _first_zero_sign(blocks, hi)
-        return (hi - lo) / ((1 << fmt.bits) - 1), lo
-    return _signed_absmax(blocks, lo, hi) / -(1 << (fmt.bits - 1)), None
+        return (hi - lo) / ((1 << gtype.bits) - 1), lo
+    return _signed_absmax(blocks, lo, hi) / -(1 << (gtype.bits - 1)), None
 
 
 def legacy_codes(blocks: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
-                 fmt: BlockFormat) -> torch.Tensor:
+                 gtype: GGMLType) -> torch.Tensor:
     """(n, 32) int8 codes as stored, for blocks (n, 32) float32 on the grid of unrounded d and m
     (n, 1), with the type's own rounding; values beyond the grid take its end codes.
 
@@ -241,7 +216,7 @@ def legacy_codes(blocks: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
     round-half-away-from-zero(x / d), within -127..127 (ggml's int8 dot products negate codes).
     """
     inv = _inverse(d)
-    if fmt.bits == 8:
+    if gtype.bits == 8:
         v = blocks * inv
         # Round half away from zero: add sign(v) * nextafter(0.5, 0), then truncate (the int
         # cast does). Adding 0.5 itself would round 0.5 - 2^-25 up (the sum rounds to 1.0);
@@ -250,27 +225,27 @@ def legacy_codes(blocks: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None,
         v.add_(v.sign(), alpha=_JUST_BELOW_HALF)
         lo, hi = -127, 127
     else:
-        if fmt.has_min:
+        if gtype.has_min:
             v = blocks - m
             v *= inv
             v += 0.5
         else:
             v = blocks * inv
-            v += (1 << (fmt.bits - 1)) + 0.5  # a separate add, as numpy does: no FMA
-        lo, hi = 0, (1 << fmt.bits) - 1
+            v += (1 << (gtype.bits - 1)) + 0.5  # a separate add, as numpy does: no FMA
+        lo, hi = 0, (1 << gtype.bits) - 1
     # Clipping to the integer ends commutes with the truncation that the int8 cast does; int8
     # because torch casts float -> int8 3x faster than to uint8.
     return _zero_nonfinite(v, inv).clamp_(lo, hi).to(torch.int8)
 
 
-def legacy_values(halves: torch.Tensor, codes: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
+def legacy_values(halves: torch.Tensor, codes: torch.Tensor, gtype: GGMLType) -> torch.Tensor:
     """What ggml (and gguf-py) dequantize: halves (n, 1 or 2) float16 d [, m], codes (n, 32)
     int8 as stored -> (n, 32) float32, d * (q - o) [+ m]."""
     f = halves.to(torch.float32)
-    if not fmt.has_min and fmt.bits < 8:  # the _0 types store q + o; subtract in int8, as gguf-py
-        codes = codes - (1 << (fmt.bits - 1))
+    if not gtype.has_min and gtype.bits < 8:  # the _0 types store q + o: subtract in int8 (gguf-py)
+        codes = codes - (1 << (gtype.bits - 1))
     x = f[:, :1] * codes.to(torch.float32)
-    if fmt.has_min:
+    if gtype.has_min:
         x += f[:, 1:]  # a separate add after the multiply: no FMA, as numpy
     return x
 
@@ -343,36 +318,36 @@ def _pack_high_bits(codes: torch.Tensor, out: torch.Tensor) -> None:
 def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
     """uint8 bytes of ggml blocks -> float32 tensor of `shape` (last dim a multiple of the block
     size)."""
-    fmt = block_format(qtype)
+    gtype = block_type(qtype)
     shape = tuple(int(s) for s in shape)
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
         got = data.dtype if isinstance(data, torch.Tensor) else type(data).__name__
         raise TypeError(f"data must be a uint8 torch.Tensor, got {got}")
-    if not shape or shape[-1] % fmt.block_size:
-        raise ValueError(f"shape's last dimension must be a multiple of {fmt.name}'s block size "
-                         f"{fmt.block_size}, got shape {shape}")
-    n_blocks = math.prod(shape) // fmt.block_size
-    if data.numel() != n_blocks * fmt.type_size:
-        raise ValueError(f"{fmt.name} shape {shape} needs {n_blocks * fmt.type_size} bytes "
-                         f"({n_blocks} blocks x {fmt.type_size}), got {data.numel()}")
-    raw = data.contiguous().view(n_blocks, fmt.type_size)
-    if isinstance(fmt, KQuantFormat):
+    if not shape or shape[-1] % gtype.block_size:
+        raise ValueError(f"shape's last dimension must be a multiple of {gtype.name}'s block size "
+                         f"{gtype.block_size}, got shape {shape}")
+    n_blocks = math.prod(shape) // gtype.block_size
+    if data.numel() != n_blocks * gtype.type_size:
+        raise ValueError(f"{gtype.name} shape {shape} needs {n_blocks * gtype.type_size} bytes "
+                         f"({n_blocks} blocks x {gtype.type_size}), got {data.numel()}")
+    raw = data.contiguous().view(n_blocks, gtype.type_size)
+    if gtype.family == "k":
         return dequantize_kblocks(raw, qtype).view(shape)
 
     lib = _legacy_library()
     if lib is not None and raw.device.type == "cpu":
-        return _dequantize_c(lib, raw, fmt).view(shape)
-    col = 4 if fmt.has_min else 2
-    if fmt.bits == 8:
+        return _dequantize_c(lib, raw, gtype).view(shape)
+    col = 4 if gtype.has_min else 2
+    if gtype.bits == 8:
         q = raw[:, col:].contiguous().view(torch.int8)  # (n, 32)
     else:
-        packed = raw[:, col + (4 if fmt.bits == 5 else 0) :]  # (n, 16)
+        packed = raw[:, col + (4 if gtype.bits == 5 else 0) :]  # (n, 16)
         q = torch.cat([packed & 0x0F, packed >> 4], dim=-1)  # (n, 32): low nibbles first
-        if fmt.bits == 5:
+        if gtype.bits == 5:
             q |= _unpack_high_bits(raw[:, col : col + 4]) << 4
         q = q.to(torch.int8)
     halves = raw[:, :col].contiguous().view(torch.float16)  # (n, 1 or 2)
-    return legacy_values(halves, q, fmt).view(shape)
+    return legacy_values(halves, q, gtype).view(shape)
 
 
 def _unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,10 @@ from ..algorithms.sequential import MODEL_OPTIONS, peak_rss_bytes, run_sequentia
 from .blocks import dequantize_blocks
 from .export import ARCH, check_architecture, export_metadata, gguf_name, permute_qk
 from .gptq_grids import GRID_TYPES, block_grid
+from .mixes import ModelParams, Target, parse_target, plan_types
 from .reader import read_gguf
-from .mixes import ModelParams, Target, is_quantized, parse_target, plan_types
 from .requantize import QuantizeReport, SourceTensor, write_quantized
+from .types import is_quantized
 
 
 @dataclass

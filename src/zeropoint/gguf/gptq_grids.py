@@ -18,12 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .blocks import legacy_codes, legacy_params, legacy_values, pack_legacy
 from .kquant_grids import KGrid
-from .kquants import K_FORMATS
-from .blocks import FORMATS, BlockFormat, legacy_codes, legacy_params, legacy_values, pack_legacy
+from .types import TYPES, GGMLType
 
-LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-GRID_TYPES = LEGACY_TYPES + tuple(K_FORMATS)
+GRID_TYPES = tuple(name for name, t in TYPES.items() if t.grid)
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class LegacyFit:
     d: torch.Tensor  # (rows, 1) float32: the step the codes are rounded with
     m: torch.Tensor | None  # (rows, 1) float32 minimum (Q4_1/Q5_1), else None
     halves: torch.Tensor  # (rows, 1 or 2) float16 d [, m] as stored
-    fmt: BlockFormat
+    gtype: GGMLType
 
     def round(self, i: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q, w_hat = self.round_cols(w.unsqueeze(1))  # (rows, 1) each
@@ -41,16 +40,16 @@ class LegacyFit:
 
     def round_cols(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w (rows, k <= 32) -> (codes as stored, float; what ggml dequantizes them to)."""
-        q = legacy_codes(w.to(torch.float32), self.d, self.m, self.fmt)
-        return q.to(torch.float32), legacy_values(self.halves, q, self.fmt)
+        q = legacy_codes(w.to(torch.float32), self.d, self.m, self.gtype)
+        return q.to(torch.float32), legacy_values(self.halves, q, self.gtype)
 
     def refit(self, t: torch.Tensor, codes: torch.Tensor) -> LegacyFit:
         """HQQ's parameter step: the least-squares d [and m] of target t (rows, 32) given the
         codes, stored as fp16; rows where that is degenerate (all codes equal), flips d's sign
         or overflows fp16 keep their parameters."""
         q = codes.to(torch.float32)
-        if self.fmt.bits < 8 and self.m is None:
-            q -= 1 << (self.fmt.bits - 1)  # t ~ d (q - o)
+        if self.gtype.bits < 8 and self.m is None:
+            q -= 1 << (self.gtype.bits - 1)  # t ~ d (q - o)
         stq = (t * q).sum(1)  # (rows,); 3x faster than vecdot on rows of 32
         sqq = (q * q).sum(1)  # small integers: exact in float32
         if self.m is None:
@@ -66,7 +65,7 @@ class LegacyFit:
         ok = (den > 0) & (f[:, 0] * self.d[:, 0] > 0) & (f.abs() < float("inf")).all(1)
         halves = torch.where(ok.unsqueeze(1), halves, self.halves)
         f = torch.where(ok.unsqueeze(1), f, self.halves.to(torch.float32))
-        return LegacyFit(f[:, :1], None if self.m is None else f[:, 1:], halves, self.fmt)
+        return LegacyFit(f[:, :1], None if self.m is None else f[:, 1:], halves, self.gtype)
 
 
 class LegacyGrid:
@@ -74,34 +73,37 @@ class LegacyGrid:
     choice (blocks.legacy_params); the codes rounded with it as the type rounds them."""
 
     def __init__(self, qtype: str):
-        self.qtype, self.fmt = qtype, FORMATS[qtype]
+        self.qtype, self.gtype = qtype, TYPES[qtype]
 
     def group_size(self, n_in: int) -> int:
-        return self.fmt.block_size
+        return self.gtype.block_size
 
     def fit(self, cols: torch.Tensor, start: int) -> LegacyFit:
-        d, m = legacy_params(cols.to(torch.float32), self.fmt)
+        d, m = legacy_params(cols.to(torch.float32), self.gtype)
         halves = torch.cat([d] if m is None else [d, m], 1).to(torch.float16)
         if not torch.isfinite(halves).all():
             row = int((~torch.isfinite(halves)).any(1).nonzero()[0, 0])
             raise ValueError(f"{self.qtype}: row {row}, columns {start}..{start + 31}: the scale "
                              "or minimum is not finite in float16; ggml cannot store it")
-        return LegacyFit(d, m, halves, self.fmt)
+        return LegacyFit(d, m, halves, self.gtype)
 
     def pack(self, fits: list[LegacyFit], codes: torch.Tensor) -> torch.Tensor:
         """codes (rows, in) as stored -> (rows, in / 32 * type_size) uint8."""
         n_rows = codes.shape[0]
         halves = torch.stack([f.halves for f in fits], 1).view(-1, fits[0].halves.shape[1])
         q = codes.to(torch.int8).reshape(-1, 32)  # (rows * blocks, 32), row-major like halves
-        out = torch.empty(q.shape[0], self.fmt.type_size, dtype=torch.uint8)
-        pack_legacy(halves, q, self.fmt, out)
+        out = torch.empty(q.shape[0], self.gtype.type_size, dtype=torch.uint8)
+        pack_legacy(halves, q, self.gtype, out)
         return out.view(n_rows, -1)
+
+
+# A type's `grid` kind -> the grid class that fits it.
+GRIDS = {"legacy": LegacyGrid, "k": KGrid}
 
 
 def block_grid(qtype: str):
     """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES)."""
-    if qtype in LEGACY_TYPES:
-        return LegacyGrid(qtype)
-    if qtype in K_FORMATS:
-        return KGrid(qtype)
-    raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: {', '.join(GRID_TYPES)}")
+    if qtype not in GRID_TYPES:
+        raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: "
+                         f"{', '.join(GRID_TYPES)}")
+    return GRIDS[TYPES[qtype].grid](qtype)

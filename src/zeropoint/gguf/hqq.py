@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..algorithms.hqq import MIN_GAIN, shrink_lp
-from .blocks import BLOCK_SIZE, dequantize_blocks, quantize_blocks
+from .blocks import dequantize_blocks, quantize_blocks
 from .gptq_grids import GRID_TYPES, block_grid
-from .requantize import encode
+from .requantize import quantize_tensor
+from .types import TYPES
 
 
 def hqq_blocks(w: torch.Tensor, qtype: str, *, lp_norm: float = 0.7, beta: float = 10.0,
@@ -32,7 +33,7 @@ def hqq_blocks(w: torch.Tensor, qtype: str, *, lp_norm: float = 0.7, beta: float
     GRID_TYPES), n a multiple of the type's block size. HQQ's defaults (p = 0.7, beta = 10,
     kappa = 1.01, 20 iterations) as in algorithms/hqq.py."""
     grid = block_grid(qtype)
-    block = BLOCK_SIZE[qtype]
+    block = TYPES[qtype].block_size
     if w.dim() != 2 or w.shape[1] % block:
         raise ValueError(f"{qtype} takes rows of whole blocks of {block} values, got shape "
                          f"{tuple(w.shape)}")
@@ -79,10 +80,10 @@ def _exact_errors(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
 
 
 def hqq_encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
-    """requantize.encode with HQQ for the block types that have a grid (GRID_TYPES); other
-    types (F32, F16, ...) as encode writes them."""
+    """requantize.quantize_tensor with HQQ for the block types that have a grid (GRID_TYPES);
+    other types (F32, F16, ...) as quantize_tensor writes them."""
     if qtype not in GRID_TYPES:
-        return encode(x, qtype, name)
+        return quantize_tensor(x, qtype, name)
     try:
         out = hqq_blocks(x.reshape(-1, x.shape[-1]), qtype)
     except ValueError as e:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kquants import K_FORMATS, QK_K, KScales, encode_scales, grid_codes, k_scales, pack_k
+from .kquants import K_FORMATS, KScales, encode_scales, grid_codes, k_scales, pack_k
+from .types import QK_K
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,9 @@ stores float sub-block scales as the type does), `k_requantize` puts values on t
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -45,33 +47,11 @@ from zeropoint.gguf.kquants_search import (
     seq_sum,
     signed_absmax,
 )
+from zeropoint.gguf.types import QK_K, TYPES, GGMLType
 
-QK_K = 256
 # Super-blocks per eager chunk: of 256..4096 measured, 1024 is near the best for every type
 # (larger chunks leave the cache, smaller ones pay torch's per-op overhead more often).
 _CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class KQuantFormat:
-    name: str
-    bits: int  # bits per code
-    has_min: bool  # x = d*sc*q - dmin*m rather than d*sc*(q - offset)
-    type_size: int  # bytes per super-block
-    half_offsets: tuple[int, ...]  # byte offsets of the fp16 super-scales (d, then dmin)
-    block_size: int = QK_K
-
-
-K_FORMATS = {
-    f.name: f
-    for f in (
-        KQuantFormat("Q2_K", 2, True, 84, (80, 82)),
-        KQuantFormat("Q3_K", 3, False, 110, (108,)),
-        KQuantFormat("Q4_K", 4, True, 144, (0, 2)),
-        KQuantFormat("Q5_K", 5, True, 176, (0, 2)),
-        KQuantFormat("Q6_K", 6, False, 210, (208,)),
-    )
-}
 
 
 # --- bit fields ---------------------------------------------------------------------------------
@@ -150,15 +130,15 @@ class KScales:
     @property
     def n(self) -> int:
         """Values per sub-block."""
-        return _SEARCH[self.qtype][0]
+        return K_FORMATS[self.qtype].sub_block
 
     @property
     def code_range(self) -> tuple[int, int, int]:
         """(lo, hi, offset): nearest_int's clip, and what is added to make the stored code."""
-        fmt = K_FORMATS[self.qtype]
-        if fmt.has_min:
-            return 0, (1 << fmt.bits) - 1, 0
-        half = 1 << (fmt.bits - 1)
+        gtype = TYPES[self.qtype]
+        if gtype.has_min:
+            return 0, (1 << gtype.bits) - 1, 0
+        half = 1 << (gtype.bits - 1)
         return -half, half - 1, half
 
 
@@ -174,21 +154,10 @@ def _rms_plus_abs(xt):
     return av + xt.abs()
 
 
-# Sub-block length, and the search on (n, S) sub-blocks -> codes (n, S), scales (S,)[, mins (S,)]
-# (quantize_row_q*_K_ref's arguments).
-_SEARCH = {
-    "Q2_K": (16, lambda xt: make_qkx2(xt, xt.abs(), 3, -0.5, 0.1, 15, True)),
-    "Q3_K": (16, lambda xt: make_q3(xt, 4)),
-    "Q4_K": (32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 15, -1.0, 0.1, 20, False)),
-    "Q5_K": (32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 31, -0.5, 0.1, 15, False)),
-    "Q6_K": (16, lambda xt: make_qx(xt, 32)),
-}
-
-
 def k_scales(x: torch.Tensor, qtype: str) -> KScales:
     """(B, 256) float32 super-blocks -> their scales, quantize_row_{qtype}_ref's choice."""
-    n, search = _SEARCH[qtype]
-    codes, *params = search(_transposed(x, n))
+    n = K_FORMATS[qtype].sub_block
+    codes, *params = K_FORMATS[qtype].search(_transposed(x, n))
     search_codes = codes.t().reshape(-1, QK_K).to(torch.int32)  # (n, S) -> (B, 256)
     return encode_scales(qtype, search_codes, *(p.view(-1, QK_K // n) for p in params))
 
@@ -218,7 +187,7 @@ def encode_scales(qtype: str, search_codes: torch.Tensor, scales: torch.Tensor,
     - min) -> KScales as `qtype` stores them: the super-scale(s) and small integer codes that
     quantize_row_{qtype}_ref derives from its searches' scales. search_codes (B, 256) int32."""
     f32 = torch.float32
-    if K_FORMATS[qtype].has_min:
+    if TYPES[qtype].has_min:
         levels = 15.0 if qtype == "Q2_K" else 63.0
         (ls, d), (lm, dmin) = _super_codes(scales, levels), _super_codes(mins, levels)
         if qtype == "Q2_K":
@@ -300,10 +269,10 @@ def _quantize_k(x: torch.Tensor, qtype: str) -> torch.Tensor:
 def quantize_kblocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
     """(n, 256) float32 super-blocks -> (n, type_size) uint8 in ggml's layout.
     The C kernel when it is available, else the eager torch code (identical bytes)."""
-    fmt = K_FORMATS[qtype]
-    out = torch.empty(x.shape[0], fmt.type_size, dtype=torch.uint8)
+    gtype = TYPES[qtype]
+    out = torch.empty(x.shape[0], gtype.type_size, dtype=torch.uint8)
     lib = ckernels.library()
-    problem = _quantize_c(lib, x, fmt, out) if lib is not None else _quantize_eager(x, fmt, out)
+    problem = _quantize_c(lib, x, gtype, out) if lib is not None else _quantize_eager(x, gtype, out)
     if problem is not None:
         i, why = problem
         if why == _NOT_FINITE:
@@ -317,23 +286,23 @@ def quantize_kblocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
 _NOT_FINITE, _OVERFLOW = 1, 2  # the C kernel's codes for a block it cannot store
 
 
-def _quantize_eager(x, fmt: KQuantFormat, out):
+def _quantize_eager(x, gtype: GGMLType, out):
     """Fills out; returns (first super-block that cannot be stored, why) or None."""
     bad = ~torch.isfinite(x).all(1)
     if bad.any():
         return int(bad.nonzero()[0, 0]), _NOT_FINITE
     for start in range(0, x.shape[0], _CHUNK):
-        out[start : start + _CHUNK] = _quantize_k(x[start : start + _CHUNK], fmt.name)
-    for col in fmt.half_offsets:
+        out[start : start + _CHUNK] = _quantize_k(x[start : start + _CHUNK], gtype.name)
+    for col in K_FORMATS[gtype.name].half_offsets:
         half = out[:, col : col + 2].contiguous().view(torch.float16).view(-1)
         if not torch.isfinite(half).all():
             return int((~torch.isfinite(half)).nonzero()[0, 0]), _OVERFLOW
     return None
 
 
-def _quantize_c(lib, x, fmt: KQuantFormat, out):
+def _quantize_c(lib, x, gtype: GGMLType, out):
     """As _quantize_eager, in C on torch's threads."""
-    return ckernels.block_quantize(lib.zp_quantize_kquant, int(fmt.name[1]), x, x.shape[0], out)
+    return ckernels.block_quantize(lib.zp_quantize_kquant, gtype.id, x, x.shape[0], out)
 
 
 # --- dequantize: gguf-py's operation order, so every float32 rounding matches ------------------
@@ -378,11 +347,32 @@ def _dequantize_q6_k(raw):
     return d * q.reshape(-1, 16, 16).to(torch.float32)
 
 
-_DEQUANTIZE = {"Q2_K": _dequantize_q2_k, "Q3_K": _dequantize_q3_k,
-               "Q4_K": lambda raw: _dequantize_q45_k(raw, 4),
-               "Q5_K": lambda raw: _dequantize_q45_k(raw, 5), "Q6_K": _dequantize_q6_k}
-
-
 def dequantize_kblocks(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     """(n, type_size) uint8 -> (n, 256) float32."""
-    return _DEQUANTIZE[qtype](raw).reshape(-1, QK_K)
+    return K_FORMATS[qtype].dequantize(raw).reshape(-1, QK_K)
+
+
+# --- each K type's own code ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KQuantFormat:
+    """What the K-quant code needs of a type beyond its gguf.types value: quantize_row_*_ref's
+    sub-block length and scale search, where the fp16 super-scales sit, and the dequantizer."""
+
+    sub_block: int  # values per sub-block
+    search: Callable  # (n, S) sub-blocks -> codes (n, S), scales (S,)[, mins (S,)]
+    half_offsets: tuple[int, ...]  # byte offsets of the fp16 super-scales (d, then dmin)
+    dequantize: Callable  # (B, type_size) uint8 -> (B, ...) float32, 256 values a row
+
+
+K_FORMATS = {
+    "Q2_K": KQuantFormat(16, lambda xt: make_qkx2(xt, xt.abs(), 3, -0.5, 0.1, 15, True),
+                         (80, 82), _dequantize_q2_k),
+    "Q3_K": KQuantFormat(16, lambda xt: make_q3(xt, 4), (108,), _dequantize_q3_k),
+    "Q4_K": KQuantFormat(32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 15, -1.0, 0.1, 20, False),
+                         (0, 2), partial(_dequantize_q45_k, bits=4)),
+    "Q5_K": KQuantFormat(32, lambda xt: make_qkx2(xt, _rms_plus_abs(xt), 31, -0.5, 0.1, 15, False),
+                         (0, 2), partial(_dequantize_q45_k, bits=5)),
+    "Q6_K": KQuantFormat(16, lambda xt: make_qx(xt, 32), (208,), _dequantize_q6_k),
+}

@@ -6,7 +6,9 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
+
+from .types import ggml_type
 
 ALIGNMENT_KEY = "general.alignment"
 SUPPORTED_VERSIONS = (2, 3)  # version 1 (2023) used u32 counts; llama.cpp no longer reads it
@@ -27,19 +29,11 @@ def data_alignment(metadata: Mapping[str, Any]) -> int:
     return v
 
 
-def ggml_type(name: str) -> GGMLQuantizationType:
-    """'Q8_0' -> GGMLQuantizationType.Q8_0; an unknown name is a ValueError listing the known."""
-    try:
-        return GGMLQuantizationType[name]
-    except KeyError:
-        known = ", ".join(t.name for t in GGMLQuantizationType)
-        raise ValueError(f"unknown ggml type {name!r}; known: {known}") from None
-
-
 def tensor_nbytes(type_name: str, shape: Iterable[int]) -> int:
     """Bytes of a tensor of ggml type `type_name` and torch-order `shape` (row = shape[-1])."""
     shape = tuple(int(s) for s in shape)
-    block, size = GGML_QUANT_SIZES[ggml_type(type_name)]
+    qtype = ggml_type(type_name)
+    block, size = qtype.block_size, qtype.type_size
     if not shape or shape[-1] % block:
         raise ValueError(f"a {type_name} tensor's rows must be a multiple of {block} values, "
                          f"got shape {shape}")

@@ -32,9 +32,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from .metadata import MetaValue
+from .types import TYPES, WRITABLE_TYPES, ggml_type, is_quantized
 
 # llama.cpp's llama_ftype number (general.file_type) and default tensor type of each mix.
 MIXES: dict[str, tuple[int, str]] = {
@@ -49,13 +48,6 @@ MIXES: dict[str, tuple[int, str]] = {
 }
 # Single types that are no mix name, and the file type llama.cpp writes for them with --pure.
 PURE_TYPES: dict[str, int] = {"Q3_K": 12, "Q4_K": 15, "Q5_K": 17}
-# Every type a tensor may be given (recipes included).
-WRITABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                  "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
-
-# tensor_type_fallback: a 256-block type whose block does not tile a row -> this 32-block type.
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 # Name fragments of 2-D tensors that llama.cpp never quantizes (tensor_allows_quantization).
 _KEEP_FRAGMENTS = (
@@ -70,14 +62,6 @@ _KEEP_FRAGMENTS = (
     "mm.a.code_embd",
 )
 _KEEP_NAMES = ("position_embd.weight", "token_types.weight")
-
-
-def block_size(type_name: str) -> int:
-    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
-
-
-def is_quantized(type_name: str) -> bool:
-    return type_name not in FLOAT_TYPES and type_name not in ("I8", "I16", "I32", "I64")
 
 
 # --- targets ----------------------------------------------------------------------------------
@@ -117,7 +101,7 @@ def parse_target(spec: str) -> Target:
     if path.suffix.lower() == ".json" or path.is_file():
         return load_recipe(path)
     hint = ""
-    if key in GGMLQuantizationType.__members__:
+    if key in TYPES:
         hint = f" ({key} is a ggml type zeropoint cannot write or a mix llama.cpp has no name for)"
     raise ValueError(f"unknown type {spec!r}{hint}; {_accepted()}")
 
@@ -232,7 +216,7 @@ class TensorChoice:
         return self.type == self.source_type
 
     def describe_fallback(self) -> str:
-        cols, block = self.shape[-1], block_size(self.wanted)
+        cols, block = self.shape[-1], ggml_type(self.wanted).block_size
         return (f"{self.name}: {self.wanted} -> {self.type} (rows of {cols} values are not a "
                 f"multiple of {self.wanted}'s block of {block})")
 
@@ -287,12 +271,12 @@ def _category(name: str) -> str:
 
 def fallback_type(ncols: int, qtype: str) -> str:
     """tensor_type_fallback: the type a row of `ncols` values gets instead of `qtype`."""
-    if ncols % block_size(qtype) == 0:
+    if ncols % ggml_type(qtype).block_size == 0:
         return qtype
-    chosen = _FALLBACK.get(qtype, qtype)
-    if block_size(chosen) > 32:
+    chosen = ggml_type(ggml_type(qtype).fallback or qtype)
+    if chosen.block_size > 32:
         raise ValueError(f"no fallback is defined for {qtype}")
-    return chosen if ncols % block_size(chosen) == 0 else "F16"
+    return chosen.name if ncols % chosen.block_size == 0 else "F16"
 
 
 def plan_types(
@@ -353,7 +337,7 @@ def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelPara
     """llama_tensor_get_type_impl for the mixes in MIXES, dense models, no importance matrix."""
     cat = _category(name)
     if cat == "output" or (st.tied and cat == "token_embd"):
-        if shape[-1] % block_size(new):
+        if shape[-1] % ggml_type(new).block_size:
             return "Q8_0"
         return new if new == "Q8_0" else "Q6_K"
     if cat == "token_embd":

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .header import HeaderParser, InvalidGGUFError, quoted
 from .metadata import gc_paused
+from .types import ggml_type
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,11 @@ class GGUFFile:
                 raise InvalidGGUFError(f"{where}: duplicate tensor name; the file is corrupt")
             seen.add(name)
             try:
-                qtype = GGMLQuantizationType(type_id)
-                block, size = GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
+                qtype = ggml_type(type_id)
+            except ValueError:
                 raise InvalidGGUFError(f"{where}: unknown ggml type id {type_id}; the file is "
-                                       "corrupt or from a newer ggml than gguf-py knows") from None
+                                       "corrupt or from a newer ggml than zeropoint knows") from None
+            block, size = qtype.block_size, qtype.type_size
             if dims[0] % block:
                 raise InvalidGGUFError(f"{where}: row length {dims[0]} is not a multiple of "
                                        f"{qtype.name}'s block size {block}; the file is corrupt")

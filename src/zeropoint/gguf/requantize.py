@@ -31,6 +31,7 @@ from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 from .reader import GGUFFile, read_gguf
+from .types import WRITABLE_TYPES
 from .writer import TensorData, write_gguf
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
@@ -40,7 +41,8 @@ _CHUNK_VALUES = 1 << 18  # 1 MiB of float32 rows per step of `convert`: they sta
 _TRANSCODE_VALUES = 1 << 20  # values per step when no float32 rows are made (at most 1 MiB out)
 
 
-# float32 rows (rows, n), ggml type, tensor name -> flat uint8 bytes (`encode` is the default)
+# float32 rows (rows, n), ggml type, tensor name -> flat uint8 bytes (`quantize_tensor` is the
+# default)
 Encoder = Callable[[torch.Tensor, str, str], np.ndarray]
 
 
@@ -57,7 +59,7 @@ class SourceTensor:
 # --- one tensor -------------------------------------------------------------------------------
 
 
-def decode(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tensor:
+def dequantize_tensor(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tensor:
     """Bytes of a `qtype` tensor -> float32 tensor of `shape`.
 
     zeropoint's torch kernels where it has the type (bit-identical to gguf-py and to ggml's
@@ -72,7 +74,7 @@ def decode(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tensor:
     if qtype == "BF16":  # bf16 is the top half of a float32
         wide = data.view(np.uint16).astype(np.uint32) << 16
         return torch.from_numpy(wide.view(np.float32)).view(shape)
-    if qtype in blocks.TYPE_SIZE:
+    if qtype in blocks.BLOCK_TYPES:
         return blocks.dequantize_blocks(torch.from_numpy(data), qtype, shape)
     from gguf.quants import dequantize
 
@@ -83,7 +85,7 @@ def decode(data: np.ndarray, qtype: str, shape: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).view(shape)
 
 
-def encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
+def quantize_tensor(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
     """float32 tensor (rows = last dim) -> flat uint8 bytes of ggml type `qtype`."""
     if qtype == "F32":
         out = x.to(torch.float32)
@@ -105,12 +107,13 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
             name: str = "tensor", encoder: Encoder | None = None) -> Iterator[np.ndarray]:
     """Bytes of a `src_type` tensor -> its bytes in `dst_type`, yielded a few rows at a time.
 
-    Rows are decoded and re-encoded in chunks of about _CHUNK_VALUES, so the float32 rows stay
-    in cache and reuse the same memory; a whole tensor in float32 would be fresh memory for
-    every tensor, whose page faults cost more than the quantization itself. A piece may be a
+    Rows are dequantized and quantized again in chunks of about _CHUNK_VALUES, so the float32
+    rows stay in cache and reuse the same memory; a whole tensor in float32 would be fresh memory
+    for every tensor, whose page faults cost more than the quantization itself. A piece may be a
     view of a buffer the next piece reuses (as TensorData allows): use it, or copy it, before
-    asking for the next. `encoder` (default `encode`) turns float32 rows into bytes: another one
-    (gguf.hqq's) must treat rows independently, as the pieces split the tensor by rows."""
+    asking for the next. `encoder` (default `quantize_tensor`) turns float32 rows into bytes:
+    another one (gguf.hqq's) must treat rows independently, as the pieces split the tensor by
+    rows."""
     shape = tuple(int(s) for s in shape)
     data = np.ascontiguousarray(data).reshape(-1)
     rows, row_values = math.prod(shape[:-1]), shape[-1]
@@ -121,16 +124,17 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
     if encoder is None and blocks.can_transcode(src_type, dst_type):
         yield from _transcode(data, src_type, rows, row_values, dst_type, name)
         return
-    encoder = encoder or encode
+    encoder = encoder or quantize_tensor
     step = max(1, _CHUNK_VALUES // row_values)
     for first in range(0, rows, step):
         n = min(step, rows - first)
-        x = decode(data[first * row_bytes : (first + n) * row_bytes], src_type, (n, row_values))
+        x = dequantize_tensor(data[first * row_bytes : (first + n) * row_bytes], src_type,
+                              (n, row_values))
         try:
             yield encoder(x, dst_type, name)
         except ValueError:
             # Encode the whole tensor to raise its error with the tensor's own block numbers.
-            encoder(decode(data, src_type, shape), dst_type, name)
+            encoder(dequantize_tensor(data, src_type, shape), dst_type, name)
             raise
 
 
@@ -176,11 +180,6 @@ def _transcode(data: np.ndarray, src_type: str, rows: int, row_values: int, dst_
     finally:
         if claimed:
             _scratch.busy = False
-
-
-def available_types() -> tuple[str, ...]:
-    """The ggml types zeropoint can write now (K types appear once blocks has them)."""
-    return ("F32", "F16", "BF16", *blocks.TYPE_SIZE)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -241,15 +240,14 @@ def output_metadata(metadata: Mapping[str, MetaValue], file_type: int) -> Metada
 
 def check_writable(plan: Plan) -> None:
     """Fail before writing anything if a chosen type has no encoder here (yet)."""
-    available = available_types()
     missing: dict[str, list[str]] = {}
     for c in plan.choices:
-        if not c.copied and c.type not in available:
+        if not c.copied and c.type not in WRITABLE_TYPES:
             missing.setdefault(c.type, []).append(c.name)
     if missing:
         detail = "; ".join(f"{t} for {len(n)} tensor(s), e.g. {n[0]}" for t, n in missing.items())
         raise ValueError(f"zeropoint cannot write {', '.join(missing)} yet ({detail}); "
-                         f"types available: {', '.join(available)}")
+                         f"types available: {', '.join(WRITABLE_TYPES)}")
 
 
 def write_quantized(
@@ -335,7 +333,6 @@ def requantize(
 
 
 __all__ = [
-    "QuantizeReport", "SourceTensor", "available_types", "convert", "decode", "encode",
-    "gguf_sources",
-    "output_metadata", "requantize", "write_quantized",
+    "QuantizeReport", "SourceTensor", "convert", "dequantize_tensor", "gguf_sources",
+    "output_metadata", "quantize_tensor", "requantize", "write_quantized",
 ]

@@ -19,11 +19,12 @@ from typing import Union
 
 import numpy as np
 import torch
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ..atomic import atomic_path
-from .layout import MAX_DIMS, data_alignment, ggml_type, tensor_nbytes
+from .layout import MAX_DIMS, data_alignment, tensor_nbytes
 from .metadata import ARRAY_DTYPE, MetaValue, ReadValue, gc_paused
+from .types import ggml_type
 
 TensorBytes = Union[np.ndarray, torch.Tensor, bytes]
 
@@ -136,7 +137,7 @@ def _write_header(writer: _Writer, meta: Mapping[str, MetaValue],
         for t in tensors:
             # A non-uint8 dtype makes gguf-py take `shape` as elements, not bytes.
             writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
-                                   raw_dtype=ggml_type(t.type))
+                                   raw_dtype=GGMLQuantizationType(ggml_type(t.type).id))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -379,7 +379,7 @@ class CompactLlama:
 
 
 class _CGlue:
-    """The one-row step with its small operations in C (csrc/decode.c): per layer four matmul
+    """The one-row step with its small operations in C (csrc/token_ops.c): per layer four matmul
     calls and four C calls (norm, attention, norm, gating) instead of about twenty torch calls,
     whose dispatch cost as long as the int4 matmuls themselves. Same buffers, same kernels."""
 

@@ -1,10 +1,13 @@
-/* The small steps of one Llama decoder position at batch 1, float32 (nn/llama_decode.py):
- * RMSNorm, rotary embedding and attention over the KV cache, SiLU gating. At one row each is a
- * few thousand flops; as torch calls they cost ~5 us of dispatch apiece, about 20 a layer, which
- * was as long as reading the layer's int4 weights. The arithmetic follows transformers' Llama
- * modules in float32 (the order of a sum may differ: tests hold the logits to the HF model's). */
+/* The compact runtime's per-token operations: the small steps of one Llama decoder position at
+ * batch 1, float32 (nn/llama_decode.py): RMSNorm, rotary embedding and attention over the KV
+ * cache, SiLU gating. At one row each is a few thousand flops; as torch calls they cost ~5 us of
+ * dispatch apiece, about 20 a layer, which was as long as reading the layer's int4 weights. The
+ * arithmetic follows transformers' Llama modules in float32 (the order of a sum may differ: tests
+ * hold the logits to the HF model's). */
 #include <math.h>
 #include <stdint.h>
+
+#include "zeropoint.h"
 
 /* h += delta (when delta is not NULL: the residual add), then x = w * (h * rsqrt(mean(h^2) + eps))
  * as LlamaRMSNorm computes it. */
@@ -33,8 +36,9 @@ static void rotate(float *x, const float *cos, const float *sin_signed, int64_t 
 /* One position's attention. The cache holds, per position, a row of n_heads query heads, n_kv
  * key heads and n_kv value heads of d values each (the q/k/v matmul writes it whole); `rows` is
  * position 0's row of this layer. The query and key heads of position `pos` are rotated in place
- * (cos, sin_signed: that position's d values, see rotate), then every query head h attends over positions 0..pos
- * with key/value head h / (n_heads / n_kv): out[h] = softmax(q . k_t * scale) @ v_t.
+ * (cos, sin_signed: that position's d values, see rotate), then every query head h attends over
+ * positions 0..pos with key/value head h / (n_heads / n_kv): out[h] = softmax(q . k_t * scale)
+ * @ v_t.
  * scores: room for pos + 1 floats. */
 void zp_llama_attend(float *rows, int64_t pos, int64_t n_heads, int64_t n_kv, int64_t d,
                      const float *cos, const float *sin_signed, float scale, float *scores,
