@@ -162,7 +162,7 @@ def test_default_alignment_empty_array_and_non_utf8_string(tmp_path):
 
 @pytest.mark.slow
 def test_default_model_header_matches_gguf_reader_and_copies_byte_for_byte(tmp_path):
-    from zeropoint.models.load import default_model_path
+    from zeropoint.models.source import default_model_path
 
     src = default_model_path()
     ours, theirs = read_gguf(src), gguf.GGUFReader(src)
