@@ -28,8 +28,10 @@ from zeropoint import QuantSpec, Recipe, quantize_model
 from zeropoint.analysis.allocate import allocate, qtensor_nbytes
 from zeropoint.analysis.common import run, text_batches
 from zeropoint.analysis.layerwise import analyze_layers
+from zeropoint.gguf.llama_cpp import llama_cpp_quantize
 from zeropoint.models.evaluate import default_text, lee_text, perplexity
-from zeropoint.models.load import default_model_path, load_model
+from zeropoint.models.load import load_model
+from zeropoint.models.source import default_model_path
 
 INT4_G128 = QuantSpec(4, "symmetric", "per_group", group_size=128)
 LINEAR_GGUF_NAMES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -65,31 +67,6 @@ def bench_speed(model, tokenizer, tokens: int, repeat: int) -> None:
     print(f"   ratio                          {a / f:8.2f} x   (target: 4x or less)")
 
 
-class _silenced_stderr:
-    """File descriptor 2 (llama.cpp's C logging) and sys.stderr to /dev/null while inside."""
-
-    def __enter__(self):
-        import os
-        import sys
-
-        sys.stderr.flush()
-        self.saved_fd, self.saved_py = os.dup(2), sys.stderr
-        self.null = open(os.devnull, "w")
-        os.dup2(self.null.fileno(), 2)
-        sys.stderr = self.null
-        return self
-
-    def __exit__(self, *exc):
-        import os
-        import sys
-
-        sys.stderr = self.saved_py
-        os.dup2(self.saved_fd, 2)
-        os.close(self.saved_fd)
-        self.null.close()
-        return False
-
-
 def held_out_kl(reference, quantized, batches) -> float:
     """Mean KL(p_float || p_quantized) of the next-token distribution per token."""
     total, rows = 0.0, 0
@@ -105,23 +82,16 @@ def held_out_kl(reference, quantized, batches) -> float:
 def q4_k_m_anchor() -> str:
     """Bits per weight of llama.cpp's Q4_K_M mix on the same Linear tensors, from its GGUF."""
     try:
-        import ctypes
-
-        import llama_cpp
+        import llama_cpp  # noqa: F401
         from gguf import GGUFReader
     except ImportError:
         return "llama-cpp-python is not installed: no Q4_K_M anchor"
     with tempfile.TemporaryDirectory() as tmp:
         dst = Path(tmp) / "q4_k_m.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.nthread = 2
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-        params.allow_requantize = True  # the default model is stored as Q4_1
-        with _silenced_stderr():  # llama.cpp logs every tensor
-            rc = llama_cpp.llama_model_quantize(str(default_model_path()).encode(),
-                                                str(dst).encode(), ctypes.byref(params))
-        if rc != 0:
-            return f"llama_model_quantize failed ({rc}): no Q4_K_M anchor"
+        try:  # requantizes: the default model is stored as Q4_1
+            llama_cpp_quantize(default_model_path(), dst, "Q4_K_M", nthread=2)
+        except RuntimeError:
+            return "llama_model_quantize failed: no Q4_K_M anchor"
         reader = GGUFReader(str(dst))
         nbytes = numel = 0
         types = {}

@@ -38,15 +38,15 @@ import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from zeropoint.gguf.cli import llama_cpp_perplexity  # noqa: E402
 from timing import interleaved_medians  # noqa: E402  (benchmarks/timing.py)
+from zeropoint.gguf.llama_cpp import llama_cpp_perplexity, llama_cpp_quantize  # noqa: E402
+from zeropoint.gguf.mixes import ModelParams, plan_types  # noqa: E402
 from zeropoint.gguf.reader import read_gguf  # noqa: E402
-from zeropoint.gguf.writer import TensorData, write_gguf  # noqa: E402
-from zeropoint.gguf.mixes import ModelParams, llama_cpp_quantize, plan_types  # noqa: E402
 from zeropoint.gguf.requantize import output_metadata, requantize  # noqa: E402
 from zeropoint.gguf.types import WRITABLE_TYPES  # noqa: E402
+from zeropoint.gguf.writer import TensorData, write_gguf  # noqa: E402
 from zeropoint.models.evaluate import default_text  # noqa: E402
-from zeropoint.models.load import default_model_path  # noqa: E402
+from zeropoint.models.source import default_model_path  # noqa: E402
 
 
 def gguf_py_requantize(src_path: Path, out: Path, target: str) -> None:

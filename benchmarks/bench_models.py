@@ -83,7 +83,7 @@ def llama_cpp_tokens_per_second(path: str, prompt: str, tokens: int, repeat: int
         import llama_cpp  # noqa: F401
     except ImportError:
         return None
-    from zeropoint.gguf.cli import open_llama  # extra buffers off where llama.cpp's AMX crashes
+    from zeropoint.gguf.llama_cpp import open_llama  # extra buffers off where llama.cpp's AMX crashes
 
     llm = open_llama(path, n_ctx=512, threads=2, logits_all=False)
 
@@ -165,7 +165,8 @@ def decode_rows(model, loop: str):
 
 def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
     from zeropoint.models.evaluate import default_text, perplexity
-    from zeropoint.models.load import default_model_path, load_model
+    from zeropoint.models.load import load_model
+    from zeropoint.models.source import default_model_path
 
     loaded = load_model(None, progress=False)
     prompt = "The history of the printing press"

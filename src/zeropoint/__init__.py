@@ -7,7 +7,7 @@ from .quantizer import Quantizer
 from .spec import Granularity, QuantSpec, Scheme
 from .recipe import Recipe, Rule
 from .nn.quantize_model import quantize_model
-from .modeldir.load import load_quantized as load
+from .models.quantized import load_quantized as load
 
 __all__ = [
     "QuantSpec", "Scheme", "Granularity", "Quantizer", "QTensor",

@@ -26,7 +26,8 @@ from zeropoint import QuantSpec, Recipe, quantize_model
 from zeropoint.algorithms.hqq import hqq_quantize
 from zeropoint.algorithms.sequential import calibration_ids, gptq_model
 from zeropoint.models.evaluate import lee_text, perplexity
-from zeropoint.models.load import default_model_path, load_model
+from zeropoint.models.load import load_model
+from zeropoint.models.source import default_model_path
 
 pytestmark = pytest.mark.slow
 
@@ -118,9 +119,8 @@ def f32_gguf(tmp_path_factory):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q3_K"])
 def test_gptq_gguf_beats_llama_cpps_own_quantization(qtype, smollm, calib_ids, f32_gguf,
                                                      tmp_path):
-    from zeropoint.gguf.cli import llama_cpp_perplexity
     from zeropoint.gguf.gptq import gptq_gguf
-    from zeropoint.gguf.mixes import llama_cpp_quantize
+    from zeropoint.gguf.llama_cpp import llama_cpp_perplexity, llama_cpp_quantize
 
     theirs, ours = tmp_path / "llama_cpp.gguf", tmp_path / "gptq.gguf"
     llama_cpp_quantize(f32_gguf, theirs, qtype)
@@ -141,9 +141,8 @@ def test_gptq_gguf_beats_llama_cpps_own_quantization(qtype, smollm, calib_ids, f
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q3_K"])
 def test_hqq_gguf_beats_llama_cpps_own_quantization(qtype, f32_gguf, tmp_path):
     # Calibration-free: measured 36.71 against 37.63 (Q4_0) and 47.99 against 49.00 (Q3_K).
-    from zeropoint.gguf.cli import llama_cpp_perplexity
     from zeropoint.gguf.hqq import hqq_encode
-    from zeropoint.gguf.mixes import llama_cpp_quantize
+    from zeropoint.gguf.llama_cpp import llama_cpp_perplexity, llama_cpp_quantize
     from zeropoint.gguf.requantize import requantize
 
     theirs, ours = tmp_path / "llama_cpp.gguf", tmp_path / "hqq.gguf"

@@ -174,7 +174,7 @@ def test_quantize_with_a_budget_writes_a_recipe_that_quantize_accepts(tiny_check
                                                                      capsys, monkeypatch):
     from argparse import Namespace
 
-    from zeropoint.analysis.cli import allocate_recipe
+    from zeropoint.cli.analyze import allocate_recipe
 
     out = tmp_path / "q"
     args = Namespace(model=str(tiny_checkpoint), output=str(out), budget_bpw=5.0, quiet=False,
@@ -196,7 +196,7 @@ def test_quantize_with_a_budget_writes_a_recipe_that_quantize_accepts(tiny_check
 
 
 def test_quantize_budget_flag_end_to_end(tiny_checkpoint, tmp_path):
-    """Through the real `quantize --budget-bpw` hook in model_commands."""
+    """Through the real `quantize --budget-bpw` hook in cli.quantize."""
     out = tmp_path / "q"
     code = main(["quantize", str(tiny_checkpoint), "-o", str(out), "--budget-bpw", "4.5", "--quiet"])
     assert code == 0

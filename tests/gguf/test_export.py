@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from zeropoint.gguf import export
-from zeropoint.gguf.cli import llama_cpp_perplexity, open_llama
 from zeropoint.gguf.export import export_hf
-from zeropoint.gguf.mixes import llama_cpp_quantize
+from zeropoint.gguf.llama_cpp import llama_cpp_perplexity, llama_cpp_quantize, open_llama
 from zeropoint.gguf.reader import read_gguf
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 42 dogs ran 7 miles; "
@@ -177,7 +176,8 @@ def test_real_smollm2_exports_to_a_gguf_with_transformers_perplexity(tmp_path):
     transformers' float perplexity."""
     from zeropoint.gguf.requantize import dequantize_tensor
     from zeropoint.models.evaluate import default_text, perplexity
-    from zeropoint.models.load import default_model_path, load_model, strip_gguf_quantization
+    from zeropoint.models.load import load_model, strip_gguf_quantization
+    from zeropoint.models.source import default_model_path
 
     loaded = load_model(None, progress=False)
     hf_dir = tmp_path / "smollm2"

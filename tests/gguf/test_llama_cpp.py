@@ -6,8 +6,8 @@ import json
 import pytest
 
 from zeropoint.cli import main
-from zeropoint.gguf.cli import llama_cpp_perplexity
 from zeropoint.gguf.export import export_hf
+from zeropoint.gguf.llama_cpp import llama_cpp_perplexity
 from zeropoint.models.evaluate import perplexity
 
 from test_export import TEXT, make_tiny_llama  # noqa: I001 - a sibling test module
@@ -58,7 +58,7 @@ def test_eval_cli_writes_the_figures_as_json(tiny_gguf, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_cli_on_the_default_model(tmp_path, capsys):
-    from zeropoint.models.load import default_model_path
+    from zeropoint.models.source import default_model_path
 
     out = tmp_path / "eval.json"
     assert main(["eval", str(default_model_path()), "--engine", "llama.cpp", "--max-tokens", "256",

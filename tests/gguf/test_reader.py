@@ -40,7 +40,7 @@ def test_our_reader_agrees_with_gguf_reader(written):
 
 @pytest.mark.slow
 def test_default_model_header_matches_gguf_reader_and_copies_byte_for_byte(tmp_path):
-    from zeropoint.models.load import default_model_path
+    from zeropoint.models.source import default_model_path
 
     src = default_model_path()
     ours, theirs = read_gguf(src), gguf.GGUFReader(src)

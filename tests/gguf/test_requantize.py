@@ -16,10 +16,10 @@ from zeropoint.gguf.mixes import (
     PURE_TYPES,
     ModelParams,
     fallback_type,
-    llama_cpp_quantize,
     parse_target,
     plan_types,
 )
+from zeropoint.gguf.llama_cpp import llama_cpp_quantize
 from zeropoint.gguf.reader import read_gguf
 from zeropoint.gguf.requantize import requantize
 from zeropoint.gguf.writer import TensorData, write_gguf
@@ -38,7 +38,7 @@ needs_k = pytest.mark.skipif(not k_types_available(), reason="K-quant blocks not
 
 @pytest.fixture(scope="module")
 def default_gguf():
-    from zeropoint.models.load import default_model_path
+    from zeropoint.models.source import default_model_path
 
     return default_model_path()
 
@@ -308,7 +308,7 @@ def test_k_mixes_are_llama_cpp_bit_for_bit(default_gguf, llama_files, tmp_path, 
 @pytest.mark.parametrize("qtype", ["Q4_0", pytest.param("Q4_K_M", marks=needs_k)])
 def test_llama_cpp_runs_our_file_with_its_own_perplexity(default_gguf, llama_files, tmp_path,
                                                          qtype):
-    from zeropoint.gguf.cli import llama_cpp_generate, llama_cpp_perplexity, open_llama
+    from zeropoint.gguf.llama_cpp import llama_cpp_generate, llama_cpp_perplexity, open_llama
     from zeropoint.models.evaluate import default_text
 
     out = tmp_path / f"{qtype}.gguf"

@@ -1,5 +1,5 @@
 /* The compact runtime's per-token operations: the small steps of one Llama decoder position at
- * batch 1, float32 (nn/llama_decode.py): RMSNorm, rotary embedding and attention over the KV
+ * batch 1, float32 (nn/compact_runtime.py): RMSNorm, rotary embedding and attention over the KV
  * cache, SiLU gating. At one row each is a few thousand flops; as torch calls they cost ~5 us of
  * dispatch apiece, about 20 a layer, which was as long as reading the layer's int4 weights. The
  * arithmetic follows transformers' Llama modules in float32 (the order of a sum may differ: tests

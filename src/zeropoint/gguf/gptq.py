@@ -165,20 +165,3 @@ def _check_gptq_types(model: torch.nn.Module, names: dict[str, str], types: dict
         raise ValueError(f"GPTQ cannot write {', '.join(bad)} yet ({detail}); GPTQ writes "
                          f"{', '.join(GRID_TYPES)}: use a target whose decoder tensors get those")
 
-
-def gptq_gguf_command(args, src: Path, target: Target) -> QuantizeReport:
-    """`zeropoint quantize [MODEL] --method gptq --type T -o out.gguf`: load, calibrate, write."""
-    from ..model_commands import CommandError, gptq_calibration, open_model
-
-    loaded = open_model(str(src), progress=not args.quiet)
-    ids = gptq_calibration(args, loaded)
-    try:
-        report = gptq_gguf(loaded, args.output, target, ids, progress=not args.quiet,
-                           threads=torch.get_num_threads())
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-    if not args.quiet:
-        print(f"gptq: {report.gptq_tensors} tensors, {ids.shape[0]} x {ids.shape[1]} "
-              f"calibration tokens, {report.gptq_seconds:.1f} s, peak memory (VmHWM) "
-              f"{report.peak_rss_bytes / 2**20:,.1f} MiB")
-    return report.write

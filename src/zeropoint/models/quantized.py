@@ -1,4 +1,4 @@
-"""Load a zeropoint model directory (see format.py) back into a model.
+"""Load a zeropoint model directory (see modeldir/format.py) back into a model.
 
 Loading rebuilds the architecture from config.json, swaps in QLinear/QEmbedding layers built
 from the stored QTensors and loads every other tensor as stored, so the loaded model computes
@@ -11,19 +11,18 @@ from pathlib import Path
 
 from torch import nn
 
+from ..modeldir.format import read_tensors
 from ..nn.fuse import fuse_shared_inputs
 from ..nn.layers import replace_module
 from ..nn.qlinear import QEmbedding, QLinear
 from ..recipe import Recipe
-from .format import read_tensors
+from .load import LoadedModel
 
 
 def load_quantized(directory, backend: str = "auto", fuse: bool = True):
-    """A zeropoint directory -> models.LoadedModel with the quantized model in eval mode.
+    """A zeropoint directory -> LoadedModel with the quantized model in eval mode.
     fuse: as in quantize_model (sibling layers share one matmul; the outputs do not change)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from ..models.load import LoadedModel
 
     directory = Path(directory)
     manifest, quantized, kept = read_tensors(directory)

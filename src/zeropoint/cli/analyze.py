@@ -14,9 +14,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .specs import SYNTAX
+from ..analysis.specs import SYNTAX
+from ..models.source import FLOAT_KINDS
+from .common import CommandError, open_model, read_text, resolve, text_source
 
-DEFAULT_CALIBRATION_TOKENS = 1024
+DEFAULT_BUDGET_TOKENS = 1024  # --budget-tokens: calibration tokens of the bit allocation
 
 
 def add_parser(sub) -> None:
@@ -57,34 +59,16 @@ def add_parser(sub) -> None:
                    help="write a self-contained HTML report (plots inline, the full table)")
     a.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     a.add_argument("--quiet", action="store_true", help="no progress bars, no tables")
-    a.set_defaults(func=cmd_analyze)
-
-
-def _error(message: str):
-    from ..model_commands import CommandError
-
-    return CommandError(message)
+    a.set_defaults(func=run)
 
 
 def _specs(args):
-    from .specs import parse_spec, parse_specs
+    from ..analysis.specs import parse_spec, parse_specs
 
     try:
         return parse_specs(args.compare) if args.compare else [parse_spec(args.spec)]
     except ValueError as e:
-        raise _error(str(e)) from None
-
-
-def _read_text(path) -> tuple[str, str]:
-    """(text, where it came from)."""
-    from ..models.evaluate import default_text
-
-    if path is None:
-        return default_text(), "Python's pydoc topics"
-    try:
-        return Path(path).read_text(encoding="utf-8"), str(path)
-    except (OSError, UnicodeDecodeError) as e:
-        raise _error(f"cannot read text file {str(path)!r}: {e}") from None
+        raise CommandError(str(e)) from None
 
 
 class _Subject:
@@ -95,7 +79,7 @@ class _Subject:
         self.tokenizer, self.config, self.inputs = tokenizer, config, inputs
 
     def batches(self, text: str | None, max_tokens: int, window: int):
-        from .common import text_batches
+        from ..analysis.common import text_batches
 
         if self.tokenizer is None:
             rows = self.inputs[:max_tokens]
@@ -111,73 +95,76 @@ class _Subject:
 def _open_subject(args, quiet: bool) -> _Subject:
     import torch
 
-    from ..model_commands import open_model
-
     path = args.model
-    if path is not None and Path(path).suffix.lower() in (".pt", ".pth"):
+    source = resolve(path, (*FLOAT_KINDS, "module"))
+    if source.kind != "module":
+        if args.inputs:
+            raise CommandError("--inputs feeds a .pt module; a language model reads --text")
+        loaded = open_model(path, progress=not quiet)
+        return _Subject(loaded.model, loaded.kind, loaded.source, loaded.tokenizer, loaded.config)
+    if args.text:
+        raise CommandError("--text is for language models; a .pt module is fed --inputs")
+    try:
+        module = torch.load(source.path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise CommandError(f"cannot load {path!r} as a torch module: {e}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise CommandError(f"{path!r} holds a {type(module).__name__}, not a torch.nn.Module; save one "
+                           "with torch.save(model, path)")
+    module.eval()
+    if args.inputs:
         try:
-            module = torch.load(path, map_location="cpu", weights_only=False)
+            inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, ValueError) as e:
-            raise _error(f"cannot load {path!r} as a torch module: {e}") from None
-        if not isinstance(module, torch.nn.Module):
-            raise _error(f"{path!r} holds a {type(module).__name__}, not a torch.nn.Module; save one "
-                         "with torch.save(model, path)")
-        module.eval()
-        if getattr(args, "inputs", None):
-            try:
-                inputs = torch.load(args.inputs, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError, ValueError) as e:
-                raise _error(f"cannot load inputs {args.inputs!r}: {e}") from None
-            if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point()
-                    and inputs.dim() >= 2):
-                raise _error(f"{args.inputs!r} must hold a float tensor of shape (rows, features)")
-        else:
-            first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
-            if first is None:
-                raise _error(f"{path!r} has no torch.nn.Linear layer to analyze")
-            gen = torch.Generator().manual_seed(0)
-            inputs = torch.randn(args.max_tokens, first.in_features, generator=gen)
-            if not quiet:
-                print(f"no --inputs: feeding {args.max_tokens} rows of standard normal noise of width "
-                      f"{first.in_features}")
-        return _Subject(module, "module", str(path), inputs=inputs.float())
-    loaded = open_model(path, progress=not quiet)
-    if type(loaded.model).__module__.startswith("zeropoint") or any(
-            type(m).__name__ in ("QLinear", "QEmbedding") for m in loaded.model.modules()):
-        raise _error(f"{path!r} is already quantized; analyze its float source instead")
-    return _Subject(loaded.model, loaded.kind, loaded.source, loaded.tokenizer, loaded.config)
+            raise CommandError(f"cannot load inputs {args.inputs!r}: {e}") from None
+        if not (isinstance(inputs, torch.Tensor) and inputs.is_floating_point()
+                and inputs.dim() >= 2):
+            raise CommandError(f"{args.inputs!r} must hold a float tensor of shape (rows, features)")
+    else:
+        first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+        if first is None:
+            raise CommandError(f"{path!r} has no torch.nn.Linear layer to analyze")
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn(args.max_tokens, first.in_features, generator=gen)
+        if not quiet:
+            print(f"no --inputs: feeding {args.max_tokens} rows of standard normal noise of width "
+                  f"{first.in_features}")
+    return _Subject(module, "module", str(path), inputs=inputs.float())
 
 
-def cmd_analyze(args) -> None:
+def run(args) -> None:
     import torch
 
-    from .layerwise import analyze_layers
-    from .report import (
+    from ..analysis.layerwise import analyze_layers
+    from ..analysis.report import (
         json_records, plot_layerwise, sensitivity_table, summary_line, worst_table, write_html,
         write_json, write_png, plot_sensitivity,
     )
-    from .sensitivity import layer_sensitivity
+    from ..analysis.sensitivity import layer_sensitivity
 
     specs = _specs(args)
     for name, value in (("--max-tokens", args.max_tokens), ("--window", args.window),
                         ("--top", args.top), ("--sensitivity-tokens", args.sensitivity_tokens)):
         if value < 1:
-            raise _error(f"{name} must be a positive count, got {value}")
+            raise CommandError(f"{name} must be a positive count, got {value}")
     exact = args.exact.strip().lower()
     if exact != "all":
         try:
             exact = int(exact)
         except ValueError:
-            raise _error(f"--exact takes a count or 'all', got {args.exact!r}") from None
+            raise CommandError(f"--exact takes a count or 'all', got {args.exact!r}") from None
         if exact < 0:
-            raise _error(f"--exact must be >= 0, got {exact}")
+            raise CommandError(f"--exact must be >= 0, got {exact}")
     if args.threads is not None:
         if args.threads < 1:
-            raise _error(f"--threads must be at least 1, got {args.threads}")
+            raise CommandError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     quiet = args.quiet
     subject = _open_subject(args, quiet)
-    text, text_source = (None, "--inputs") if subject.tokenizer is None else _read_text(args.text)
+    if subject.tokenizer is None:
+        text, text_from = None, "--inputs"
+    else:
+        text, text_from = read_text(args.text), text_source(args.text)
     started = time.perf_counter()
     try:
         batches = subject.batches(text, args.max_tokens, args.window)
@@ -192,16 +179,16 @@ def cmd_analyze(args) -> None:
             sens = layer_sensitivity(subject.model, sens_batches, first, keep_float=args.keep_float,
                                      exact=exact, progress=not quiet)
     except (ValueError, TypeError) as e:
-        raise _error(str(e)) from None
+        raise CommandError(str(e)) from None
     elapsed = time.perf_counter() - started
     meta = {"model": subject.source,
-            "calibration": f"{results[0].tokens} rows from {text_source}",
+            "calibration": f"{results[0].tokens} rows from {text_from}",
             "specs": ", ".join(r.spec for r in results),
             "kept in float": ", ".join(args.keep_float) or "none",
             "time": f"{elapsed:.1f} s"}
     if not quiet:
         print(f"\n{subject.source}: {len(results[0].layers)} Linear layers, {results[0].tokens} rows "
-              f"of {text_source}, {elapsed:.1f} s\n")
+              f"of {text_from}, {elapsed:.1f} s\n")
         for result in results:
             print(worst_table(result, args.top))
             print()
@@ -236,9 +223,8 @@ def cmd_analyze(args) -> None:
 
 def recipe_path(args) -> Path:
     """Where the chosen recipe goes: --recipe-out, else beside the output as OUTPUT.recipe.json."""
-    explicit = getattr(args, "recipe_out", None)
-    if explicit:
-        return Path(explicit)
+    if args.recipe_out:
+        return Path(args.recipe_out)
     out = Path(args.output)
     return out.with_name(out.name + ".recipe.json")
 
@@ -252,21 +238,20 @@ def allocate_recipe(args, recipe):
     Calibrates on --calib (default: Python's pydoc topics), --budget-tokens tokens (default
     1024), and writes the recipe as JSON (to --recipe-out, or beside the output as
     OUTPUT.recipe.json), a file that `quantize --recipe` takes."""
-    from ..model_commands import open_model
+    from ..analysis.allocate import allocate
+    from ..analysis.specs import label
     from ..spec import QuantSpec
-    from .allocate import allocate
-    from .specs import label
 
-    quiet = getattr(args, "quiet", False)
+    quiet = args.quiet
     budget = args.budget_bpw
     if not budget > 0:
-        raise _error(f"--budget-bpw must be a positive number of bits per weight, got {budget}")
+        raise CommandError(f"--budget-bpw must be a positive number of bits per weight, got {budget}")
     # --calib is the calibration text that quantize shares with gptq; its --calib-tokens default
     # is sized for gptq (65536), so the allocation has its own count, --budget-tokens.
-    text, source = _read_text(getattr(args, "calib", None))
-    tokens = getattr(args, "budget_tokens", None) or DEFAULT_CALIBRATION_TOKENS
+    text, source = read_text(args.calib), text_source(args.calib)
+    tokens = DEFAULT_BUDGET_TOKENS if args.budget_tokens is None else args.budget_tokens
     if tokens < 2:
-        raise _error(f"--budget-tokens must be at least 2, got {tokens}")
+        raise CommandError(f"--budget-tokens must be at least 2, got {tokens}")
     started = time.perf_counter()
     loaded = open_model(args.model, progress=not quiet)
     subject = _Subject(loaded.model, loaded.kind, loaded.source, loaded.tokenizer, loaded.config)
@@ -275,7 +260,7 @@ def allocate_recipe(args, recipe):
         alloc = allocate(loaded.model, batches, budget, recipe=recipe, progress=not quiet)
         chosen = alloc.recipe(recipe)
     except (ValueError, TypeError) as e:
-        raise _error(str(e)) from None
+        raise CommandError(str(e)) from None
     path = recipe_path(args)
     chosen.save(path)
     if not quiet:

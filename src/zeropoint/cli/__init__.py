@@ -1,0 +1,33 @@
+"""The zeropoint command line. Nothing imports this module.
+
+One module per command, each with its add_parser(sub); common holds what they share. User errors
+(bad arguments, bad input files) print one line and exit with code 2, without a traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import analyze, exercise, quantize
+from . import eval as eval_command  # the module name would hide the builtin here
+from .common import CommandError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in (exercise, quantize, eval_command, analyze):
+        command.add_parser(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CommandError as e:
+        print(f"zeropoint {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

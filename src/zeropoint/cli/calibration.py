@@ -1,0 +1,24 @@
+"""Calibration ids for `quantize --method gptq`, into a zeropoint directory or a GGUF file."""
+
+from __future__ import annotations
+
+from .common import CommandError, read_text
+
+CALIB_SEQUENCE_TOKENS = 512  # GPTQ calibration sequences are cut to this many tokens
+DEFAULT_CALIB_TOKENS = 65536
+
+
+def gptq_calibration(args, loaded):
+    """(sequences, length) calibration ids from --calib and --calib-tokens."""
+    from ..algorithms.sequential import calibration_ids
+
+    if loaded.kind != "causal-lm":
+        raise CommandError("--method gptq needs a causal language model (llama family)")
+    if args.calib_tokens < 2:
+        raise CommandError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
+    length = min(CALIB_SEQUENCE_TOKENS, args.calib_tokens)
+    try:
+        return calibration_ids(loaded.tokenizer, read_text(args.calib),
+                               args.calib_tokens // length, length)
+    except ValueError as e:
+        raise CommandError(str(e)) from None

