@@ -1,6 +1,6 @@
-"""The zeropoint command line. Nothing imports this module.
+"""Quantize models for CPU inference and measure what it costs: the zeropoint command line.
 
-One module per command, each with its add_parser(sub); common holds what they share. User errors
+Nothing below this package imports it. One module per command, each with its add_parser(sub); common holds what they share. User errors
 (bad arguments, bad input files) print one line and exit with code 2, without a traceback;
 anything else is a bug and keeps its traceback.
 """
