@@ -35,3 +35,25 @@ def tiny_checkpoint(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(path)
     (path / "text.txt").write_text(" ".join(words[(i * 7) % 120] for i in range(600)))
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """The directory of llama.cpp's tools (scripts/build-llama-tools.sh). Skipped where they are
+    not built, except under CI, where setup builds them and their absence is a failure."""
+    from zeropoint.gguf.llama_tools import tools_available, tools_dir
+
+    if not tools_available():
+        message = f"llama.cpp tools not built in {tools_dir()}: run scripts/build-llama-tools.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return tools_dir()
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+    """Gemma 3 270M's GGUF file (Q4_K_M mix), assembled once into the user cache."""
+    from zeropoint.models.source import gemma3_model_path
+
+    return gemma3_model_path()

