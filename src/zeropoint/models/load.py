@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..gguf.families import UnknownFamilyError, family_of
+from ..gguf.families import supported as supported_families
 from .source import FLOAT_KINDS, ModelLoadError, resolve_model
 
 # Encoders are scored by embedding cosine with mean pooling over the last hidden state; these
@@ -87,19 +89,27 @@ def _classify(config: dict, where: Path) -> ModelKind:
     architectures = list(config.get("architectures") or [])
     model_type = config.get("model_type")
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if any(name in causal_classes for name in architectures):
-        return "causal-lm"
-    if model_type in ENCODER_MODEL_TYPES:
+    if model_type in ENCODER_MODEL_TYPES and not any(a in causal_classes for a in architectures):
         return "encoder"
-    if not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if any(name in causal_classes for name in architectures) or (
+            not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        _family(config, where)
         return "causal-lm"
     named = ", ".join(architectures) if architectures else "none named"
     raise ModelLoadError(
         f"unsupported architecture in {str(where)!r}: {named} (model_type {model_type!r}); "
-        "supported: causal language models that transformers' AutoModelForCausalLM loads "
-        "(architectures such as LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) and "
+        f"supported: causal language models of the families {supported_families()} and "
         f"encoders of model type {', '.join(ENCODER_MODEL_TYPES)}"
     )
+
+
+def _family(config, where: Path):
+    """The gguf.families table of a causal LM; ModelLoadError naming its family and listing
+    those supported when zeropoint has none (its layers, export and mixes would be guesses)."""
+    try:
+        return family_of(config, f"{str(where)!r}")
+    except UnknownFamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
@@ -139,9 +149,10 @@ def _load_gguf(file: Path, progress: bool) -> LoadedModel:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
             f"unsupported GGUF architecture {config.model_type!r} in {str(file)!r}; "
-            "supported: GGUF files of causal language models that transformers reads "
-            "(llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, falcon, gpt2, ...)"
+            f"supported: GGUF files of causal language models of the families "
+            f"{supported_families()}"
         )
+    _family(config, file)
     with _progress_bars(progress), _wrap_errors(file):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, dtype=torch.float32, local_files_only=True
