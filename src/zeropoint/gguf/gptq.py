@@ -117,7 +117,7 @@ def gptq_gguf(
         else:
             sources.append(SourceTensor(name, "F32", tuple(state[hf_name].shape),
                                         _reader(state[hf_name], change, raw=False)))
-    sources += [s for s in extra_sources(hp) if s.name not in {x.name for x in sources}]
+    sources += _unmodelled_tensors(loaded, hp, {s.name for s in sources})
     report = write_quantized(sources, metadata, target, out, params=params,
                              source_name=str(loaded.source), progress=progress, threads=threads)
     return GPTQGGUFReport(report, len(written), gptq_seconds, peak_rss_bytes())
@@ -151,6 +151,17 @@ def _metadata(loaded):
         return metadata, params, hp
     metadata = export_metadata(source, loaded.config, hp, None)
     return metadata, model_params(hp), hp
+
+
+def _unmodelled_tensors(loaded, hp: dict, have: set[str]) -> list[SourceTensor]:
+    """Tensors llama.cpp needs that the torch model does not hold (Llama 3.1's rope_freqs): the
+    source file's own bytes for a .gguf model, the export's for a checkpoint directory."""
+    source = Path(loaded.source)
+    if not source.is_file():
+        return [s for s in extra_sources(hp) if s.name not in have]
+    f = read_gguf(source)
+    return [SourceTensor(t.name, t.type, tuple(t.shape), lambda t=t: np.array(f.raw(t)))
+            for t in f.tensors if t.name not in have and t.name != "output.weight"]
 
 
 def _check_gptq_types(model: torch.nn.Module, names: dict[str, str], types: dict[str, str]):
