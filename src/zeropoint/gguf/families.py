@@ -140,8 +140,8 @@ FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, PH
 
 
 def supported() -> str:
-    """'Llama (llama), Mistral (mistral), ...': the families and their model_type, for messages."""
-    return ", ".join(f"{f.name} ({f.model_types[0]})" for f in FAMILIES)
+    """'Llama (LlamaForCausalLM), Mistral (MistralForCausalLM), ...': for messages."""
+    return ", ".join(f"{f.name} ({f.architectures[0]})" for f in FAMILIES)
 
 
 class UnknownFamilyError(ValueError):
