@@ -122,8 +122,9 @@ def test_quantize_writes_a_directory_that_loads_and_scores_close(name, method, t
     assert rel_mean(logits(q.model, ids), logits(model, ids)) < 0.03
 
 
+@pytest.mark.slow  # 4-9 s each: the analyses calibrate and score several passes
 @pytest.mark.parametrize("name", ["qwen2", "gemma3", "phi3"])
-def test_analyze_and_budget_allocation_run_on_the_family(name, tmp_path, capsys):
+def test_analyze_budget_allocation_and_eval_run_on_the_family(name, tmp_path, capsys):
     from zeropoint.cli import main
 
     path = tiny_checkpoint(name)
@@ -144,6 +145,11 @@ def test_analyze_and_budget_allocation_run_on_the_family(name, tmp_path, capsys)
     recipe = json.loads((tmp_path / "budget.recipe.json").read_text())
     chosen = {r["pattern"] for r in recipe["rules"] if r["spec"] is not None}
     assert chosen == linear_names - {"lm_head"}  # a spec for each of the family's own Linears
+
+    scores = tmp_path / "eval.json"
+    assert main(["eval", str(path), str(out), "--text", str(text), "--max-tokens", "128",
+                 "--json", str(scores)]) == 0
+    assert "perplexity" in scores.read_text()
 
 
 def test_a_model_of_an_unknown_family_is_refused_naming_it(tmp_path):

@@ -50,8 +50,11 @@ def gguf_config_overrides(metadata: Mapping[str, Any], family: Family) -> dict[s
         base = float(get("rope.freq_base", 10000.0))
         local = float(get("rope.freq_base_swa", base if arch == "gemma2" else _LLAMA_SWA_ROPE_BASE))
         if arch == "gemma3":
+            full = {"rope_type": "default", "rope_theta": base}
+            if get("rope.scaling.type") == "linear" and get("rope.scaling.factor"):
+                full.update(rope_type="linear", factor=float(get("rope.scaling.factor")))
             out["rope_parameters"] = {
-                "full_attention": {"rope_type": "default", "rope_theta": base},
+                "full_attention": full,
                 "sliding_attention": {"rope_type": "default", "rope_theta": local},
             }
     if arch == "phi3":
