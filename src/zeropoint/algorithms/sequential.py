@@ -73,7 +73,8 @@ def calibration_ids(tokenizer, text: str, sequences: int, length: int) -> torch.
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder stack of a llama-family model (model.model.layers)."""
+    """The decoder stack of a causal LM (model.model.layers: Llama, Mistral, Qwen2/3, Gemma 2/3,
+    Phi-3 all keep it there). What is inside each layer is found from its modules, not names."""
     for path in ("model.layers", "layers"):
         try:
             layers = model.get_submodule(path)
@@ -82,8 +83,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList) and len(layers):
             return layers
     raise ValueError(
-        f"sequential GPTQ needs a decoder stack at model.model.layers (llama family: Llama, "
-        f"Mistral, Qwen2, ...); {type(model).__name__} has none"
+        f"sequential GPTQ needs a decoder stack at model.model.layers (Llama, Mistral, Qwen2/2.5, "
+        f"Qwen3, Gemma 2, Gemma 3, Phi-3); {type(model).__name__} has none"
     )
 
 
@@ -231,8 +232,10 @@ def _first_layer_inputs(model, first_layer, calib_ids, batch):
 
 def _input_groups(layer, x, kwargs) -> list[list[str]]:
     """The layer's Linears grouped by the tensor they read, in calling order: for llama
-    [[q, k, v], [o], [gate, up], [down]]. Found by running one batch with hooks that keep each
-    input alive, so that identity (not a reusable address) tells shared inputs apart."""
+    [[q, k, v], [o], [gate, up], [down]], for Phi-3's fused projections [[qkv], [o], [gate_up],
+    [down]]. Found by running one batch with hooks that keep each input alive, so that identity
+    (not a reusable address) tells shared inputs apart; norms between (Qwen3's and Gemma 3's q/k
+    norms, Gemma's sandwich norms) and biases need no special case."""
     seen: list[tuple[torch.Tensor, list[str]]] = []
     handles = []
 

@@ -1,18 +1,22 @@
-"""A Hugging Face llama-architecture checkpoint (SmolLM2, Llama, ...) -> a GGUF file llama.cpp runs.
+"""A Hugging Face checkpoint of a supported family (gguf.families: Llama, Mistral, Qwen2/2.5,
+Qwen3, Gemma 2, Gemma 3, Phi-3) -> a GGUF file llama.cpp runs.
 
 What llama.cpp needs, and where it comes from (the facts are those of llama.cpp's
-convert_hf_to_gguf.py for LlamaForCausalLM; the code is zeropoint's):
+convert_hf_to_gguf.py and src/models/*.cpp; the code is zeropoint's):
 
-- architecture metadata from config.json (`llama.block_count`, `llama.embedding_length`, heads,
-  rope base and scaling, RMS-norm epsilon, ...);
-- the tokenizer from tokenizer.json: byte-level BPE only (`tokenizer.ggml.model` "gpt2"): tokens
-  and their types, merges, special-token ids, add-BOS flag, chat template; the pre-tokenizer
-  ("pre") is read off the tokenizer's structure (`TOKENIZER_PRE`), or given;
-- tensors renamed (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`), with the
-  query and key projections' rows permuted: transformers rotates the two halves of each head
-  (rotate_half), ggml rotates adjacent pairs, so each head's rows go from [x0..x(d/2-1), y0..]
-  to [x0, y0, x1, y1, ...] (`permute_qk`).
+- architecture metadata from config.json (`{arch}.block_count`, `{arch}.embedding_length`,
+  heads, head size, rope base and scaling, RMS-norm epsilon, sliding window and its layer
+  pattern, soft-capping), under the family's llama.cpp architecture name;
+- the tokenizer from tokenizer.json (hf_tokenizer: byte-level BPE or BPE with byte fallback);
+- tensors renamed by the family's table (`model.layers.3.self_attn.q_proj.weight` ->
+  `blk.3.attn_q.weight`), with, where the family says so:
+  - the query and key rows permuted (llama arch: transformers rotates the two halves of each
+    head, ggml's normal rope adjacent pairs, so each head's rows go from [x0..x(d/2-1), y0..] to
+    [x0, y0, x1, y1, ...]; `permute_qk`);
+  - 1 added to every norm weight (Gemma: transformers computes x * (1 + w), llama.cpp x * w).
 
+Refused with a ValueError that names the problem: a family zeropoint has no table for, rope
+scalings or attention scales llama.cpp would compute differently, missing or unknown tensors.
 The float tensors then go through the same planning and quantization as a GGUF requantize, so
 exporting to Q8_0 gives the same file as exporting to F32 and running llama.cpp's quantizer on it.
 """
@@ -26,42 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFValueType, GGUFWriter, RopeScalingType, SpecialVocab, TokenType
+from gguf import GGUFValueType, GGUFWriter, RopeScalingType
 
+from .families import GLOBAL_NAMES, LLAMA, Family, UnknownFamilyError, family_of
+from .hf_tokenizer import LLAMA3_REGEX, TOKENIZER_PRE, add_tokenizer, detect_pre  # noqa: F401
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Target
 from .requantize import Encoder, QuantizeReport, SourceTensor, write_quantized
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-ARCH = "llama"
-
-# HF name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
-_LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
+ARCH = LLAMA.arch  # the llama family's; every family's is in gguf.families
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
-
-# Pre-tokenizers llama.cpp knows by name, told apart by tokenizer.json's structure.
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-TOKENIZER_PRE = {
-    "gpt-2": "ByteLevel with its GPT-2 regex",
-    "smollm": "each digit split off, then ByteLevel with the GPT-2 regex (SmolLM, SmolLM2)",
-    "llama-bpe": "Split on Llama 3's regex, then ByteLevel without a regex (Llama 3)",
-}
 
 
 def export_hf(
@@ -79,31 +57,49 @@ def export_hf(
     pre-tokenizer when zeropoint cannot tell it from tokenizer.json. `encoder`: as for
     requantize.convert (gguf.hqq.hqq_encode writes HQQ's blocks).
 
-    Raises ValueError for an architecture other than LlamaForCausalLM (naming it), a tokenizer
-    that is not byte-level BPE, missing or unexpected tensors.
+    Raises ValueError for a model family zeropoint does not support (naming it and listing
+    those supported), a tokenizer it cannot write, missing or unexpected tensors.
     """
     model_dir = Path(model_dir)
-    config = _read_json(model_dir / "config.json")
-    check_architecture(config, model_dir)
-    hp = _hparams(config)
-    sources = _tensor_sources(model_dir, config, hp)
+    raw = _read_json(model_dir / "config.json")
+    family = check_architecture(raw, model_dir)
+    config = load_config(model_dir)
+    hp = hparams(config, family)
+    sources = _tensor_sources(model_dir, hp)
     metadata = export_metadata(model_dir, config, hp, tokenizer_pre)
-    params = ModelParams(ARCH, hp["n_layer"], hp["n_head"], hp["n_head_kv"])
-    return write_quantized(sources, metadata, target, out, params=params,
+    return write_quantized(sources, metadata, target, out, params=model_params(hp),
                            source_name=str(model_dir), progress=progress, threads=threads,
                            encoder=encoder)
 
 
-def check_architecture(config: Mapping, where: Path | str = "the checkpoint") -> None:
-    archs = list(config.get("architectures") or [])
-    if any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        return
-    if not archs and config.get("model_type") == ARCH:
-        return
-    named = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
-    raise ValueError(f"cannot export architecture {named} from {str(where)!r} to GGUF; "
-                     f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (the llama architecture: "
-                     "SmolLM2, Llama, TinyLlama, ...)")
+def check_architecture(config: Mapping | object, where: Path | str = "the checkpoint") -> Family:
+    """The family of `config` (config.json, or a transformers config); ValueError naming the
+    architecture and listing the supported families when zeropoint has no table for it."""
+    try:
+        return family_of(config, f"{str(where)!r}")
+    except UnknownFamilyError as e:
+        raise UnknownFamilyError(f"cannot export architecture {_named(config)} to GGUF: "
+                                 f"{e}") from None
+
+
+def _named(config) -> str:
+    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    return ", ".join(get("architectures") or []) or f"model_type {get('model_type')!r}"
+
+
+def load_config(model_dir: Path):
+    """config.json through transformers, which brings every version's rope keys into one form."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot read {str(model_dir / 'config.json')!r}: {e}") from None
+
+
+def model_params(hp: dict) -> ModelParams:
+    return ModelParams(hp["family"].arch, hp["n_layer"], hp["n_head"], hp["n_head_kv"])
 
 
 def _read_json(path: Path) -> dict:
@@ -116,35 +112,73 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"cannot read {str(path)!r}: {e}") from None
 
 
-def _hparams(config: Mapping) -> dict:
+def _rope(config, layer_type: str = "full_attention") -> dict:
+    """The rope parameters of one kind of layer (Gemma 3 keeps one set per layer type)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(rope.get(layer_type), Mapping):
+        rope = dict(rope[layer_type])
+    legacy = getattr(config, "rope_scaling", None)  # transformers 4's configs
+    if isinstance(legacy, Mapping) and layer_type == "full_attention":
+        rope.update(legacy)
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    rope["rope_type"] = rope.get("rope_type") or rope.get("type") or "default"
+    return rope
+
+
+def hparams(config, family: Family) -> dict:
+    """What the export reads from a transformers config, checked against what llama.cpp can
+    compute for the family."""
     try:
-        n_head = int(config["num_attention_heads"])
-        hidden = int(config["hidden_size"])
+        n_head = int(config.num_attention_heads)
+        hidden = int(config.hidden_size)
         hp = {
-            "n_layer": int(config["num_hidden_layers"]),
+            "family": family,
+            "n_layer": int(config.num_hidden_layers),
             "hidden": hidden,
-            "ff": int(config["intermediate_size"]),
+            "ff": int(config.intermediate_size),
             "n_head": n_head,
-            "n_head_kv": int(config.get("num_key_value_heads") or n_head),
-            "head_dim": int(config.get("head_dim") or hidden // n_head),
-            "eps": float(config.get("rms_norm_eps", 1e-6)),
-            "n_ctx": int(config.get("max_position_embeddings", 2048)),
-            "vocab": int(config["vocab_size"]),
-            "tied": bool(config.get("tie_word_embeddings", False)),
+            "n_head_kv": int(getattr(config, "num_key_value_heads", None) or n_head),
+            "head_dim": int(getattr(config, "head_dim", None) or hidden // n_head),
+            "eps": float(getattr(config, "rms_norm_eps", 1e-6)),
+            "n_ctx": int(getattr(config, "max_position_embeddings", 2048)),
+            "vocab": int(config.vocab_size),
+            "tied": bool(getattr(config, "tie_word_embeddings", False)),
         }
-    except KeyError as e:
-        raise ValueError(f"config.json lacks {e.args[0]!r}, which a llama model needs") from None
-    # transformers 5 keeps rope settings in rope_parameters; older configs in rope_theta/scaling.
-    rope = dict(config.get("rope_parameters") or {})
-    if config.get("rope_scaling"):
-        rope.update(config["rope_scaling"])
-    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope scaling {rope_type!r} is not supported by the GGUF export; "
-                         "supported: none, linear, llama3")
-    hp["rope"], hp["rope_type"] = rope, rope_type
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"the config lacks what a {family.name} model needs: {e}") from None
+    rope = _rope(config)
+    if rope["rope_type"] not in family.rope_scaling:
+        raise ValueError(f"rope scaling {rope['rope_type']!r} is not supported by the GGUF export "
+                         f"of {family.name}; supported: {', '.join(family.rope_scaling)}")
+    hp["rope"], hp["rope_type"] = rope, rope["rope_type"]
+    hp["rope_dim"] = int(hp["head_dim"] * float(rope.get("partial_rotary_factor", 1.0)))
+    if family.sliding_window:
+        hp["sliding_window"] = getattr(config, "sliding_window", None)
+        hp["layer_types"] = list(getattr(config, "layer_types", None) or [])
+        if "sliding_attention" in hp["layer_types"]:
+            hp["swa_rope_theta"] = float(_rope(config, "sliding_attention")["rope_theta"])
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        hp[key] = getattr(config, key, None)
+    if family.norm_offset:  # Gemma
+        _check_gemma_attention_scale(config, family, hp)
     return hp
+
+
+# llama.cpp's Gemma 2/3 graphs scale queries by 1/sqrt(head_dim), except for the 27B models
+# (recognised by their layer count), which use hidden/heads: query_pre_attn_scalar must agree.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _check_gemma_attention_scale(config, family: Family, hp: dict) -> None:
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if scalar is None:
+        return
+    is_27b = hp["n_layer"] == _GEMMA_27B_LAYERS.get(family.arch)
+    expected = hp["hidden"] // hp["n_head"] if is_27b else hp["head_dim"]
+    if int(scalar) != expected:
+        raise ValueError(f"query_pre_attn_scalar {scalar} differs from the {expected} llama.cpp's "
+                         f"{family.name} graph uses for {hp['n_layer']} layers of head_dim "
+                         f"{hp['head_dim']}: llama.cpp would compute another model")
 
 
 # --- tensors ----------------------------------------------------------------------------------
@@ -158,18 +192,46 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
             .transpose(1, 2).reshape(w.shape))
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """The GGUF name of a HF llama tensor; None if it is not stored; ValueError if unknown."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
+def gguf_name(hf_name: str, family: Family = LLAMA) -> str | None:
+    """The GGUF name of a HF tensor of `family`; None if it is not stored; ValueError if the
+    family has no such tensor."""
+    if hf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[hf_name]
     if hf_name.endswith(_IGNORED_SUFFIXES):
         return None
     parts = hf_name.split(".")
     if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
         stem, kind = ".".join(parts[3:-1]), parts[-1]
-        if stem in _LAYER_NAMES and kind in ("weight", "bias"):
-            return f"blk.{parts[2]}.{_LAYER_NAMES[stem]}.{kind}"
-    raise ValueError(f"tensor {hf_name!r} has no GGUF name in the llama architecture")
+        if stem in family.layer_names and kind in ("weight", "bias"):
+            return f"blk.{parts[2]}.{family.layer_names[stem]}.{kind}"
+    raise ValueError(f"tensor {hf_name!r} has no GGUF name in the {family.arch} architecture "
+                     f"({family.name})")
+
+
+def tensor_transform(hf_name: str, gguf: str, hp: dict):
+    """What the export does to a tensor's float values on the way out (None: nothing): q/k rows
+    permuted (llama arch), norm offsets (Gemma)."""
+    family: Family = hp["family"]
+    kind = gguf.split(".")[2] if gguf.startswith("blk.") else ""
+    n_head = {"attn_q": hp["n_head"], "attn_k": hp["n_head_kv"]}.get(kind, 0)
+    permute = n_head if family.permute_qk else 0
+    offset = family.norm_offset if hf_name.endswith("norm.weight") else 0.0
+    if not permute and not offset:
+        return None
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        if permute:
+            w = permute_qk(w, permute)
+        return w + offset if offset else w
+
+    return apply
+
+
+def permuted_heads(gguf: str, hp: dict) -> int:
+    """The heads whose rows `permute_qk` reorders for this tensor; 0 for none."""
+    if not hp["family"].permute_qk or not gguf.startswith("blk."):
+        return 0
+    return {"attn_q": hp["n_head"], "attn_k": hp["n_head_kv"]}.get(gguf.split(".")[2], 0)
 
 
 def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
@@ -191,48 +253,55 @@ def _checkpoint_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _tensor_sources(model_dir: Path, config: Mapping, hp: dict) -> list[SourceTensor]:
+def _tensor_sources(model_dir: Path, hp: dict) -> list[SourceTensor]:
     from safetensors import safe_open
 
+    family = hp["family"]
     where = _checkpoint_files(model_dir)
     sources: list[SourceTensor] = []
     for hf_name, file in where.items():
         if hp["tied"] and hf_name == "lm_head.weight":
             continue  # tied: llama.cpp reads the output matrix from token_embd
-        name = gguf_name(hf_name)
+        name = gguf_name(hf_name, family)
         if name is None:
             continue
         with safe_open(file, framework="pt") as st:
             shape = tuple(st.get_slice(hf_name).get_shape())
-        kind = name.split(".")[2] if name.startswith("blk.") else ""
-        n_head = {"attn_q": hp["n_head"], "attn_k": hp["n_head_kv"]}.get(kind, 0)  # and biases
 
-        def read(file=file, hf_name=hf_name, n_head=n_head):
+        def read(file=file, hf_name=hf_name, change=tensor_transform(hf_name, name, hp)):
             with safe_open(file, framework="pt") as st:
                 w = st.get_tensor(hf_name).to(torch.float32)
-            if n_head:
-                w = permute_qk(w, n_head)
+            if change is not None:
+                w = change(w)
             return w.contiguous().view(-1).view(torch.uint8).numpy()
 
         sources.append(SourceTensor(name, "F32", shape, read))
-    if hp["rope_type"] == "llama3":
-        factors = _llama3_rope_factors(hp)
-        sources.append(SourceTensor("rope_freqs.weight", "F32", tuple(factors.shape),
-                                    lambda: factors.view(np.uint8)))
-    _check_complete({s.name for s in sources}, hp)
+    sources += extra_sources(hp)
+    check_complete({s.name for s in sources}, hp)
     return sources
 
 
-def _check_complete(names: set[str], hp: dict) -> None:
+def extra_sources(hp: dict) -> list[SourceTensor]:
+    """Tensors llama.cpp needs that the checkpoint does not hold (Llama 3.1's rope factors)."""
+    if hp["rope_type"] != "llama3":
+        return []
+    factors = _llama3_rope_factors(hp)
+    return [SourceTensor("rope_freqs.weight", "F32", tuple(factors.shape),
+                         lambda: factors.view(np.uint8))]
+
+
+def check_complete(names: set[str], hp: dict) -> None:
+    family: Family = hp["family"]
     needed = {"token_embd.weight", "output_norm.weight"}
     if not hp["tied"]:
         needed.add("output.weight")
     for i in range(hp["n_layer"]):
-        needed |= {f"blk.{i}.{n}.weight" for n in _LAYER_NAMES.values()}
+        needed |= {f"blk.{i}.{n}.weight" for n in family.layer_names.values()}
+        needed |= {f"blk.{i}.{family.layer_names[b]}.bias" for b in family.biases}
     missing = sorted(needed - names)
     if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) a llama model needs, "
-                         f"e.g. {', '.join(missing[:3])}")
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensor(s) a {family.name} model "
+                         f"needs, e.g. {', '.join(missing[:3])}")
 
 
 def _llama3_rope_factors(hp: dict) -> np.ndarray:
@@ -260,13 +329,16 @@ def _llama3_rope_factors(hp: dict) -> np.ndarray:
 # --- metadata ---------------------------------------------------------------------------------
 
 
-def export_metadata(model_dir: Path, config: Mapping, hp: dict,
-                    tokenizer_pre: str | None) -> Metadata:
+def export_metadata(model_dir: Path, config, hp: dict, tokenizer_pre: str | None) -> Metadata:
+    """The GGUF metadata of the export: architecture keys from `hp`, the tokenizer from
+    `model_dir`'s tokenizer.json."""
+    family: Family = hp["family"]
     # gguf-py's writer knows every key's name and type; it is used here as a dict builder.
-    w = GGUFWriter(None, ARCH)
+    w = GGUFWriter(None, family.arch)
     w.add_type("model")
-    name = config.get("_name_or_path") or config.get("_model_name_or_path") or model_dir.name
-    w.add_name(str(name))
+    # config.json's own name when it has one (transformers' config holds the load path instead)
+    raw = _read_json(model_dir / "config.json")
+    w.add_name(str(raw.get("_name_or_path") or raw.get("_model_name_or_path") or model_dir.name))
     w.add_block_count(hp["n_layer"])
     w.add_context_length(hp["n_ctx"])
     w.add_embedding_length(hp["hidden"])
@@ -282,9 +354,33 @@ def export_metadata(model_dir: Path, config: Mapping, hp: dict,
         w.add_rope_scaling_type(RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(hp["rope"]["factor"]))
     w.add_vocab_size(hp["vocab"])
-    w.add_rope_dimension_count(hp["head_dim"])
-    _add_tokenizer(w, model_dir, hp["vocab"], tokenizer_pre)
+    w.add_rope_dimension_count(hp["rope_dim"])
+    _add_family_keys(w, config, hp)
+    add_tokenizer(w, model_dir, hp["vocab"], tokenizer_pre, family.tokenizer_pre)
+    return writer_metadata(w)
 
+
+def _add_family_keys(w: GGUFWriter, config, hp: dict) -> None:
+    """Sliding window, its layer pattern and rope base, soft-capping: the keys llama.cpp's
+    graph for the family reads (src/models/{gemma2,gemma3,phi3}.cpp)."""
+    family: Family = hp["family"]
+    if family.arch == "phi3":  # convert_hf_to_gguf: 0 tells "no window" (Phi-4) apart
+        w.add_sliding_window(int(hp.get("sliding_window") or 0))
+        w.add_rope_scaling_orig_ctx_len(int(getattr(config, "original_max_position_embeddings",
+                                                    None) or hp["n_ctx"]))
+    elif family.sliding_window and hp.get("sliding_window"):
+        w.add_sliding_window(int(hp["sliding_window"]))
+        if hp["layer_types"]:
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in hp["layer_types"]])
+        if "swa_rope_theta" in hp:
+            w.add_rope_freq_base_swa(hp["swa_rope_theta"])
+    if family.attn_softcap and hp["attn_logit_softcapping"]:
+        w.add_attn_logit_softcapping(float(hp["attn_logit_softcapping"]))
+    if family.final_softcap and hp["final_logit_softcapping"]:
+        w.add_final_logit_softcapping(float(hp["final_logit_softcapping"]))
+
+
+def writer_metadata(w: GGUFWriter) -> Metadata:
     out: Metadata = {}
     for key, v in w.kv_data[0].items():
         sub = v.sub_type
@@ -293,70 +389,3 @@ def export_metadata(model_dir: Path, config: Mapping, hp: dict,
         value = [int(x) for x in v.value] if sub == GGUFValueType.INT32 else v.value
         out[key] = MetaValue(value if v.type != GGUFValueType.ARRAY else list(value), v.type, sub)
     return out
-
-
-def _add_tokenizer(w: GGUFWriter, model_dir: Path, n_vocab: int, pre: str | None) -> None:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{str(model_dir)!r} has no tokenizer.json; the GGUF export needs the "
-                         "fast (byte-level BPE) tokenizer saved with it")
-    tok = _read_json(path)
-    model = tok.get("model") or {}
-    decoder = tok.get("decoder") or {}
-    if (model.get("type") != "BPE" or model.get("byte_fallback")
-            or decoder.get("type") != "ByteLevel"):
-        raise ValueError(f"tokenizer {model.get('type')!r} with decoder {decoder.get('type')!r} in "
-                         f"{str(path)!r} is not supported; the GGUF export handles byte-level BPE "
-                         "tokenizers (GPT-2 style: SmolLM2, Llama 3)")
-    pre = pre or detect_pre(tok)
-    if pre is None:
-        raise ValueError(f"cannot tell llama.cpp's pre-tokenizer from {str(path)!r} "
-                         f"({json.dumps(tok.get('pre_tokenizer'))[:200]}); pass tokenizer_pre, one "
-                         f"of: {', '.join(TOKENIZER_PRE)} (or another name llama.cpp knows)")
-
-    added = {a["id"]: a for a in tok.get("added_tokens", [])}
-    by_id = {i: t for t, i in model.get("vocab", {}).items()}
-    by_id.update({i: a["content"] for i, a in added.items()})
-    if by_id and max(by_id) >= n_vocab:
-        raise ValueError(f"the tokenizer has token id {max(by_id)}, beyond config.json's "
-                         f"vocab_size {n_vocab}")
-    tokens, types = [], []
-    for i in range(n_vocab):  # convert_hf_to_gguf's get_vocab_base
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
-        elif i in added:
-            text = by_id[i]
-            special = added[i].get("special") or (text.startswith("<|") and text.endswith("|>"))
-            tokens.append(text)
-            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(TokenType.NORMAL)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types([int(t) for t in types])
-    special = SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
-    special.add_to_gguf(w, quiet=True)
-    # llama.cpp adds a BOS unless told not to; say what the HF tokenizer does.
-    for kind in ("bos", "eos"):
-        if kind not in special.add_special_token:
-            getattr(w, f"add_add_{kind}_token")(False)
-
-
-def detect_pre(tok: Mapping) -> str | None:
-    """llama.cpp's pre-tokenizer name for a tokenizer.json, from its pre_tokenizer's structure."""
-    pre = tok.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
-            and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        regex = (steps[0].get("pattern") or {}).get("Regex")
-        if regex == LLAMA3_REGEX:
-            return "llama-bpe"
-    return None

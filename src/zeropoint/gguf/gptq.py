@@ -15,7 +15,6 @@ the same path as every other GGUF zeropoint writes (requantize.write_quantized).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -27,7 +26,9 @@ import torch
 from ..algorithms.gptq import GPTQOptions, gptq_columns
 from ..algorithms.sequential import MODEL_OPTIONS, peak_rss_bytes, run_sequential
 from .blocks import dequantize_blocks
-from .export import ARCH, check_architecture, export_metadata, gguf_name, permute_qk
+from .export import (check_architecture, export_metadata, extra_sources, gguf_name, hparams,
+                     model_params, tensor_transform)
+from .families import Family, family_of_arch
 from .gptq_grids import GRID_TYPES, block_grid
 from .mixes import ModelParams, Target, parse_target, plan_types
 from .reader import read_gguf
@@ -67,12 +68,12 @@ def gptq_gguf(
     (gptq_grids.GRID_TYPES), naming it.
     """
     target = parse_target(target) if isinstance(target, str) else target
-    metadata, params = _metadata(loaded)
-    n_heads = {"attn_q": params.n_head, "attn_k": params.n_head_kv}
+    metadata, params, hp = _metadata(loaded)
+    family: Family = hp["family"]
     tied = bool(getattr(loaded.config, "tie_word_embeddings", False))
     state = {n: t for n, t in loaded.model.state_dict().items()
              if not (tied and n == "lm_head.weight")}
-    names = {n: g for n, g in ((n, gguf_name(n)) for n in state) if g is not None}
+    names = {n: g for n, g in ((n, gguf_name(n, family)) for n in state) if g is not None}
     plan = plan_types([(g, "F32", tuple(state[n].shape)) for n, g in names.items()], target,
                       params)
     types = plan.types()  # gguf name -> ggml type
@@ -83,7 +84,7 @@ def gptq_gguf(
     def solve(layer, prefix, members, H):
         by_type: dict[str, list[str]] = {}
         for member in members:
-            qtype = types[gguf_name(f"{prefix}{member}.weight")]
+            qtype = types[gguf_name(f"{prefix}{member}.weight", family)]
             if is_quantized(qtype):
                 by_type.setdefault(qtype, []).append(member)
         for qtype, batch in by_type.items():
@@ -98,7 +99,7 @@ def gptq_gguf(
                 row += lin.out_features
                 w_hat = dequantize_blocks(rows.contiguous().view(-1), qtype, lin.weight.shape)
                 lin.weight.data.copy_(w_hat)
-                written[gguf_name(f"{prefix}{member}.weight")] = (qtype, rows)
+                written[gguf_name(f"{prefix}{member}.weight", family)] = (qtype, rows)
 
     started = time.perf_counter()
     run_sequential(loaded.model, calib_ids, solve, progress=progress)
@@ -106,50 +107,61 @@ def gptq_gguf(
 
     sources = []
     for hf_name, name in names.items():
-        n_head = n_heads.get(name.split(".")[2], 0) if name.startswith("blk.") else 0
+        # Block rows permute as whole rows (every row is quantized alone); GPTQ only writes
+        # Linears, which get no norm offset.
+        change = tensor_transform(hf_name, name, hp)
         if name in written:
             qtype, rows = written[name]
             sources.append(SourceTensor(name, qtype, tuple(state[hf_name].shape),
-                                        _reader(rows, n_head, raw=True)))
+                                        _reader(rows, change, raw=True)))
         else:
             sources.append(SourceTensor(name, "F32", tuple(state[hf_name].shape),
-                                        _reader(state[hf_name], n_head, raw=False)))
+                                        _reader(state[hf_name], change, raw=False)))
+    sources += _unmodelled_tensors(loaded, hp, {s.name for s in sources})
     report = write_quantized(sources, metadata, target, out, params=params,
                              source_name=str(loaded.source), progress=progress, threads=threads)
     return GPTQGGUFReport(report, len(written), gptq_seconds, peak_rss_bytes())
 
 
-def _reader(t: torch.Tensor, n_head: int, raw: bool):
-    """A SourceTensor reader: rows permuted into ggml's q/k order (n_head > 0), as flat bytes;
-    float tensors as float32. Block rows permute as whole rows: every row is quantized alone."""
+def _reader(t: torch.Tensor, change, raw: bool):
+    """A SourceTensor reader: `change` (export.tensor_transform: q/k rows into ggml's order,
+    norm offsets) applied, as flat bytes; float tensors as float32."""
 
     def read() -> np.ndarray:
         x = t if raw else t.detach().to(torch.float32)
-        if n_head:
-            x = permute_qk(x, n_head)
+        if change is not None:
+            x = change(x)
         return x.contiguous().view(-1).view(torch.uint8).numpy()
 
     return read
 
 
 def _metadata(loaded):
-    """(GGUF metadata, ModelParams): the source file's own for a .gguf model; the export's
-    (config.json, tokenizer.json) for a checkpoint directory."""
+    """(GGUF metadata, ModelParams, export hparams): the source file's own metadata for a .gguf
+    model; the export's (config.json, tokenizer.json) for a checkpoint directory."""
     source = Path(loaded.source)
+    family = check_architecture(loaded.config, source)
+    hp = hparams(loaded.config, family)
     if source.is_file():
         metadata = read_gguf(source).metadata
         params = ModelParams.from_metadata(metadata)
-        if params.arch != ARCH:
-            raise ValueError(f"GPTQ into GGUF handles the llama architecture, {str(source)!r} "
-                             f"is {params.arch}")
-        return metadata, params
-    from .export import _hparams
+        if family_of_arch(params.arch, f"{str(source)!r}").arch != family.arch:
+            raise ValueError(f"{str(source)!r} is a {params.arch} file but transformers read it "
+                             f"as {family.name}")
+        return metadata, params, hp
+    metadata = export_metadata(source, loaded.config, hp, None)
+    return metadata, model_params(hp), hp
 
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    check_architecture(config, source)
-    hp = _hparams(config)
-    metadata = export_metadata(source, config, hp, None)
-    return metadata, ModelParams(ARCH, hp["n_layer"], hp["n_head"], hp["n_head_kv"])
+
+def _unmodelled_tensors(loaded, hp: dict, have: set[str]) -> list[SourceTensor]:
+    """Tensors llama.cpp needs that the torch model does not hold (Llama 3.1's rope_freqs): the
+    source file's own bytes for a .gguf model, the export's for a checkpoint directory."""
+    source = Path(loaded.source)
+    if not source.is_file():
+        return [s for s in extra_sources(hp) if s.name not in have]
+    f = read_gguf(source)
+    return [SourceTensor(t.name, t.type, tuple(t.shape), lambda t=t: np.array(f.raw(t)))
+            for t in f.tensors if t.name not in have and t.name != "output.weight"]
 
 
 def _check_gptq_types(model: torch.nn.Module, names: dict[str, str], types: dict[str, str]):

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 import torch
 
+from ..gguf.families import UnknownFamilyError, family_of
+from ..gguf.families import supported as supported_families
+from .gguf_config import apply_overrides, gguf_config_overrides
 from .source import FLOAT_KINDS, ModelLoadError, resolve_model
 
 # Encoders are scored by embedding cosine with mean pooling over the last hidden state; these
@@ -87,19 +90,27 @@ def _classify(config: dict, where: Path) -> ModelKind:
     architectures = list(config.get("architectures") or [])
     model_type = config.get("model_type")
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    if any(name in causal_classes for name in architectures):
-        return "causal-lm"
-    if model_type in ENCODER_MODEL_TYPES:
+    if model_type in ENCODER_MODEL_TYPES and not any(a in causal_classes for a in architectures):
         return "encoder"
-    if not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if any(name in causal_classes for name in architectures) or (
+            not architectures and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        _family(config, where)
         return "causal-lm"
     named = ", ".join(architectures) if architectures else "none named"
     raise ModelLoadError(
         f"unsupported architecture in {str(where)!r}: {named} (model_type {model_type!r}); "
-        "supported: causal language models that transformers' AutoModelForCausalLM loads "
-        "(architectures such as LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM) and "
+        f"supported: causal language models of the families {supported_families()} and "
         f"encoders of model type {', '.join(ENCODER_MODEL_TYPES)}"
     )
+
+
+def _family(config, where: Path):
+    """The gguf.families table of a causal LM; ModelLoadError naming its family and listing
+    those supported when zeropoint has none (its layers, export and mixes would be guesses)."""
+    try:
+        return family_of(config, f"{str(where)!r}")
+    except UnknownFamilyError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
@@ -108,10 +119,14 @@ def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read {directory / 'config.json'}: {e}") from e
     kind = _classify(config, directory)
+    # Gemma 2's attention soft-capping runs in transformers' eager attention only
+    soft_capped = kind == "causal-lm" and _family(config, directory).attn_softcap
+    extra = {"attn_implementation": "eager"} if soft_capped else {}
     transformers = _offline_transformers()
     auto = transformers.AutoModelForCausalLM if kind == "causal-lm" else transformers.AutoModel
     with _progress_bars(progress), _wrap_errors(directory):
-        model = auto.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+        model = auto.from_pretrained(directory, dtype=torch.float32, local_files_only=True,
+                                     **extra)
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model = model.float().eval()
     return LoadedModel(model, tokenizer, kind, str(directory), model.config)
@@ -124,7 +139,7 @@ def _load_gguf(file: Path, progress: bool) -> LoadedModel:
     # GGUFReader, which trusts its lengths (gguf 0.19 loops, eating memory without end, over an
     # array that claims 2^63 elements).
     try:
-        read_gguf(file)
+        gguf = read_gguf(file)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     transformers = _offline_transformers()
@@ -139,18 +154,47 @@ def _load_gguf(file: Path, progress: bool) -> LoadedModel:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
             f"unsupported GGUF architecture {config.model_type!r} in {str(file)!r}; "
-            "supported: GGUF files of causal language models that transformers reads "
-            "(llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3, falcon, gpt2, ...)"
+            f"supported: GGUF files of causal language models of the families "
+            f"{supported_families()}"
         )
+    if config.model_type == "mistral" and gguf.get("general.architecture") == "llama":
+        # transformers calls a llama file whose name says Mistral a Mistral model, then finds no
+        # tensor map for it; llama.cpp runs it as llama (no sliding window), and so does this.
+        config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items()
+                                             if k not in ("model_type", "sliding_window")})
+    family = _family(config, file)
+    arch_keys = {k: v.value for k, v in gguf.metadata.items() if k.startswith(family.arch + ".")}
+    apply_overrides(config, gguf_config_overrides(arch_keys, family))
+    extra = {"attn_implementation": "eager"} if family.attn_softcap else {}
     with _progress_bars(progress), _wrap_errors(file):
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+            folder, gguf_file=name, config=config, dtype=torch.float32, local_files_only=True,
+            **extra
         )
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             folder, gguf_file=name, local_files_only=True
         )
     model = strip_gguf_quantization(model).float().eval()
+    _apply_rope_factors(model, gguf)
     return LoadedModel(model, tokenizer, "causal-lm", str(file), model.config)
+
+
+def _apply_rope_factors(model: torch.nn.Module, gguf) -> None:
+    """Llama 3.1's rope scaling, which a GGUF file holds as per-frequency divisors
+    (rope_freqs.weight) and transformers' GGUF reader ignores: divide the rotary embedding's
+    frequencies by them, as llama.cpp's rope does."""
+    if "rope_freqs.weight" not in gguf:
+        return
+    from ..gguf.requantize import dequantize_tensor
+
+    info = gguf["rope_freqs.weight"]
+    factors = dequantize_tensor(gguf.raw(info), info.type, info.shape).reshape(-1)
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor) and inv_freq.shape == factors.shape:
+            module.inv_freq = inv_freq / factors.to(inv_freq.dtype)
+            if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                module.original_inv_freq = module.inv_freq.clone()
 
 
 def _offline_transformers():
