@@ -9,7 +9,7 @@ API (numpy arrays; the other modules that quantize with an imatrix use only this
     imat = read_imatrix("imatrix.gguf")           # or a legacy .dat file; the format is sniffed
     imat.importance("blk.0.ffn_down.weight")      # float32 mean of x^2, what llama-quantize passes
                                                   # its quantizers; None if the tensor has none
-    imat.sums[name], imat.counts[name]            # float32 (n_cols,) or (n_mat, n_cols); int64 (n_mat,)
+    imat.sums[name], imat.counts[name]  # float32 (n_cols,) or (n_mat, n_cols); int64 (n_mat,)
     imat.datasets, imat.chunk_count, imat.chunk_size
     write_imatrix("out.gguf", imat)               # format from the suffix (.dat -> legacy),
     write_imatrix("out.bin", imat, format="dat")  # or named
