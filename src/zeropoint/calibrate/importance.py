@@ -88,7 +88,7 @@ def imatrix_windows(ids: torch.Tensor, n_ctx: int, bos_id: int | None,
     return windows
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def collect_squared_inputs(forward: Callable[[torch.Tensor], object],
                            modules: Mapping[str, nn.Module], windows: torch.Tensor,
                            batch: int = 1, progress: bool = False) -> SquaredInputs:

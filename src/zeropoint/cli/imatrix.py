@@ -67,6 +67,7 @@ def run(args) -> None:
     started = time.perf_counter()
     source = resolve(args.model)
     loaded = _open_float(args.model, source.kind)
+    loaded_at = time.perf_counter()
     if loaded.kind != "causal-lm" or loaded.tokenizer is None:
         raise CommandError("imatrix needs a causal language model with its tokenizer")
     max_windows = args.calib_tokens // args.ctx
@@ -85,6 +86,7 @@ def run(args) -> None:
         forward(input_ids=batch_ids, use_cache=False)
 
     batch = max(1, DEFAULT_BATCH_TOKENS // args.ctx)
+    forward_at = time.perf_counter()
     acc = collect_squared_inputs(run_forward, modules, windows, batch, progress=not args.quiet)
     imat = ImportanceMatrix(
         {name: acc.sums[name].float().numpy() for name in modules if name in acc.sums},
@@ -92,6 +94,7 @@ def run(args) -> None:
         datasets=[calibration_source(args.calib)],
         chunk_count=windows.shape[0], chunk_size=args.ctx,
     )
+    forward_s = time.perf_counter() - forward_at
     if not len(imat):
         raise CommandError("no weight matrix received any input; nothing to write")
     try:
@@ -100,8 +103,8 @@ def run(args) -> None:
         raise CommandError(str(e)) from None
     if not args.quiet:
         print(f"{len(imat)} matrices, {windows.numel()} tokens in {windows.shape[0]} windows of "
-              f"{args.ctx}: {args.output} ({args.format or 'by suffix'}), "
-              f"{time.perf_counter() - started:.1f} s")
+              f"{args.ctx} -> {args.output}; {time.perf_counter() - started:.1f} s in all "
+              f"(loading {loaded_at - started:.1f} s, forward {forward_s:.1f} s)")
 
 
 def _open_float(path, kind):
