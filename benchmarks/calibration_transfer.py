@@ -37,20 +37,21 @@ def wikipedia_text() -> str:
     path = Path(spec.submodule_search_locations[0], "test", "test_data", WIKI_FILE)
     xml = bz2.decompress(path.read_bytes()).decode("utf-8")
     articles = []
-    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.DOTALL):
         text = html.unescape(body)
         if text.startswith("#REDIRECT"):
             continue
         for _ in range(3):  # nested templates
             text = re.sub(r"\{\{[^{}]*\}\}", "", text)
-        text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.S)  # tables
-        text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", text, flags=re.S)
+        text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.DOTALL)  # tables
+        text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", text, flags=re.DOTALL)
         text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
         text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)
         text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
         text = re.sub(r"<[^>]+>|'''?", "", text)
-        text = re.sub(r"^=+\s*(.*?)\s*=+$", r"\1", text, flags=re.M)
-        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("|", "!", "*", ":"))]
+        text = re.sub(r"^=+\s*(.*?)\s*=+$", r"\1", text, flags=re.MULTILINE)
+        lines = [ln for ln in text.splitlines()
+                 if ln.strip() and not ln.startswith(("|", "!", "*", ":"))]
         if sum(map(len, lines)) > 2000:
             articles.append("\n".join(lines))
     return "\n\n".join(articles)
@@ -79,16 +80,19 @@ def main() -> None:
                 for name, text in scored.items()}
 
     rows = {"float": score(smollm.model)}
+    print(f"float: {rows['float']}", flush=True)
     model = copy.deepcopy(smollm.model)
     quantize_model(model, recipe)
     rows["rtn"] = score(model)
+    print(f"rtn: {rows['rtn']}", flush=True)
     del model
     for name, text in calibrations.items():
         started = time.perf_counter()
         model = copy.deepcopy(smollm.model)
         gptq_model(model, recipe, calibration_ids(tok, text, sequences, 512))
         rows[f"gptq, {name}"] = score(model)
-        print(f"gptq calibrated on {name}: {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"gptq calibrated on {name}: {rows[f'gptq, {name}']}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
         del model
         gc.collect()
 

@@ -29,7 +29,8 @@ class SquaredInputs:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {name: 0 for name in self.modules}
         self._handles: list = []
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its column sums)
+        # (input, its column sums): holding the input keeps its identity from being reused
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __enter__(self) -> SquaredInputs:
         for name, module in self.modules.items():
@@ -102,5 +103,4 @@ def collect_squared_inputs(forward: Callable[[torch.Tensor], object],
     with SquaredInputs(modules) as acc:
         for start in tqdm(starts, desc="imatrix", unit="batch", disable=not progress):
             forward(windows[start : start + batch])
-            acc._last = None  # a new batch's inputs may reuse a freed tensor's identity
     return acc

@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     p.add_argument("--calib", metavar="FILE",
                    help="calibration text (default: zeropoint's mixed calibration set)")
     p.add_argument("--calib-tokens", type=int, metavar="N", default=DEFAULT_CALIB_TOKENS,
-                   help=f"use the first N tokens, in whole windows (default {DEFAULT_CALIB_TOKENS})")
+                   help="use the first N tokens, in whole windows "
+                        f"(default {DEFAULT_CALIB_TOKENS})")
     p.add_argument("--ctx", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"tokens per window, llama-imatrix's -c (default {DEFAULT_CTX})")
     p.add_argument("-o", "--output", required=True, help="the imatrix file to write")
@@ -66,7 +67,7 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     source = resolve(args.model)
-    loaded = _open_float(args.model, source.kind)
+    loaded = _open_float(args.model, source)
     loaded_at = time.perf_counter()
     if loaded.kind != "causal-lm" or loaded.tokenizer is None:
         raise CommandError("imatrix needs a causal language model with its tokenizer")
@@ -107,14 +108,14 @@ def run(args) -> None:
               f"(loading {loaded_at - started:.1f} s, forward {forward_s:.1f} s)")
 
 
-def _open_float(path, kind):
+def _open_float(path, source):
     """The model, with a zeropoint directory's quantized layers as plain Linears holding the
     dequantized weights (so every model runs the float forward llama.cpp runs on its file)."""
-    if kind != "zeropoint":
+    if source.kind != "zeropoint":
         return open_model(path)
     from ..models.quantized import load_quantized
 
-    loaded = load_quantized(resolve(path).path, fuse=False)
+    loaded = load_quantized(source.path, fuse=False)  # unfused: each Linear sees its input
     _dequantize_linears(loaded.model)
     return loaded
 
