@@ -67,3 +67,24 @@ def test_a_missing_source_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(texts, "DIALOGUE_PACKAGE", "no_such_package_here")
     with pytest.raises(FileNotFoundError, match="pip install --no-deps chatterbot-corpus"):
         texts._conversations()
+
+
+def test_evals_default_text_is_not_in_the_mix(mixed):
+    from zeropoint.models.evaluate import default_text
+
+    theirs = _sentences(default_text())
+    assert len(theirs) > 1000 and not _sentences(mixed) & theirs
+
+
+def test_the_same_mix_under_any_hash_seed(mixed):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from zeropoint.calibrate.texts import mix; "
+            "print(hashlib.sha1(mix().encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONHASHSEED=seed), check=True).stdout.strip()
+               for seed in ("1", "2")}
+    assert digests == {hashlib.sha1(mixed.encode()).hexdigest()}

@@ -6,7 +6,8 @@ quantization to that kind; a mix transfers better to text of another domain. The
 - prose:     the licence texts Debian ships in every system (/usr/share/common-licenses, package
              base-files) and the history of Python in its LICENSE.txt;
 - code:      Python's own standard library source (a fixed list of modules);
-- reference: Python's pydoc topics (the language reference);
+- reference: the library reference pydoc renders from the docstrings of a fixed list of Python
+             modules (not the pydoc topics: `zeropoint eval` scores on those by default);
 - dialogue:  the English conversations of the `chatterbot-corpus` package (PyPI, data only;
              scripts/setup.sh installs it).
 
@@ -37,6 +38,11 @@ STDLIB_MODULES = (
     "difflib", "calendar", "csv", "json.decoder", "json.encoder", "graphlib", "functools",
     "enum", "queue", "tokenize", "argparse", "pathlib", "configparser", "gettext", "wave",
 )
+REFERENCE_MODULES = (
+    "collections", "itertools", "re", "datetime", "subprocess", "logging", "unittest",
+    "decimal", "contextlib", "typing", "zipfile", "sqlite3", "threading", "struct",
+)
+_KEPT_SECTIONS = ("NAME", "DESCRIPTION", "CLASSES", "FUNCTIONS")  # not DATA (reprs), FILE (paths)
 DIALOGUE_PACKAGE = "chatterbot_corpus"  # pip install --no-deps chatterbot-corpus==1.3.3
 
 
@@ -73,10 +79,18 @@ def _stdlib_code() -> list[str]:
     return docs
 
 
-def _pydoc_topics() -> list[str]:
-    from pydoc_data.topics import topics
+def _library_reference() -> list[str]:
+    import importlib
+    import pydoc
+    import re
 
-    return [topics[k] for k in sorted(topics)]
+    docs = []
+    for module in REFERENCE_MODULES:
+        page = pydoc.render_doc(importlib.import_module(module), renderer=pydoc.plaintext)
+        sections = re.split(r"^(?=[A-Z][A-Z ]*$)", page, flags=re.MULTILINE)
+        kept = [sec for sec in sections if sec.split("\n", 1)[0].strip() in _KEPT_SECTIONS]
+        docs.append(re.sub(r" at 0x[0-9a-f]+", "", "".join(kept)))  # no addresses
+    return docs
 
 
 def _conversations() -> list[str]:
@@ -102,7 +116,7 @@ def _conversations() -> list[str]:
 SOURCES = (
     TextSource("licences (Debian common-licenses, Python's LICENSE.txt)", "prose", _licences),
     TextSource("Python standard library source", "code", _stdlib_code),
-    TextSource("Python pydoc topics", "reference", _pydoc_topics),
+    TextSource("pydoc's library reference of Python modules", "reference", _library_reference),
     TextSource("chatterbot-corpus English conversations", "dialogue", _conversations),
 )
 

@@ -1,4 +1,6 @@
-"""Calibration ids for `quantize --method gptq`, into a zeropoint directory or a GGUF file."""
+"""Calibration text and ids: --calib's file, or zeropoint's default calibration mix
+(calibrate/texts.py); the ids for `quantize --method gptq`, into a zeropoint directory or a GGUF
+file."""
 
 from __future__ import annotations
 
