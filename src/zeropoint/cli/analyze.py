@@ -235,7 +235,7 @@ def allocate_recipe(args, recipe):
     per output channel; symmetric or asymmetric) for the least estimated damage to the final
     output with BITS average bits per weight over those layers, scales and zero-points included.
 
-    Calibrates on --calib (default: Python's pydoc topics), --budget-tokens tokens (default
+    Calibrates on --calib (default: the calibration mix), --budget-tokens tokens (default
     1024), and writes the recipe as JSON (to --recipe-out, or beside the output as
     OUTPUT.recipe.json), a file that `quantize --recipe` takes."""
     from ..analysis.allocate import allocate
@@ -248,7 +248,9 @@ def allocate_recipe(args, recipe):
         raise CommandError(f"--budget-bpw must be a positive number of bits per weight, got {budget}")
     # --calib is the calibration text that quantize shares with gptq; its --calib-tokens default
     # is sized for gptq (65536), so the allocation has its own count, --budget-tokens.
-    text, source = read_text(args.calib), text_source(args.calib)
+    from .calibration import calibration_source, calibration_text
+
+    text, source = calibration_text(args.calib), calibration_source(args.calib)
     tokens = DEFAULT_BUDGET_TOKENS if args.budget_tokens is None else args.budget_tokens
     if tokens < 2:
         raise CommandError(f"--budget-tokens must be at least 2, got {tokens}")

@@ -1,4 +1,6 @@
-"""Calibration ids for `quantize --method gptq`, into a zeropoint directory or a GGUF file."""
+"""Calibration text and ids: --calib's file, or zeropoint's default calibration mix
+(calibrate/texts.py); the ids for `quantize --method gptq`, into a zeropoint directory or a GGUF
+file."""
 
 from __future__ import annotations
 
@@ -18,7 +20,23 @@ def gptq_calibration(args, loaded):
         raise CommandError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     length = min(CALIB_SEQUENCE_TOKENS, args.calib_tokens)
     try:
-        return calibration_ids(loaded.tokenizer, read_text(args.calib),
+        return calibration_ids(loaded.tokenizer, calibration_text(args.calib),
                                args.calib_tokens // length, length)
     except ValueError as e:
         raise CommandError(str(e)) from None
+
+
+def calibration_text(path: str | None) -> str:
+    """The text in the file at `path`, or zeropoint's default calibration set when None."""
+    if path is not None:
+        return read_text(path)
+    from ..calibrate.texts import default_calibration_text
+
+    return default_calibration_text()
+
+
+def calibration_source(path: str | None) -> str:
+    """Where calibration_text(path) comes from, for reports and imatrix files."""
+    from ..calibrate.texts import DEFAULT_CALIBRATION_NAME
+
+    return DEFAULT_CALIBRATION_NAME if path is None else str(path)

@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
                    help="rtn: round to nearest (streams checkpoints); gptq: error-correcting, needs "
                         "calibration text; hqq: calibration-free qparam fitting")
     q.add_argument("--calib", metavar="FILE",
-                   help="gptq calibration text (default: Python's pydoc topics)")
+                   help="gptq calibration text (default: zeropoint's calibration mix)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
     q.set_defaults(func=run)
