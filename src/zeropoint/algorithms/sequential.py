@@ -58,6 +58,9 @@ class SequentialReport:
     losses: dict[str, float]
 
 
+CALIB_SEQUENCE_TOKENS = 512  # GPTQ calibration sequences are cut to this many tokens
+
+
 def calibration_ids(tokenizer, text: str, sequences: int, length: int) -> torch.Tensor:
     """(sequences, length) token ids: non-overlapping windows spread evenly over `text`."""
     if sequences < 1 or length < 2:

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 from .common import CommandError, read_text
 
-CALIB_SEQUENCE_TOKENS = 512  # GPTQ calibration sequences are cut to this many tokens
 DEFAULT_CALIB_TOKENS = 65536
 
 
 def gptq_calibration(args, loaded):
     """(sequences, length) calibration ids from --calib and --calib-tokens."""
-    from ..algorithms.sequential import calibration_ids
+    from ..algorithms.sequential import CALIB_SEQUENCE_TOKENS, calibration_ids
 
     if loaded.kind != "causal-lm":
-        raise CommandError("--method gptq needs a causal language model (llama family)")
+        raise CommandError("--method gptq needs a causal language model")
     if args.calib_tokens < 2:
         raise CommandError(f"--calib-tokens must be at least 2, got {args.calib_tokens}")
     length = min(CALIB_SEQUENCE_TOKENS, args.calib_tokens)

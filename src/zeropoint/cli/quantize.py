@@ -10,7 +10,7 @@ from ..atomic import atomic_path
 from ..models.source import FLOAT_KINDS
 from ..spec import QuantSpec
 from . import quantize_gguf
-from .calibration import CALIB_SEQUENCE_TOKENS, DEFAULT_CALIB_TOKENS, gptq_calibration
+from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
 
 
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     q.add_argument("--calib", metavar="FILE",
                    help="gptq calibration text (default: zeropoint's calibration mix)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
-                   help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
+                   help=f"gptq calibration tokens (default {DEFAULT_CALIB_TOKENS})")
     q.set_defaults(func=run)
 
 

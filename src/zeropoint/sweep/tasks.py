@@ -137,12 +137,13 @@ def _scoring_text(options: SweepOptions) -> str:
 
 
 def _calibration(options: SweepOptions, loaded):
-    """GPTQ calibration ids, in quantize's sequences of 512 tokens."""
-    from ..algorithms.sequential import calibration_ids
-    from ..models.evaluate import default_text
+    """GPTQ calibration ids, in quantize's sequences, from quantize's default text."""
+    from ..algorithms.sequential import CALIB_SEQUENCE_TOKENS, calibration_ids
+    from ..calibrate.texts import default_calibration_text
 
-    text = Path(options.calib).read_text(encoding="utf-8") if options.calib else default_text()
-    length = min(512, options.calib_tokens)
+    text = Path(options.calib).read_text(encoding="utf-8") if options.calib \
+        else default_calibration_text()
+    length = min(CALIB_SEQUENCE_TOKENS, options.calib_tokens)
     return calibration_ids(loaded.tokenizer, text, max(1, options.calib_tokens // length), length)
 
 
