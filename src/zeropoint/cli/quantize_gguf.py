@@ -66,11 +66,30 @@ def _write(args, source, out: Path, target):
     encoder = None
     if args.method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
+    weighting = _importance(args)
     if source.is_gguf:
         return requantize(source.path, out, target, progress=not args.quiet,
-                          encoder=encoder)
+                          encoder=encoder, **weighting)
     return export_hf(source.path, out, target, progress=not args.quiet,
-                     threads=threads(), encoder=encoder)
+                     threads=threads(), encoder=encoder, **weighting)
+
+
+def _importance(args) -> dict:
+    """With --imatrix FILE: write_quantized's `importance` (the file's per-tensor lookup) and
+    `extra_metadata` (the keys llama-quantize records about it); else nothing."""
+    if getattr(args, "imatrix", None) is None:
+        return {}
+    from ..gguf.imatrix import read_imatrix
+    from ..gguf.weighted import imatrix_metadata
+
+    try:
+        imatrix = read_imatrix(args.imatrix)
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    if not args.quiet:
+        print(f"importance matrix {args.imatrix}: {len(imatrix)} entries")
+    return {"importance": imatrix.importance,
+            "extra_metadata": imatrix_metadata(args.imatrix, imatrix)}
 
 
 def _gptq(args, target):

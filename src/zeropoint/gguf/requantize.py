@@ -232,13 +232,18 @@ class QuantizeReport:
 # --- the pipeline -----------------------------------------------------------------------------
 
 
-def output_metadata(metadata: Mapping[str, MetaValue], file_type: int) -> Metadata:
+def output_metadata(metadata: Mapping[str, MetaValue], file_type: int,
+                    extra: Mapping[str, MetaValue] | None = None) -> Metadata:
     """The source's metadata as llama.cpp writes it back: split keys dropped, quantization
-    version and file type set and moved to the end."""
+    version and file type set and moved to the end, then `extra` (llama-quantize's overrides,
+    e.g. the quantize.imatrix.* keys), each moved to the end in its order."""
+    extra = dict(extra or {})
     out = {k: v for k, v in metadata.items()
-           if k not in SPLIT_KEYS and k not in (QUANTIZATION_VERSION_KEY, FILE_TYPE_KEY)}
+           if k not in SPLIT_KEYS and k not in (QUANTIZATION_VERSION_KEY, FILE_TYPE_KEY)
+           and k not in extra}
     out[QUANTIZATION_VERSION_KEY] = MetaValue.u32(GGML_QUANT_VERSION)
     out[FILE_TYPE_KEY] = MetaValue.u32(file_type)
+    out.update(extra)
     return out
 
 
@@ -266,12 +271,13 @@ def write_quantized(
     threads: int | None = None,
     encoder: Encoder | None = None,
     importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
     `encoder`: see `convert` (a tensor already in its chosen type is copied as it is).
     `importance`: quantize as llama-quantize --imatrix does (see gguf.weighted): each tensor
     with an entry is weighted by it, one without is quantized plainly, and the mixes take
-    llama.cpp's imatrix rules.
+    llama.cpp's imatrix rules. `extra_metadata`: keys set last (see output_metadata).
 
     `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
     which also stores it at its place in the file. One tensor per thread beats torch's intra-op
@@ -305,7 +311,7 @@ def write_quantized(
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
     with _torch_threads(1 if threads > 1 else torch.get_num_threads()):
-        size = write_gguf(out, output_metadata(metadata, target.file_type), tensors,
+        size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata), tensors,
                           progress=progress, progress_desc=f"quantizing to {target.name}",
                           threads=threads)
     return QuantizeReport(
@@ -356,15 +362,16 @@ def requantize(
     progress: bool = False,
     encoder: Encoder | None = None,
     importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes);
-    `encoder` as for `convert`, `importance` as for `write_quantized`."""
+    `encoder` as for `convert`, `importance` and `extra_metadata` as for `write_quantized`."""
     source = src if isinstance(src, GGUFFile) else read_gguf(src)
     if Path(out).resolve() == source.path.resolve():
         raise ValueError(f"output {str(out)!r} is the input file; write to another path")
     return write_quantized(gguf_sources(source), source.metadata, target, out,
                            source_name=str(source.path), progress=progress, encoder=encoder,
-                           importance=importance)
+                           importance=importance, extra_metadata=extra_metadata)
 
 
 __all__ = [

@@ -29,6 +29,7 @@ import numpy as np
 
 from zeropoint import ckernels
 
+from .metadata import MetaValue
 from .types import TYPES
 
 LEGACY_WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -38,6 +39,10 @@ WEIGHTED_TYPES = LEGACY_WEIGHTED + K_WEIGHTED
 IGNORES_IMPORTANCE = ("Q8_0", "F16", "BF16", "F32")
 """Types llama.cpp quantizes the same with or without an importance matrix."""
 
+IMATRIX_FILE_KEY = "quantize.imatrix.file"
+IMATRIX_DATASET_KEY = "quantize.imatrix.dataset"
+IMATRIX_ENTRIES_KEY = "quantize.imatrix.entries_count"
+IMATRIX_CHUNKS_KEY = "quantize.imatrix.chunks_count"
 _NOT_FINITE = 1  # the kernels' reasons for refusing a block: 1 NaN or inf, 2 fp16 overflow
 
 
@@ -100,6 +105,23 @@ def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.nda
     return out
 
 
+def imatrix_metadata(file: str, imatrix) -> dict[str, MetaValue]:
+    """The keys llama-quantize adds to a file quantized with `--imatrix file` (its path as the
+    user gave it) holding `imatrix` (a gguf.imatrix.ImportanceMatrix): the file, the first
+    dataset (each string cut to 127 bytes, as its fixed buffer does), the number of entries,
+    and the number of chunks when known."""
+    def cut(text: str) -> str:
+        return text.encode("utf-8")[:127].decode("utf-8", "ignore")
+
+    keys = {IMATRIX_FILE_KEY: MetaValue.string(cut(str(file)))}
+    if imatrix.datasets:
+        keys[IMATRIX_DATASET_KEY] = MetaValue.string(cut(imatrix.datasets[0]))
+    keys[IMATRIX_ENTRIES_KEY] = MetaValue.u32(len(imatrix))
+    if imatrix.chunk_count > 0:
+        keys[IMATRIX_CHUNKS_KEY] = MetaValue.u32(imatrix.chunk_count)
+    return keys
+
+
 def weighted_encoder(importance):
     """An Encoder (see requantize.convert) for one tensor: its rows quantized under
     `importance` (n,)."""
@@ -109,4 +131,4 @@ def weighted_encoder(importance):
 
 
 __all__ = ["IGNORES_IMPORTANCE", "K_WEIGHTED", "LEGACY_WEIGHTED", "WEIGHTED_TYPES",
-           "check_importance", "quantize_weighted", "weighted_encoder"]
+           "check_importance", "imatrix_metadata", "quantize_weighted", "weighted_encoder"]
