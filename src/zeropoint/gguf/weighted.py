@@ -68,20 +68,15 @@ def _library():
 
 def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.ndarray:
     """float32 rows (rows, n) -> (rows, row bytes) uint8 of `qtype`, quantized as
-    llama-quantize does with `importance` (n,) for this tensor. Types that ignore the
-    importance (IGNORES_IMPORTANCE) are quantized plainly."""
+    llama-quantize does with `importance` (n,) for this tensor. Q8_0 ignores the importance
+    (its plain bytes), as llama.cpp; the float types are no block types and not taken here."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name}: weighted quantization takes rows (rows, n), got shape {x.shape}")
     rows, n = x.shape
-    if qtype in IGNORES_IMPORTANCE:
-        from .requantize import quantize_tensor
-
-        return quantize_tensor(x, qtype, name).reshape(rows, -1)
-    if qtype not in WEIGHTED_TYPES:
+    if qtype not in WEIGHTED_TYPES + ("Q8_0",):
         raise ValueError(f"{name}: no weighted quantizer for {qtype}; weighted types: "
-                         f"{', '.join(WEIGHTED_TYPES)} (and {', '.join(IGNORES_IMPORTANCE)}, "
-                         "which ignore the importance)")
+                         f"{', '.join(WEIGHTED_TYPES)} (and Q8_0, which ignores the importance)")
     gtype = TYPES[qtype]
     if n % gtype.block_size:
         raise ValueError(f"{name}: rows of {n} values do not tile into {qtype}'s blocks of "
