@@ -311,8 +311,8 @@ def write_quantized(
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
     with _torch_threads(1 if threads > 1 else torch.get_num_threads()):
-        size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata), tensors,
-                          progress=progress, progress_desc=f"quantizing to {target.name}",
+        size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata),
+                          tensors, progress=progress, progress_desc=f"quantizing to {target.name}",
                           threads=threads)
     return QuantizeReport(
         path=Path(out), source=source_name, plan=plan, file_bytes=size,
