@@ -367,7 +367,7 @@ def test_cli_imatrix_option_rules(tmp_path, capsys):
     assert "--imatrix weights llama.cpp's block quantization" in capsys.readouterr().err
     assert main(["quantize", "--type", "Q4_0", "--method", "hqq", "--imatrix", "x.gguf",
                  "-o", out + ".gguf"]) == 2
-    assert "--method rtn" in capsys.readouterr().err
+    assert "--method rtn or gptq" in capsys.readouterr().err
     assert main(["quantize", "--type", "Q4_0", "--imatrix", str(tmp_path / "none.gguf"),
                  "-o", out + ".gguf"]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -377,3 +377,43 @@ def test_weighted_types_are_the_block_types_zeropoint_writes():
     from zeropoint.gguf.types import WRITABLE_TYPES
 
     assert set(WEIGHTED_TYPES) | set(IGNORES_IMPORTANCE) >= set(WRITABLE_TYPES)
+
+
+# --- GPTQ with an importance vector -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_takes_llama_quantizes_weighted_block_scales(qtype, act_order):
+    """With an importance vector the GPTQ grid's stored d (and m) are llama-quantize
+    --imatrix's (quantize_weighted, held to it above), and with an identity Hessian (no error
+    to spread) each code is the nearest level of that stored grid."""
+    from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns
+    from zeropoint.gguf.blocks import dequantize_blocks
+    from zeropoint.gguf.gptq_grids import WeightedLegacyGrid, block_grid
+
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy((rng.standard_t(4, size=(6, 128)) * 0.05).astype(F32))
+    imp = rng.gamma(0.5, size=128).astype(F32)
+    grid = block_grid(qtype, w, imp)
+    assert isinstance(grid, WeightedLegacyGrid)
+    r = gptq_columns(w, torch.eye(128), grid, GPTQOptions(act_order=act_order))
+    ours = grid.pack(r.fits, r.codes).numpy().reshape(6, 4, -1)
+    llama = quantize_weighted(w.numpy(), qtype, imp).reshape(6, 4, -1)
+    halves = 4 if qtype.endswith("_1") else 2
+    assert np.array_equal(ours[..., :halves], llama[..., :halves])
+    # every value on its nearest level: no level of the block's grid is closer
+    got = dequantize_blocks(torch.from_numpy(ours.reshape(-1)), qtype, (6, 128)).numpy()
+    d = ours[..., :2].copy().view(np.float16).astype(F32)  # (6, 4, 1)
+    m = ours[..., 2:4].copy().view(np.float16).astype(F32) if halves == 4 else None
+    top = (1 << TYPES_BITS[qtype]) - 1
+    q = np.arange(top + 1, dtype=F32)
+    levels = d * q + m if m is not None else d * (q - (top + 1) // 2)  # (6, 4, levels)
+    dist = np.abs(w.numpy().reshape(6, 4, 32, 1) - levels[:, :, None, :])
+    best = np.take_along_axis(levels[:, :, None, :], dist.argmin(-1)[..., None], -1)[..., 0]
+    assert np.allclose(got.reshape(6, 4, 32), best, rtol=0, atol=1e-6)
+    assert not np.array_equal(block_grid(qtype).fit(w[:, :32], 0).halves.numpy(),
+                              grid.fit(w[:, :32], 0).halves.numpy())  # not the plain scales
+
+
+TYPES_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}

@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
                    help="gptq calibration text (default: Python's pydoc topics)")
     q.add_argument("--imatrix", metavar="FILE",
                    help="with --type: an importance matrix (llama-imatrix's .gguf or .dat) that "
-                        "weights each block's rounding, as llama-quantize --imatrix")
+                        "weights each block's rounding, as llama-quantize --imatrix (with --method "
+                        "gptq: the legacy types' block scales)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
     q.set_defaults(func=run)
@@ -83,8 +84,9 @@ _RULES = (
      "--calib-tokens is for --method gptq, not --method {args.method} (--budget-bpw calibrates "
      "on --budget-tokens)"),
     (("text", "max_tokens"), lambda a: a.eval, "{flag} is for --eval, which is not given"),
-    (("imatrix",), lambda a: a.type is not None and a.method == "rtn",
-     "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn"),
+    (("imatrix",), lambda a: a.type is not None and a.method in ("rtn", "gptq"),
+     "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn or "
+     "gptq"),
 )
 
 

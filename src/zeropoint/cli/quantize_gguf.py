@@ -61,12 +61,12 @@ def _write(args, source, out: Path, target):
     from ..gguf.export import export_hf
     from ..gguf.requantize import requantize
 
+    weighting = _importance(args)
     if args.method == "gptq":
-        return _gptq(args, target)
+        return _gptq(args, target, weighting)
     encoder = None
     if args.method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
-    weighting = _importance(args)
     if source.is_gguf:
         return requantize(source.path, out, target, progress=not args.quiet,
                           encoder=encoder, **weighting)
@@ -92,8 +92,9 @@ def _importance(args) -> dict:
             "extra_metadata": imatrix_metadata(args.imatrix, imatrix)}
 
 
-def _gptq(args, target):
-    """`--method gptq --type T`: load the float model, calibrate, write; its QuantizeReport."""
+def _gptq(args, target, weighting: dict):
+    """`--method gptq --type T`: load the float model, calibrate, write; its QuantizeReport.
+    `weighting`: _importance's (--imatrix)."""
     import torch
 
     from ..gguf.gptq import gptq_gguf
@@ -101,7 +102,7 @@ def _gptq(args, target):
     loaded = open_model(args.model, progress=not args.quiet)
     ids = gptq_calibration(args, loaded)
     report = gptq_gguf(loaded, args.output, target, ids, progress=not args.quiet,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), **weighting)
     if not args.quiet:
         print(f"gptq: {report.gptq_tensors} tensors, {ids.shape[0]} x {ids.shape[1]} "
               f"calibration tokens, {report.gptq_seconds:.1f} s, peak memory (VmHWM) "
