@@ -19,7 +19,14 @@ So with a uniform importance (all ones) only Q8_0 and the float types give the u
 bytes; every other type above takes a different search than its unweighted reference
 (`quantize_row_*_ref`), and its bytes differ.
 
-Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder.
+Around the kernels, as llama-quantize: a tensor without an entry is quantized plainly; an entry
+of another length is an error, except for token_embd, which is then quantized plainly
+(requantize.tensor_importance); with an importance matrix the Q4_0 and Q5_0 mixes give the first
+n_layer/8 ffn_down tensors the _1 type (mixes.plan_types(has_imatrix=True)); the output file
+records the file, first dataset, entry and chunk counts (`imatrix_metadata`).
+
+Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder. There
+is no eager path: without the C kernels weighted quantization is refused with a clear error.
 """
 from __future__ import annotations
 
