@@ -417,3 +417,22 @@ def test_gptq_takes_llama_quantizes_weighted_block_scales(qtype, act_order):
 
 
 TYPES_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_gptq_on_k_types_with_no_error_to_spread_writes_llama_quantizes_bytes(qtype):
+    """The K types requantize every value to the nearest code of the stored grid after their
+    weighted scale search, so GPTQ on that grid (gptq_grids.WeightedKGrid) with an identity
+    Hessian writes exactly llama-quantize --imatrix's bytes."""
+    from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns
+    from zeropoint.gguf.gptq_grids import block_grid
+    from zeropoint.gguf.kquant_grids import WeightedKGrid
+
+    rng = np.random.default_rng(9)
+    w = torch.from_numpy((rng.standard_t(4, size=(8, 512)) * 0.05).astype(F32))
+    imp = rng.gamma(0.5, size=512).astype(F32)
+    grid = block_grid(qtype, w, imp)
+    assert isinstance(grid, WeightedKGrid)
+    r = gptq_columns(w, torch.eye(512), grid, GPTQOptions(act_order=True))
+    ours = grid.pack(r.fits, r.codes).numpy()
+    assert np.array_equal(ours, quantize_weighted(w.numpy(), qtype, imp))

@@ -74,7 +74,7 @@ def gptq_gguf(
     largest values the updates tend to grow: on SmolLM2 Q4_0 (calibrated on lee.cor, scored on
     lee_background) 37.8 without act-order, 34.9 with it, llama.cpp's own 37.6.
     `importance` (an importance matrix's lookup by GGUF name, requantize.Importance): the
-    legacy types' block scales are llama-quantize --imatrix's (gptq_grids.WeightedLegacyGrid),
+    block scales are llama-quantize --imatrix's (gptq_grids.block_grid),
     the mixes take llama.cpp's imatrix rules, and the tensors GPTQ does not write are
     quantized weighted; `extra_metadata` as for requantize.write_quantized.
     Raises ValueError when the target gives a decoder Linear a type GPTQ cannot write

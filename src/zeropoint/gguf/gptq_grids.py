@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .blocks import legacy_codes, legacy_params, legacy_values, pack_legacy
-from .kquant_grids import KGrid
+from .kquant_grids import KGrid, WeightedKGrid
 from .types import TYPES, GGMLType
-from .weighted import LEGACY_WEIGHTED, quantize_weighted
+from .weighted import K_WEIGHTED, LEGACY_WEIGHTED, quantize_weighted
 
 GRID_TYPES = tuple(name for name, t in TYPES.items() if t.grid)
 
@@ -128,11 +128,14 @@ GRIDS = {"legacy": LegacyGrid, "k": KGrid}
 def block_grid(qtype: str, weights: torch.Tensor | None = None,
                importance: np.ndarray | None = None):
     """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES). With the tensor's original
-    `weights` (out, in) and an `importance` (in,), the legacy types that read an importance get
-    llama-quantize --imatrix's block scales (WeightedLegacyGrid); the others their plain grid."""
+    `weights` (out, in) and an `importance` (in,), the types that read an importance get
+    llama-quantize --imatrix's block scales (WeightedLegacyGrid, WeightedKGrid); Q8_0 its plain
+    grid."""
     if qtype not in GRID_TYPES:
         raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: "
                          f"{', '.join(GRID_TYPES)}")
     if importance is not None and weights is not None and qtype in LEGACY_WEIGHTED:
         return WeightedLegacyGrid(qtype, weights, importance)
+    if importance is not None and weights is not None and qtype in K_WEIGHTED:
+        return WeightedKGrid(qtype, weights, importance)
     return GRIDS[TYPES[qtype].grid](qtype)
