@@ -45,7 +45,8 @@ def make_imatrix(model: Path, folder: Path) -> Path:
     text.write_text("\n".join(list(pydoc_data.topics.topics.values())[:20])[:12000])
     out = folder / f"{model.stem}.imatrix.gguf"
     run_tool("llama-imatrix", "-m", model, "-f", text, "-c", "128", "-b", "128", "--chunks", "2",
-             "--no-ppl", "-t", "2", "-o", out)
+             "--no-ppl", "-t", "2", "-o", out,
+             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # no spinning on a busy machine
     return out
 
 

@@ -3,6 +3,8 @@
 matrix that llama-imatrix computed on a short text: the whole output file, byte for byte."""
 from __future__ import annotations
 
+import os
+
 import pydoc_data.topics
 
 import pytest
@@ -24,7 +26,8 @@ def llama_imatrix(model, out, folder):
     text = folder / "calib.txt"
     text.write_text("\n".join(list(pydoc_data.topics.topics.values())[:20])[:12000])
     run_tool("llama-imatrix", "-m", model, "-f", text, "-c", "128", "-b", "128", "--chunks", "2",
-             "--no-ppl", "-t", "2", "-o", out)
+             "--no-ppl", "-t", "2", "-o", out,
+             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # no spinning on a busy machine
     return out
 
 
