@@ -51,7 +51,7 @@ def add_parser(sub) -> None:
     q.add_argument("--imatrix", metavar="FILE",
                    help="with --type: an importance matrix (llama-imatrix's .gguf or .dat) that "
                         "weights each block's rounding, as llama-quantize --imatrix (with --method "
-                        "gptq: the legacy types' block scales)")
+                        "gptq: the block scales GPTQ rounds onto)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
     q.set_defaults(func=run)

@@ -336,14 +336,14 @@ def _torch_threads(n: int):
 def tensor_importance(importance: Importance | None, name: str,
                       shape: Sequence[int]) -> np.ndarray | None:
     """The importance llama-quantize uses for tensor `name`: its entry, flattened; None without
-    one. An entry of another length is an error (llama.cpp's), except for token_embd, which
-    llama.cpp then quantizes plainly."""
+    one. An entry of another length is an error (llama.cpp's), except for the token
+    embeddings, which llama.cpp then quantizes plainly."""
     imp = None if importance is None else importance(name)
     if imp is None:
         return None
     imp = np.asarray(imp, dtype=np.float32).reshape(-1)
     if imp.size != shape[-1]:
-        if name == "token_embd.weight":
+        if name in ("token_embd.weight", "per_layer_token_embd.weight"):
             return None
         raise ValueError(f"{name}: the importance matrix has {imp.size} values for rows of "
                          f"{shape[-1]}; was it made for this model?")
