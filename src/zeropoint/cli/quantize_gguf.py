@@ -68,7 +68,7 @@ def _write(args, source, out: Path, target):
         return ids
 
     report = write_gguf(source, out, target, args.method, progress=not args.quiet,
-                        threads=threads(), calibration=calibration)
+                        threads=threads(), calibration=calibration, **_importance(args))
     if args.method != "gptq":
         return report
     report, gptq = report
@@ -77,6 +77,24 @@ def _write(args, source, out: Path, target):
         print(f"gptq: {gptq.gptq_tensors} tensors, {sequences} x {length} calibration tokens, "
               f"{gptq.gptq_seconds:.1f} s, peak memory (VmHWM) {mib(gptq.peak_rss_bytes)}")
     return report
+
+
+def _importance(args) -> dict:
+    """With --imatrix FILE: write_gguf's `importance` (the file's per-tensor lookup) and
+    `extra_metadata` (the keys llama-quantize records about it); else nothing."""
+    if getattr(args, "imatrix", None) is None:
+        return {}
+    from ..gguf.imatrix import read_imatrix
+    from ..gguf.weighted import imatrix_metadata
+
+    try:
+        imatrix = read_imatrix(args.imatrix)
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    if not args.quiet:
+        print(f"importance matrix {args.imatrix}: {len(imatrix)} entries")
+    return {"importance": imatrix.importance,
+            "extra_metadata": imatrix_metadata(args.imatrix, imatrix)}
 
 
 def _print_perplexities(paths, text: str, max_tokens: int) -> None:

@@ -36,7 +36,7 @@ from .families import GLOBAL_NAMES, LLAMA, Family, UnknownFamilyError, family_of
 from .hf_tokenizer import LLAMA3_REGEX, TOKENIZER_PRE, add_tokenizer, detect_pre  # noqa: F401
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Target
-from .requantize import Encoder, QuantizeReport, SourceTensor, write_quantized
+from .requantize import Encoder, Importance, QuantizeReport, SourceTensor, write_quantized
 
 ARCH = LLAMA.arch  # the llama family's; every family's is in gguf.families
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
@@ -51,11 +51,14 @@ def export_hf(
     progress: bool = False,
     threads: int | None = None,
     encoder: Encoder | None = None,
+    importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Write the checkpoint in `model_dir` as a GGUF file in `target` (a mix such as F32, Q8_0,
     Q4_K_M, a single type, or a recipe; see mixes). `tokenizer_pre` names llama.cpp's
     pre-tokenizer when zeropoint cannot tell it from tokenizer.json. `encoder`: as for
-    requantize.convert (gguf.hqq.hqq_encode writes HQQ's blocks).
+    requantize.convert (gguf.hqq.hqq_encode writes HQQ's blocks); `importance`: an importance
+    matrix's lookup, and `extra_metadata`, as for requantize.write_quantized.
 
     Raises ValueError for a model family zeropoint does not support (naming it and listing
     those supported), a tokenizer it cannot write, missing or unexpected tensors.
@@ -69,7 +72,8 @@ def export_hf(
     metadata = export_metadata(model_dir, config, hp, tokenizer_pre)
     return write_quantized(sources, metadata, target, out, params=model_params(hp),
                            source_name=str(model_dir), progress=progress, threads=threads,
-                           encoder=encoder)
+                           encoder=encoder, importance=importance,
+                           extra_metadata=extra_metadata)
 
 
 def check_architecture(config: Mapping | object, where: Path | str = "the checkpoint") -> Family:

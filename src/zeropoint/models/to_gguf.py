@@ -23,29 +23,36 @@ def write_gguf(
     calibration: Callable | None = None,
     progress: bool = False,
     threads: int = 1,
+    importance=None,
+    extra_metadata=None,
 ):
     """Write `source` (a GGUF file, a Hugging Face directory or the default model) to `out` in
     `target` (a gguf.mixes.Target) by `method`. GPTQ needs `calibration(loaded) -> ids`
     (sequences, length) from the loaded float model. Returns the gguf QuantizeReport, and for
-    GPTQ also its GPTQGGUFReport as (report, gptq_report)."""
+    GPTQ also its GPTQGGUFReport as (report, gptq_report). `importance` (an importance matrix's
+    lookup by GGUF name) weights the rounding as llama-quantize --imatrix does, and
+    `extra_metadata` holds the keys it records about the matrix (gguf.weighted.imatrix_metadata)."""
+    weighting = {"importance": importance, "extra_metadata": extra_metadata}
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "gptq":
-        return _gptq(source, out, target, calibration, progress, threads)
+        return _gptq(source, out, target, calibration, progress, threads, weighting)
     encoder = None
     if method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
     if source.is_gguf:
         from ..gguf.requantize import requantize
 
-        return requantize(source.path, out, target, progress=progress, encoder=encoder)
+        return requantize(source.path, out, target, progress=progress, encoder=encoder,
+                          **weighting)
     from ..gguf.export import export_hf
 
     return export_hf(source.path, out, target, progress=progress, threads=threads,
-                     encoder=encoder)
+                     encoder=encoder, **weighting)
 
 
-def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads: int):
+def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads: int,
+          weighting: dict):
     from ..gguf.gptq import gptq_gguf
     from .load import load_model
 
@@ -53,5 +60,6 @@ def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads
         raise ValueError("method gptq needs calibration: a function from the loaded model to ids")
     loaded = load_model(source.path, progress=progress)
     ids = calibration(loaded)
-    report = gptq_gguf(loaded, Path(out), target, ids, progress=progress, threads=threads)
+    report = gptq_gguf(loaded, Path(out), target, ids, progress=progress, threads=threads,
+                       **weighting)
     return report.write, report
