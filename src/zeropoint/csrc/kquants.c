@@ -20,6 +20,7 @@
 
 #include "common.h"
 #include "parallel.h"
+#include "weighted.h"
 #include "zeropoint.h"
 
 #define QK ZP_QK_K /* values per super-block */
@@ -429,4 +430,146 @@ int64_t zp_quantize_kquant(int type, const float *x, int64_t n_super, uint8_t *y
   if (type < ZP_Q2_K || type > ZP_Q6_K) return -2;
   return zp_parallel_blocks(threads, GRAIN_SUPER, quantize_serial, type, x, QK, y,
                             zp_type_bytes(type), n_super, why);
+}
+
+/* ---- weighted (llama-quantize --imatrix): quantize_row_q*_K_impl given importance ----
+ * Sub-block searches run under weights importance * sqrt(sigma2 + x^2) (Q6_K: the importance
+ * alone), sigma2 = mean x^2 of the super-block (Q3_K/Q4_K/Q5_K: twice that); the sub-block
+ * scales are then encoded by a weighted search of their own (weighted.h), each sub-block
+ * weighted by the sum of its weights. Scalar, one super-block at a time, as the reference. */
+
+/* x^2 summed over a super-block in element order. */
+static float sum_squares(const float *x) {
+  float s = 0;
+  for (int j = 0; j < QK; j++) s += x[j] * x[j];
+  return s;
+}
+
+/* Weights qw * sqrt(sigma2 + x^2) of n values, and their sum in element order. */
+static float magnitude_weights(int n, const float *x, const float *qw, float sigma2, float *w) {
+  float sum = 0;
+  for (int l = 0; l < n; l++) w[l] = qw[l] * sqrtf(sigma2 + x[l] * x[l]);
+  for (int l = 0; l < n; l++) sum += w[l];
+  return sum;
+}
+
+static void weighted_q2(const float *x, const float *qw, uint8_t *y) {
+  float w[16], sw[16], sc[16], mn[16], sigma2 = sum_squares(x) / QK;
+  uint8_t codes[QK], ls[16], lm[16];
+  for (int j = 0; j < 16; j++) {
+    sw[j] = magnitude_weights(16, x + 16 * j, qw + 16 * j, sigma2, w);
+    sc[j] = weighted_min_search(16, 3, x + 16 * j, w, codes + 16 * j, &mn[j]);
+  }
+  float dm = weighted_positive_search(16, 15, sc, sw, ls);
+  float mm = weighted_positive_search(16, 15, mn, sw, lm);
+  put_half(y + 80, dm);
+  put_half(y + 82, mm);
+  dm = get_half(y + 80), mm = get_half(y + 82);
+  for (int j = 0; j < 16; j++) y[j] = (uint8_t)(ls[j] | lm[j] << 4);
+  for (int j = 0; j < 16; j++)
+    requantize(x + 16 * j, 16, dm * (float)(y[j] & 15), mm * (float)(y[j] >> 4), 0, 3, 0,
+               codes + 16 * j);
+  for (int h = 0; h < 2; h++) pack(codes + 128 * h, 4, 2, 32, 0, 3, y + 16 + 32 * h);
+}
+
+static void weighted_q3(const float *x, const float *qw, uint8_t *y) {
+  float w[16], sw[16], sc[16], sigma2 = 2 * sum_squares(x) / QK;
+  int8_t levels[QK], ls[16];
+  uint8_t codes[QK], *s = y + 96;
+  for (int j = 0; j < 16; j++) {
+    sw[j] = magnitude_weights(16, x + 16 * j, qw + 16 * j, sigma2, w);
+    sc[j] = weighted_signed_search(16, 4, x + 16 * j, w, levels + 16 * j);
+  }
+  float d_block = weighted_signed_search(16, 32, sc, sw, ls); /* ls: 6-bit, biased by 32 */
+  memset(s, 0, 12);
+  for (int j = 0; j < 16; j++) {
+    s[j % 8] |= (uint8_t)((ls[j] & 15) << (j < 8 ? 0 : 4));
+    s[8 + j % 4] |= (uint8_t)((ls[j] >> 4) << (2 * (j / 4)));
+  }
+  put_half(y + 108, d_block);
+  float d = get_half(y + 108);
+  for (int j = 0; j < QK; j++) codes[j] = (uint8_t)levels[j];
+  for (int j = 0; j < 16; j++)
+    requantize(x + 16 * j, 16, d * (float)(ls[j] - 32), 0.f, -4, 3, 4, codes + 16 * j);
+  pack(codes, 8, 1, 32, 2, 1, y);
+  for (int h = 0; h < 2; h++) pack(codes + 128 * h, 4, 2, 32, 0, 3, y + 32 + 32 * h);
+}
+
+/* Q4_K (bits 4) and Q5_K (bits 5). Q4_K stores the scale searches' codes unclamped, Q5_K clips
+ * them to 63, as the two reference functions differ. */
+static void weighted_q45(const float *x, const float *qw, int bits, uint8_t *y) {
+  float w[32], sw[8], sc[8], mn[8], sigma2 = 2 * sum_squares(x) / QK;
+  uint8_t codes[QK], ls[8], lm[8], *s = y + 4;
+  const int nmax = (1 << bits) - 1;
+  for (int j = 0; j < 8; j++) {
+    sw[j] = magnitude_weights(32, x + 32 * j, qw + 32 * j, sigma2, w);
+    sc[j] = weighted_min_search(32, nmax, x + 32 * j, w, codes + 32 * j, &mn[j]);
+  }
+  float d_block = weighted_positive_search(8, 63, sc, sw, ls);
+  float m_block = weighted_positive_search(8, 63, mn, sw, lm);
+  if (bits == 5)
+    for (int j = 0; j < 8; j++) ls[j] = ls[j] < 63 ? ls[j] : 63, lm[j] = lm[j] < 63 ? lm[j] : 63;
+  for (int j = 0; j < 4; j++) s[j] = ls[j], s[j + 4] = lm[j];
+  for (int j = 4; j < 8; j++) {
+    s[j + 4] = (uint8_t)((ls[j] & 15) | (lm[j] & 15) << 4);
+    s[j - 4] |= (uint8_t)((ls[j] >> 4) << 6);
+    s[j] |= (uint8_t)((lm[j] >> 4) << 6);
+  }
+  put_half(y, d_block);
+  put_half(y + 2, m_block);
+  float d = get_half(y), dmin = get_half(y + 2);
+  for (int j = 0; j < 8; j++) { /* the 6-bit scale and min as stored (get_scale_min_k4) */
+    int sj = j < 4 ? s[j] & 63 : (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+    int mj = j < 4 ? s[j + 4] & 63 : (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+    requantize(x + 32 * j, 32, d * (float)sj, dmin * (float)mj, 0, nmax, 0, codes + 32 * j);
+  }
+  uint8_t *qs = y + (bits == 5 ? 48 : 16);
+  if (bits == 5) pack(codes, 8, 1, 32, 4, 1, y + 16);
+  for (int c = 0; c < 4; c++) pack(codes + 64 * c, 2, 4, 32, 0, 15, qs + 32 * c);
+}
+
+static void weighted_q6(const float *x, const float *qw, uint8_t *y) {
+  float sc[16];
+  int8_t levels[QK];
+  uint8_t codes[QK];
+  for (int j = 0; j < 16; j++)
+    sc[j] = weighted_signed_search(16, 32, x + 16 * j, qw + 16 * j, levels + 16 * j);
+  for (int j = 0; j < QK; j++) codes[j] = (uint8_t)levels[j];
+  finish_q6(x, sc, codes, y); /* from here on the same steps as the unweighted Q6_K */
+}
+
+typedef struct {
+  int type;
+  const float *x, *importance; /* x: rows of n_per_row; importance: n_per_row */
+  int64_t n_per_row;
+  uint8_t *y;
+} weighted_job;
+
+static int64_t weighted_rows(void *ctx, int64_t begin, int64_t end, int *why) {
+  const weighted_job *j = ctx;
+  const int64_t nb = j->n_per_row / QK, size = zp_type_bytes(j->type);
+  for (int64_t b = begin * nb; b < end * nb; b++) { /* super-blocks, row after row */
+    const float *xb = j->x + QK * b, *qw = j->importance + QK * (b % nb);
+    uint8_t *yb = j->y + size * b;
+    if (non_finite(xb, QK)) return *why = 1, b;
+    switch (j->type) {
+      case ZP_Q2_K: weighted_q2(xb, qw, yb); break;
+      case ZP_Q3_K: weighted_q3(xb, qw, yb); break;
+      case ZP_Q4_K: weighted_q45(xb, qw, 4, yb); break;
+      case ZP_Q5_K: weighted_q45(xb, qw, 5, yb); break;
+      default: weighted_q6(xb, qw, yb); break;
+    }
+    if (half_overflow(j->type, yb)) return *why = 2, b;
+  }
+  return -1;
+}
+
+/* As zp_quantize_kquant, for n_rows rows of n_per_row values (a multiple of 256) weighted by
+ * importance (n_per_row floats, the same for every row): quantize_q*_K with quant_weights. */
+int64_t zp_quantize_kquant_weighted(int type, const float *x, int64_t n_rows, int64_t n_per_row,
+                                    const float *importance, uint8_t *y, int *why, int threads) {
+  if (type < ZP_Q2_K || type > ZP_Q6_K || n_per_row % QK) return -2;
+  weighted_job j = {type, x, importance, n_per_row, y};
+  int64_t grain = 1 + GRAIN_SUPER / 4 / (n_per_row / QK); /* the searches cost ~4x the plain ones */
+  return zp_parallel_spans(threads, n_rows, grain, weighted_rows, &j, why);
 }

@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "parallel.h"
+#include "weighted.h"
 #include "zeropoint.h"
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
@@ -410,6 +411,76 @@ int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int
   return -1;
 }
 
+/* ---- weighted (llama-quantize --imatrix): quantize_q4_0 .. quantize_q5_1 given importance ----
+ * Each block's scale is searched under weights importance * sqrt(sigma2 + x^2), sigma2 the mean
+ * x^2 of the whole row: the _0 types by weighted_signed_search, the _1 types by weighted_min_search (weighted.h).
+ * Q8_0 ignores the importance, as ggml's quantize_q8_0 does. */
+
+typedef struct {
+  int type;
+  const float *x, *importance; /* x: rows of n_per_row; importance: n_per_row */
+  int64_t n_per_row;
+  uint8_t *y;
+} weighted_job;
+
+/* One row -> its blocks; returns -1, or the first block of the row it cannot store (*why 1:
+ * NaN or inf, 2: d or m overflows fp16). */
+static int64_t weighted_row(int type, const float *x, int64_t n_per_row, const float *qw,
+                            uint8_t *y, int *why) {
+  const int64_t nb = n_per_row / QB, size = zp_type_bytes(type);
+  for (int64_t b = 0; b < nb; b++)
+    if (non_finite(x + QB * b, QB)) return *why = 1, b;
+  float sum_x2 = 0;
+  for (int64_t j = 0; j < n_per_row; j++) sum_x2 += x[j] * x[j];
+  const float sigma2 = sum_x2 / (float)n_per_row;
+  const int has_min = type == ZP_Q4_1 || type == ZP_Q5_1, five = type == ZP_Q5_0 || type == ZP_Q5_1;
+  for (int64_t b = 0; b < nb; b++) {
+    const float *xb = x + QB * b, *wb = qw + QB * b;
+    uint8_t *yb = y + size * b;
+    float w[QB], scale, neg_min = 0;
+    int32_t c[QB];
+    for (int j = 0; j < QB; j++) w[j] = wb[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+    if (has_min) {
+      uint8_t L[QB];
+      scale = weighted_min_search(QB, five ? 31 : 15, xb, w, L, &neg_min);
+      for (int j = 0; j < QB; j++) c[j] = L[j];
+    } else {
+      int8_t L[QB];
+      scale = weighted_signed_search(QB, five ? 16 : 8, xb, w, L);
+      for (int j = 0; j < QB; j++) c[j] = L[j];
+    }
+    uint16_t hd = half_bits(scale), hm = half_bits(-neg_min);
+    if (!half_finite(hd) || (has_min && !half_finite(hm))) return *why = 2, b;
+    int col = 2;
+    memcpy(yb, &hd, 2);
+    if (has_min) memcpy(yb + 2, &hm, 2), col = 4;
+    if (five) pack_high_bits(c, yb + col), col += 4;
+    pack_nibbles(c, yb + col);
+  }
+  return -1;
+}
+
+static int64_t weighted_rows(void *ctx, int64_t begin, int64_t end, int *why) {
+  const weighted_job *j = ctx;
+  const int64_t nb = j->n_per_row / QB, size = zp_type_bytes(j->type);
+  for (int64_t r = begin; r < end; r++) {
+    int64_t b = weighted_row(j->type, j->x + j->n_per_row * r, j->n_per_row, j->importance,
+                             j->y + size * nb * r, why);
+    if (b >= 0) return nb * r + b;
+  }
+  return -1;
+}
+
+int64_t zp_quantize_legacy_weighted(int type, const float *x, int64_t n_rows, int64_t n_per_row,
+                                    const float *importance, uint8_t *y, int *why, int threads) {
+  if (!is_legacy(type) || n_per_row % QB) return -2;
+  if (type == ZP_Q8_0) return zp_quantize_legacy(type, x, n_rows * (n_per_row / QB), y, why,
+                                                 threads);
+  weighted_job j = {type, x, importance, n_per_row, y};
+  int64_t grain = 1 + (GRAIN_BLOCKS * QB) / (8 * n_per_row); /* the search costs ~8x a plain block */
+  return zp_parallel_spans(threads, n_rows, grain, weighted_rows, &j, why);
+}
+
 #else /* no half floats: the torch code does the work */
 
 int64_t zp_quantize_legacy(int type, const float *x, int64_t n_blocks, uint8_t *y, int *why,
@@ -424,6 +495,12 @@ int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, float *x,
 int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int64_t n_blocks,
                              uint8_t *y, int *why) {
   (void)src_type, (void)src, (void)dst_type, (void)n_blocks, (void)y, (void)why;
+  return -2;
+}
+int64_t zp_quantize_legacy_weighted(int type, const float *x, int64_t n_rows, int64_t n_per_row,
+                                    const float *importance, uint8_t *y, int *why, int threads) {
+  (void)type, (void)x, (void)n_rows, (void)n_per_row, (void)importance, (void)y, (void)why;
+  (void)threads;
   return -2;
 }
 

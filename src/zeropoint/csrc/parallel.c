@@ -64,3 +64,33 @@ int64_t zp_parallel_blocks(int threads, int64_t grain, zp_block_fn fn, int type,
   *why = (int)(j.failure % 4);
   return j.failure / 4;
 }
+
+typedef struct {
+  zp_span_fn fn;
+  void *ctx;
+  int64_t failure; /* atomic: lowest position * 4 + why seen, or INT64_MAX */
+} spans_job;
+
+static void record_failure(int64_t *slot, int64_t failure) {
+  int64_t seen = __atomic_load_n(slot, __ATOMIC_RELAXED);
+  while (failure < seen &&
+         !__atomic_compare_exchange_n(slot, &seen, failure, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+    ;
+}
+
+static void spans_range(void *ctx, int64_t begin, int64_t end, int thread) {
+  (void)thread;
+  spans_job *j = ctx;
+  int why = 0;
+  const int64_t i = j->fn(j->ctx, begin, end, &why);
+  if (i >= 0) record_failure(&j->failure, i * 4 + why);
+}
+
+int64_t zp_parallel_spans(int threads, int64_t n, int64_t grain, zp_span_fn fn, void *ctx,
+                          int *why) {
+  spans_job j = {fn, ctx, INT64_MAX};
+  zp_parallel(threads, n, grain, spans_range, &j);
+  if (j.failure == INT64_MAX) return -1;
+  *why = (int)(j.failure % 4);
+  return j.failure / 4;
+}

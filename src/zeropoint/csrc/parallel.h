@@ -27,4 +27,13 @@ typedef int64_t (*zp_block_fn)(int type, const float *x, int64_t n, uint8_t *y, 
 int64_t zp_parallel_blocks(int threads, int64_t grain, zp_block_fn fn, int type, const float *x,
                            int64_t in_floats, uint8_t *y, int64_t out_bytes, int64_t n, int *why);
 
+/* A serial worker over items [begin, end) of ctx: returns the first position it cannot store
+ * (in the caller's numbering, increasing with the items; *why > 0) or -1. */
+typedef int64_t (*zp_span_fn)(void *ctx, int64_t begin, int64_t end, int *why);
+
+/* fn over n items in ranges of `grain` on up to `threads` threads; returns the lowest failing
+ * position over all ranges, with its *why (1..3), or -1. */
+int64_t zp_parallel_spans(int threads, int64_t n, int64_t grain, zp_span_fn fn, void *ctx,
+                          int *why);
+
 #endif

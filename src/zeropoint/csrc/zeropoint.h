@@ -68,6 +68,10 @@ ZP_API void zp_unpack(const uint8_t *data, int64_t n, int bits, uint8_t *codes);
 
 ZP_API int64_t zp_quantize_kquant(int type, const float *x, int64_t n_super, uint8_t *y, int *why,
                                   int threads);
+/* llama-quantize --imatrix: n_rows rows of n_per_row values, importance[n_per_row] per column. */
+ZP_API int64_t zp_quantize_kquant_weighted(int type, const float *x, int64_t n_rows,
+                                           int64_t n_per_row, const float *importance, uint8_t *y,
+                                           int *why, int threads);
 
 /* ---- legacy.c: ggml's legacy 32-value blocks ---- */
 
@@ -78,6 +82,11 @@ ZP_API int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, fl
                                 int threads);
 ZP_API int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type,
                                     int64_t n_blocks, uint8_t *y, int *why);
+/* llama-quantize --imatrix: n_rows rows of n_per_row values, importance[n_per_row] per column
+ * (Q8_0 ignores it, as ggml does). */
+ZP_API int64_t zp_quantize_legacy_weighted(int type, const float *x, int64_t n_rows,
+                                           int64_t n_per_row, const float *importance, uint8_t *y,
+                                           int *why, int threads);
 
 /* ---- iquants.c: ggml's i-quants (IQ1_S .. IQ4_XS) ---- */
 

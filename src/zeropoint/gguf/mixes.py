@@ -283,9 +283,12 @@ def plan_types(
     tensors: Iterable[tuple[str, str, tuple[int, ...]]],
     target: Target | str,
     params: ModelParams,
+    *,
+    has_imatrix: bool = False,
 ) -> Plan:
     """(name, source type, shape) of every tensor -> the Plan: each tensor's type, in llama.cpp's
-    order, with the fallbacks it takes."""
+    order, with the fallbacks it takes. `has_imatrix`: an importance matrix is given, which
+    changes some rules (llama.cpp's qs.has_imatrix)."""
     target = parse_target(target) if isinstance(target, str) else target
     if params.n_expert > 1:
         raise ValueError(f"mixture-of-experts models ({params.n_expert} experts) are not "
@@ -313,7 +316,7 @@ def plan_types(
         if manual is not None:
             new = manual
         elif target.mix is not None and is_quantized(new):
-            new = _mix_rule(target.mix, new, name, shape, state, params)
+            new = _mix_rule(target.mix, new, name, shape, state, params, has_imatrix)
         wanted = new
         if is_quantized(new):
             new = fallback_type(shape[-1], new)
@@ -333,8 +336,9 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelParams) -> str:
-    """llama_tensor_get_type_impl for the mixes in MIXES, dense models, no importance matrix."""
+def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelParams,
+              has_imatrix: bool = False) -> str:
+    """llama_tensor_get_type_impl for the mixes in MIXES, dense models."""
     cat = _category(name)
     if cat == "output" or (st.tied and cat == "token_embd"):
         if shape[-1] % ggml_type(new).block_size:
@@ -372,6 +376,9 @@ def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelPara
             new = "Q6_K"
         elif mix == "Q4_K_S" and i < n // 8:
             new = "Q5_K"
+        elif mix in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
+            # llama.cpp guards the first ffn_down layers of weighted Q4_0/Q5_0 with a min
+            new = "Q4_1" if mix == "Q4_0" else "Q5_1"
         st.i_ffn_down += 1
     elif cat == "attn_output":
         new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, new)

@@ -32,6 +32,7 @@ from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
+from .weighted import IGNORES_IMPORTANCE, check_importance, weighted_encoder
 from .writer import TensorData, write_gguf
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
@@ -44,6 +45,9 @@ _TRANSCODE_VALUES = 1 << 20  # values per step when no float32 rows are made (at
 # float32 rows (rows, n), ggml type, tensor name -> flat uint8 bytes (`quantize_tensor` is the
 # default)
 Encoder = Callable[[torch.Tensor, str, str], np.ndarray]
+# GGUF tensor name -> its importance (float32, one per column) or None: an importance matrix's
+# lookup, e.g. gguf.imatrix.ImportanceMatrix.importance
+Importance = Callable[[str], "np.ndarray | None"]
 
 
 @dataclass
@@ -261,9 +265,13 @@ def write_quantized(
     progress: bool = False,
     threads: int | None = None,
     encoder: Encoder | None = None,
+    importance: Importance | None = None,
 ) -> QuantizeReport:
     """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
     `encoder`: see `convert` (a tensor already in its chosen type is copied as it is).
+    `importance`: quantize as llama-quantize --imatrix does (see gguf.weighted): each tensor
+    with an entry is weighted by it, one without is quantized plainly, and the mixes take
+    llama.cpp's imatrix rules.
 
     `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
     which also stores it at its place in the file. One tensor per thread beats torch's intra-op
@@ -276,15 +284,23 @@ def write_quantized(
     by_name = {s.name: s for s in sources}
     if len(by_name) != len(sources):
         raise ValueError("duplicate tensor names in the source")
-    plan = plan_types([(s.name, s.type, s.shape) for s in sources], target, params)
+    if importance is not None and encoder is not None:
+        raise ValueError("an importance matrix and a custom encoder cannot be combined")
+    plan = plan_types([(s.name, s.type, s.shape) for s in sources], target, params,
+                      has_imatrix=importance is not None)
     check_writable(plan)
+    encoders = {}  # a weighted encoder for each tensor the importance changes
+    for c in plan.choices:
+        imp = None if c.copied else tensor_importance(importance, c.name, c.shape)
+        if imp is not None and c.type not in IGNORES_IMPORTANCE:
+            encoders[c.name] = weighted_encoder(imp)
 
     def produce(choice) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
         src = by_name[choice.name]
         if choice.copied:
             return src.read
         return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name,
-                               encoder)
+                               encoders.get(choice.name, encoder))
 
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
@@ -311,6 +327,23 @@ def _torch_threads(n: int):
         torch.set_num_threads(saved)
 
 
+def tensor_importance(importance: Importance | None, name: str,
+                      shape: Sequence[int]) -> np.ndarray | None:
+    """The importance llama-quantize uses for tensor `name`: its entry, flattened; None without
+    one. An entry of another length is an error (llama.cpp's), except for token_embd, which
+    llama.cpp then quantizes plainly."""
+    imp = None if importance is None else importance(name)
+    if imp is None:
+        return None
+    imp = np.asarray(imp, dtype=np.float32).reshape(-1)
+    if imp.size != shape[-1]:
+        if name == "token_embd.weight":
+            return None
+        raise ValueError(f"{name}: the importance matrix has {imp.size} values for rows of "
+                         f"{shape[-1]}; was it made for this model?")
+    return check_importance(imp, shape[-1], name)
+
+
 def gguf_sources(src: GGUFFile) -> list[SourceTensor]:
     return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t))) for t in src.tensors]
 
@@ -322,17 +355,19 @@ def requantize(
     *,
     progress: bool = False,
     encoder: Encoder | None = None,
+    importance: Importance | None = None,
 ) -> QuantizeReport:
     """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes);
-    `encoder` as for `convert`."""
+    `encoder` as for `convert`, `importance` as for `write_quantized`."""
     source = src if isinstance(src, GGUFFile) else read_gguf(src)
     if Path(out).resolve() == source.path.resolve():
         raise ValueError(f"output {str(out)!r} is the input file; write to another path")
     return write_quantized(gguf_sources(source), source.metadata, target, out,
-                           source_name=str(source.path), progress=progress, encoder=encoder)
+                           source_name=str(source.path), progress=progress, encoder=encoder,
+                           importance=importance)
 
 
 __all__ = [
-    "QuantizeReport", "SourceTensor", "convert", "dequantize_tensor", "gguf_sources",
-    "output_metadata", "quantize_tensor", "requantize", "write_quantized",
+    "Importance", "QuantizeReport", "SourceTensor", "convert", "dequantize_tensor", "gguf_sources",
+    "output_metadata", "quantize_tensor", "requantize", "tensor_importance", "write_quantized",
 ]

@@ -1,0 +1,112 @@
+"""Importance-weighted quantization: llama-quantize --imatrix, byte for byte.
+
+Given the importance of each input column of a weight matrix (the mean of x^2 over calibration
+tokens, `gguf.imatrix.ImportanceMatrix.importance(name)`), llama.cpp chooses every block's scale
+to minimise the importance-weighted squared error instead of the plain max-based scale. The
+searches are ggml-quants.c's `quantize_q4_0` .. `quantize_q6_K` with `quant_weights`; the C
+kernels (csrc/weighted.h, legacy.c, kquants.c) run them with the same float32 arithmetic.
+
+What llama.cpp does with an importance vector, per type (the facts the tests hold to):
+- Q4_0, Q5_0: block scale by a weighted signed search, weights importance * sqrt(sigma2 + x^2),
+  sigma2 = mean x^2 of the row. Q4_1, Q5_1: scale and min by a weighted least-squares search,
+  same weights.
+- Q2_K, Q3_K, Q4_K, Q5_K: sub-block searches under importance * sqrt(sigma2 + x^2) (sigma2 of
+  the super-block; twice that for Q3_K .. Q5_K), then the sub-block scales themselves encoded by
+  a search weighted by each sub-block's total weight. Q6_K: sub-block searches weighted by the
+  importance alone, then the plain Q6_K encoding.
+- Q8_0, F16, BF16, F32: the importance is not read.
+So with a uniform importance (all ones) only Q8_0 and the float types give the unweighted
+bytes; every other type above takes a different search than its unweighted reference
+(`quantize_row_*_ref`), and its bytes differ.
+
+Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from zeropoint import ckernels
+
+from .types import TYPES
+
+LEGACY_WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
+K_WEIGHTED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+WEIGHTED_TYPES = LEGACY_WEIGHTED + K_WEIGHTED
+"""Types whose bytes depend on the importance."""
+IGNORES_IMPORTANCE = ("Q8_0", "F16", "BF16", "F32")
+"""Types llama.cpp quantizes the same with or without an importance matrix."""
+
+_NOT_FINITE = 1  # the kernels' reasons for refusing a block: 1 NaN or inf, 2 fp16 overflow
+
+
+def check_importance(importance, n_per_row: int, name: str = "tensor") -> np.ndarray:
+    """`importance` as a contiguous float32 (n_per_row,) vector, or ValueError saying what is
+    wrong: another length (llama-quantize refuses that too), or a value that is not finite."""
+    imp = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
+    if imp.size != n_per_row:
+        raise ValueError(f"{name}: the importance matrix has {imp.size} values for rows of "
+                         f"{n_per_row}; it must have one per column (was it made for this model?)")
+    if not np.isfinite(imp).all():
+        raise ValueError(f"{name}: the importance matrix holds NaN or inf")
+    return imp
+
+
+def _library():
+    lib = ckernels.library()
+    if lib is None or not lib.zp_legacy_available():
+        raise ValueError("weighted quantization (an importance matrix) needs zeropoint's C "
+                         "kernels, which are disabled or could not be built here")
+    return lib
+
+
+def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.ndarray:
+    """float32 rows (rows, n) -> (rows, row bytes) uint8 of `qtype`, quantized as
+    llama-quantize does with `importance` (n,) for this tensor. Types that ignore the
+    importance (IGNORES_IMPORTANCE) are quantized plainly."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{name}: weighted quantization takes rows (rows, n), got shape {x.shape}")
+    rows, n = x.shape
+    if qtype in IGNORES_IMPORTANCE:
+        from .requantize import quantize_tensor
+
+        return quantize_tensor(x, qtype, name).reshape(rows, -1)
+    if qtype not in WEIGHTED_TYPES:
+        raise ValueError(f"{name}: no weighted quantizer for {qtype}; weighted types: "
+                         f"{', '.join(WEIGHTED_TYPES)} (and {', '.join(IGNORES_IMPORTANCE)}, "
+                         "which ignore the importance)")
+    gtype = TYPES[qtype]
+    if n % gtype.block_size:
+        raise ValueError(f"{name}: rows of {n} values do not tile into {qtype}'s blocks of "
+                         f"{gtype.block_size}")
+    imp = check_importance(importance, n, name)
+    lib = _library()
+    out = np.empty((rows, n // gtype.block_size * gtype.type_size), np.uint8)
+    fn = lib.zp_quantize_kquant_weighted if qtype in K_WEIGHTED else lib.zp_quantize_legacy_weighted
+    why = ctypes.c_int(0)
+    first = fn(gtype.id, x.ctypes.data, rows, n, imp.ctypes.data, out.ctypes.data,
+               ctypes.byref(why), ckernels.threads(x.size))
+    if first == -2:
+        raise ValueError(f"the C kernels have no weighted quantizer for {qtype}")
+    if first >= 0:
+        if why.value == _NOT_FINITE:
+            raise ValueError(f"{name}: x must be finite; block {first} holds NaN or inf")
+        block = x.reshape(-1, gtype.block_size)[first]
+        raise ValueError(f"{name}: {qtype} block {first}: its scale or minimum overflows "
+                         f"float16 (largest |x| {float(np.abs(block).max()):.4g}); ggml cannot "
+                         "store it")
+    return out
+
+
+def weighted_encoder(importance):
+    """An Encoder (see requantize.convert) for one tensor: its rows quantized under
+    `importance` (n,)."""
+    def encode(x, qtype: str, name: str) -> np.ndarray:
+        return quantize_weighted(x, qtype, importance, name).reshape(-1)
+    return encode
+
+
+__all__ = ["IGNORES_IMPORTANCE", "K_WEIGHTED", "LEGACY_WEIGHTED", "WEIGHTED_TYPES",
+           "check_importance", "quantize_weighted", "weighted_encoder"]
