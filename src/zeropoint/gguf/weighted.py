@@ -29,6 +29,8 @@ import numpy as np
 
 from zeropoint import ckernels
 
+from .iquants import IQ_TYPES
+from .iquants import quantize as quantize_iq
 from .types import TYPES
 
 LEGACY_WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -73,6 +75,8 @@ def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.nda
         from .requantize import quantize_tensor
 
         return quantize_tensor(x, qtype, name).reshape(rows, -1)
+    if qtype in IQ_TYPES:  # the i-quants' searches take the importance too
+        return quantize_iq(x, qtype, check_importance(importance, n, name), name)
     if qtype not in WEIGHTED_TYPES:
         raise ValueError(f"{name}: no weighted quantizer for {qtype}; weighted types: "
                          f"{', '.join(WEIGHTED_TYPES)} (and {', '.join(IGNORES_IMPORTANCE)}, "
