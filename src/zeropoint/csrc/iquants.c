@@ -66,6 +66,8 @@ typedef struct {
   int dim, bits, n_points, nwant, n_keys, n_levels;
   int8_t level_value[MAX_LEVELS]; /* what dequantization multiplies: the codebook's own bytes */
   int8_t *coord;                  /* (n_points, dim): 2l+1 */
+  uint8_t *level;                 /* (n_points, dim): l */
+  uint16_t *point_key;            /* (n_points,): each point's key, its levels packed */
   int32_t *map;                   /* (n_keys,) */
   uint16_t *neighbours;
 } lattice;
@@ -95,8 +97,8 @@ static int lattice_nwant(int index) {
 }
 
 static void lattice_free(lattice *g) {
-  free(g->coord), free(g->map), free(g->neighbours);
-  g->coord = NULL, g->map = NULL, g->neighbours = NULL;
+  free(g->coord), free(g->level), free(g->point_key), free(g->map), free(g->neighbours);
+  g->coord = NULL, g->level = NULL, g->point_key = NULL, g->map = NULL, g->neighbours = NULL;
 }
 
 static int point_key(const lattice *g, const int8_t *coord) {
@@ -172,18 +174,22 @@ int zp_iq_set_grid(int type, const uint8_t *levels, int n_points, const int8_t *
   g->n_keys = dim == 4 ? 1 << 12 : 0xAAAA + 1;
   memcpy(g->level_value, level_values, n_levels);
   g->coord = malloc((size_t)n_points * dim);
+  g->level = malloc((size_t)n_points * dim);
+  g->point_key = malloc(n_points * sizeof(uint16_t));
   g->map = malloc(g->n_keys * sizeof(int32_t));
-  if (!g->coord || !g->map) goto fail;
+  if (!g->coord || !g->level || !g->point_key || !g->map) goto fail;
   for (int k = 0; k < g->n_keys; k++) g->map[k] = -1;
   for (int j = 0; j < n_points; j++) {
     for (int i = 0; i < dim; i++) {
       const int l = levels[j * dim + i];
       if (l >= n_levels || l >= (1 << g->bits)) goto bad;
       g->coord[j * dim + i] = (int8_t)(2 * l + 1);
+      g->level[j * dim + i] = (uint8_t)l;
     }
     const int key = point_key(g, g->coord + j * dim);
     if (key >= g->n_keys) goto bad;
     g->map[key] = j;
+    g->point_key[j] = (uint16_t)key;
   }
   if (build_neighbours(g)) goto fail;
   return 0;
@@ -195,24 +201,53 @@ fail:
   return -3;
 }
 
+/* The index of the smallest of a neighbour list's weighted distances, sum_i term[i][level_i]
+ * in coordinate order; ties keep the first listed. Each term is the float the reference
+ * computes inside its loop, w_i * (scale q - x_i)^2, made once per (coordinate, level) instead
+ * of once per neighbour: the same values summed in the same order, so the same sums. */
+static int nearest_listed(const lattice *g, const uint16_t *list, const float *term) {
+  const int dim = g->dim, bits = g->bits, mask = (1 << bits) - 1;
+  float best_d2 = FLT_MAX;
+  int best = -1;
+  for (int n = 1; n <= list[0]; n++) {
+    const unsigned key = g->point_key[list[n]]; /* one load for all its levels */
+    float d2 = 0;
+    for (int i = 0; i < dim; i++) d2 += term[i * MAX_LEVELS + ((key >> bits * i) & mask)];
+    if (d2 < best_d2) best_d2 = d2, best = list[n];
+  }
+  return best;
+}
+
 /* The codebook point among key's neighbours nearest to scale * point (weighted), its levels
- * written to L; ties keep the first listed. */
+ * written to L. */
 static int best_neighbour(const lattice *g, int key, const float *xval, const float *weight,
                           float scale, int8_t *L) {
   const uint16_t *list = g->neighbours - g->map[key] - 1;
-  float best_d2 = FLT_MAX;
-  int best = list[1];
-  for (int n = 1; n <= list[0]; n++) {
-    const int8_t *pg = g->coord + list[n] * g->dim;
-    float d2 = 0;
-    for (int i = 0; i < g->dim; i++) {
-      const float diff = scale * (float)pg[i] - xval[i];
-      d2 += weight[i] * diff * diff;
+  int best = -1;
+  if (list[0] <= g->n_levels) { /* a short list: the terms are cheaper made where used */
+    float best_d2 = FLT_MAX;
+    for (int n = 1; n <= list[0]; n++) {
+      const int8_t *pg = g->coord + list[n] * g->dim;
+      float d2 = 0;
+      for (int i = 0; i < g->dim; i++) {
+        const float diff = scale * (float)pg[i] - xval[i];
+        d2 += weight[i] * diff * diff;
+      }
+      if (d2 < best_d2) best_d2 = d2, best = list[n];
     }
-    if (d2 < best_d2) best_d2 = d2, best = list[n];
+  } else {
+    float term[8 * MAX_LEVELS];
+    for (int i = 0; i < g->dim; i++) {
+      for (int l = 0; l < g->n_levels; l++) {
+        const float diff = scale * (float)(2 * l + 1) - xval[i];
+        term[i * MAX_LEVELS + l] = weight[i] * diff * diff;
+      }
+    }
+    best = nearest_listed(g, list, term);
   }
-  const int8_t *pg = g->coord + best * g->dim;
-  for (int i = 0; i < g->dim; i++) L[i] = (int8_t)((pg[i] - 1) / 2);
+  if (best < 0) best = list[1]; /* every distance overflowed: the reference's first */
+  const uint8_t *lv = g->level + best * g->dim;
+  for (int i = 0; i < g->dim; i++) L[i] = (int8_t)lv[i];
   return best;
 }
 
@@ -324,11 +359,21 @@ typedef struct {
   float d_fudge;          /* the super-block scale is stored times this */
 } lattice_params;
 
-static const lattice_params P_IQ2_XXS = {32, 3, 6, 0.1f, 1, 1e-15f, 1, 0, 1, 1, 1, 1.0f};
-static const lattice_params P_IQ2_XS = {16, 3, 9, 0.1f, 1, 1e-15f, 1, 0, 1, 0, 0, 1.0f};
-static const lattice_params P_IQ2_S = {16, 3, 9, 0.1f, 2, 1e-8f, 0, 1, 1, 0, 0, 0.9875f};
-static const lattice_params P_IQ3_XXS = {32, 8, 15, 0.2f, 2, 1e-8f, 1, 0, 1, 0, 0, 1.0125f};
-static const lattice_params P_IQ3_S = {32, 8, 9, 0.2f, 2, 0.0f, 0, 0, 0, 1, 0, 1.033f};
+static const lattice_params P_IQ2_XXS = {
+    .block = 32, .kmax = 3, .steps = 6, .step = 0.1f, .sigma_factor = 1, .eps = 1e-15f,
+    .even_signs = 1, .start_on_grid = 1, .refine_all = 1, .qp_start = 1, .d_fudge = 1.0f};
+static const lattice_params P_IQ2_XS = {
+    .block = 16, .kmax = 3, .steps = 9, .step = 0.1f, .sigma_factor = 1, .eps = 1e-15f,
+    .even_signs = 1, .start_on_grid = 1, .d_fudge = 1.0f};
+static const lattice_params P_IQ2_S = {
+    .block = 16, .kmax = 3, .steps = 9, .step = 0.1f, .sigma_factor = 2, .eps = 1e-8f,
+    .plain_weight_sigma = 1, .start_on_grid = 1, .d_fudge = 0.9875f};
+static const lattice_params P_IQ3_XXS = {
+    .block = 32, .kmax = 8, .steps = 15, .step = 0.2f, .sigma_factor = 2, .eps = 1e-8f,
+    .even_signs = 1, .start_on_grid = 1, .d_fudge = 1.0125f};
+static const lattice_params P_IQ3_S = {
+    .block = 32, .kmax = 8, .steps = 9, .step = 0.2f, .sigma_factor = 2, .eps = 0.0f,
+    .refine_all = 1, .d_fudge = 1.033f};
 
 /* One block: its scale (>= 0), its codebook points (`index`, one per group) and its signs (a
  * byte per 8 values). */
@@ -502,28 +547,25 @@ static int by_value(const void *a, const void *b) {
   return l < r ? -1 : l > r ? 1 : 0;
 }
 
-/* The codebook point among key's neighbours nearest to scale * xx[level] (weighted); none is
- * found only for a NaN, when the reference's full scan (kept, with its index slip) decides. */
+/* The codebook point among key's neighbours nearest to scale * xx[level] (weighted). None is
+ * found only when every distance overflows; then the whole codebook is searched. */
 static int iq1_neighbour(const lattice *g, int key, const float *xval, const float *weight,
                          float scale, const float *xx, int8_t *L) {
-  const uint16_t *list = g->neighbours - g->map[key] - 1;
-  float best_d2 = FLT_MAX;
-  int best = -1;
-  for (int n = 1; n <= list[0]; n++) {
-    const int8_t *pg = g->coord + list[n] * 8;
-    float d2 = 0;
-    for (int i = 0; i < 8; i++) {
-      const float diff = scale * xx[(pg[i] - 1) / 2] - xval[i];
-      d2 += weight[i] * diff * diff;
+  float term[8 * MAX_LEVELS];
+  for (int i = 0; i < 8; i++) {
+    for (int l = 0; l < 3; l++) {
+      const float diff = scale * xx[l] - xval[i];
+      term[i * MAX_LEVELS + l] = weight[i] * diff * diff;
     }
-    if (d2 < best_d2) best_d2 = d2, best = list[n];
   }
+  float best_d2 = FLT_MAX;
+  int best = nearest_listed(g, g->neighbours - g->map[key] - 1, term);
   if (best < 0) {
     for (int j = 0; j < g->n_points; j++) {
       const int8_t *pg = g->coord + j * 8;
       float d2 = 0;
       for (int i = 0; i < 8; i++) {
-        const float diff = scale * xx[(pg[i] - 1) / 2] - xval[j < 8 ? j : 0];
+        const float diff = scale * xx[(pg[i] - 1) / 2] - xval[i];
         d2 += weight[i] * diff * diff;
       }
       if (d2 < best_d2) best_d2 = d2, best = j;
