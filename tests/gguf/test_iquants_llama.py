@@ -132,3 +132,23 @@ def test_iquant_bytes_are_llama_quantizes(model, qtype, llama_tools, tmp_path):
     assert qtype in {t.type for t in ours.tensors}  # ffn_down's rows tile into 256 on both
     for a, b in zip(theirs.tensors, ours.tensors):
         assert np.array_equal(theirs.raw(a), ours.raw(b)), f"{a.name} ({a.type}) differs"
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ3_XXS", "IQ2_S", "IQ1_M"])
+def test_requantizing_an_i_quant_file_is_llama_quantizes(model, qtype, llama_tools, tmp_path):
+    """A file of i-quants read back (dequantized) and written as Q8_0: llama-quantize's bytes,
+    so zeropoint reads the i-quants as llama.cpp does."""
+    path, imatrix = model
+    small = cut_down(path, tmp_path / "small.gguf")
+    iq, theirs_path, ours_path = (tmp_path / f"{n}.gguf" for n in ("iq", "theirs", "ours"))
+    _run(llama_tools, "--allow-requantize", "--pure", "--imatrix", imatrix, small, iq,
+         FILE_TYPE[qtype], 2)
+    _run(llama_tools, "--allow-requantize", "--pure", iq, theirs_path, "Q8_0", 2)
+    recipe = tmp_path / "pure.json"
+    recipe.write_text('{"default": "Q8_0", "pure": true}')
+    requantize(iq, ours_path, str(recipe))
+    theirs, ours = read_gguf(theirs_path), read_gguf(ours_path)
+    assert qtype in {t.type for t in read_gguf(iq).tensors}
+    assert [(t.name, t.type) for t in ours.tensors] == [(t.name, t.type) for t in theirs.tensors]
+    for a, b in zip(theirs.tensors, ours.tensors):
+        assert np.array_equal(theirs.raw(a), ours.raw(b)), f"{a.name} ({a.type}) differs"
