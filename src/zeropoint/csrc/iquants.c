@@ -33,6 +33,8 @@
 #include "zeropoint.h"
 
 #define QK ZP_QK_K
+/* Inlined where dim is a constant, so that the loops over a group's coordinates unroll. */
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define MAX_LEVELS 8
 
 /* ggml's nearest_int: round half to even by the magic add. */
@@ -205,8 +207,9 @@ fail:
  * in coordinate order; ties keep the first listed. Each term is the float the reference
  * computes inside its loop, w_i * (scale q - x_i)^2, made once per (coordinate, level) instead
  * of once per neighbour: the same values summed in the same order, so the same sums. */
-static int nearest_listed(const lattice *g, const uint16_t *list, const float *term) {
-  const int dim = g->dim, bits = g->bits, mask = (1 << bits) - 1;
+ALWAYS_INLINE int nearest_listed(const lattice *g, const uint16_t *list, const float *term,
+                                int dim) {
+  const int bits = dim == 8 ? 2 : 3, mask = (1 << bits) - 1;
   float best_d2 = FLT_MAX;
   int best = -1;
   for (int n = 1; n <= list[0]; n++) {
@@ -220,16 +223,16 @@ static int nearest_listed(const lattice *g, const uint16_t *list, const float *t
 
 /* The codebook point among key's neighbours nearest to scale * point (weighted), its levels
  * written to L. */
-static int best_neighbour(const lattice *g, int key, const float *xval, const float *weight,
-                          float scale, int8_t *L) {
+ALWAYS_INLINE int best_neighbour(const lattice *g, int key, const float *xval,
+                                const float *weight, float scale, int8_t *L, int dim) {
   const uint16_t *list = g->neighbours - g->map[key] - 1;
   int best = -1;
   if (list[0] <= g->n_levels) { /* a short list: the terms are cheaper made where used */
     float best_d2 = FLT_MAX;
     for (int n = 1; n <= list[0]; n++) {
-      const int8_t *pg = g->coord + list[n] * g->dim;
+      const int8_t *pg = g->coord + list[n] * dim;
       float d2 = 0;
-      for (int i = 0; i < g->dim; i++) {
+      for (int i = 0; i < dim; i++) {
         const float diff = scale * (float)pg[i] - xval[i];
         d2 += weight[i] * diff * diff;
       }
@@ -237,38 +240,40 @@ static int best_neighbour(const lattice *g, int key, const float *xval, const fl
     }
   } else {
     float term[8 * MAX_LEVELS];
-    for (int i = 0; i < g->dim; i++) {
+    for (int i = 0; i < dim; i++) {
       for (int l = 0; l < g->n_levels; l++) {
         const float diff = scale * (float)(2 * l + 1) - xval[i];
         term[i * MAX_LEVELS + l] = weight[i] * diff * diff;
       }
     }
-    best = nearest_listed(g, list, term);
+    best = nearest_listed(g, list, term, dim);
   }
   if (best < 0) best = list[1]; /* every distance overflowed: the reference's first */
-  const uint8_t *lv = g->level + best * g->dim;
-  for (int i = 0; i < g->dim; i++) L[i] = (int8_t)lv[i];
+  const uint8_t *lv = g->level + best * dim;
+  for (int i = 0; i < dim; i++) L[i] = (int8_t)lv[i];
   return best;
 }
 
 /* Round xval / scale to levels 0..kmax-1 in each group of L's block, then onto the codebook
  * (exact when the rounding is a codebook point; else its best neighbour). Returns a bit per group
  * that was on the codebook, for the groups in `which` (a bit mask). */
-static uint32_t round_groups(const lattice *g, int n, int kmax, float id, float scale,
-                             const float *xval, const float *waux, int8_t *L, uint32_t which) {
+ALWAYS_INLINE uint32_t round_groups(const lattice *g, int dim, int n, int kmax, float id,
+                                   float scale, const float *xval, const float *waux, int8_t *L,
+                                   uint32_t which) {
+  const int bits = dim == 8 ? 2 : 3;
   uint32_t on_grid = 0;
-  for (int k = 0; k < n / g->dim; k++) {
+  for (int k = 0; k < n / dim; k++) {
     if (!(which >> k & 1)) continue;
     int key = 0;
-    for (int i = 0; i < g->dim; i++) {
-      const int l = clampi(nearest(0.5f * (id * xval[g->dim * k + i] - 1)), 0, kmax - 1);
-      L[g->dim * k + i] = (int8_t)l;
-      key |= l << g->bits * i;
+    for (int i = 0; i < dim; i++) {
+      const int l = clampi(nearest(0.5f * (id * xval[dim * k + i] - 1)), 0, kmax - 1);
+      L[dim * k + i] = (int8_t)l;
+      key |= l << bits * i;
     }
     if (g->map[key] >= 0) {
       on_grid |= 1u << k;
     } else {
-      best_neighbour(g, key, xval + g->dim * k, waux + g->dim * k, scale, L + g->dim * k);
+      best_neighbour(g, key, xval + dim * k, waux + dim * k, scale, L + dim * k, dim);
     }
   }
   return on_grid;
@@ -332,7 +337,9 @@ static float qp_scale(int n, int nmax, const float *x, uint8_t *L, const float *
         if (l != L[i]) {
           slx += w[i] * x[i] * (float)l;
           sl2 += w[i] * (float)l * (float)l;
-          if (slx * slx * suml2 > sumlx * sumlx * sl2) L[i] = (uint8_t)l, sumlx = slx, suml2 = sl2, changed++;
+          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+            L[i] = (uint8_t)l, sumlx = slx, suml2 = sl2, changed++;
+          }
         }
       }
     }
@@ -354,7 +361,7 @@ typedef struct {
                          important one */
   int plain_weight_sigma; /* without importance: weight = sigma2/4 + x^2 (IQ2_S), else x^2 */
   int start_on_grid;      /* the search's initial "every group on the codebook" (not IQ3_S) */
-  int refine_all;         /* the final rounding redoes every group, not only those off the codebook */
+  int refine_all;         /* the final rounding redoes every group, not only those off it */
   int qp_start;           /* IQ2_XXS: the search is centred on make_qp_quants' scale */
   float d_fudge;          /* the super-block scale is stored times this */
 } lattice_params;
@@ -377,9 +384,10 @@ static const lattice_params P_IQ3_S = {
 
 /* One block: its scale (>= 0), its codebook points (`index`, one per group) and its signs (a
  * byte per 8 values). */
-static float lattice_block(const lattice *g, const lattice_params *p, const float *xb,
-                           const float *qw, float sigma2, uint16_t *index, uint8_t *signs) {
-  const int n = p->block, groups = n / g->dim;
+ALWAYS_INLINE float lattice_block(const lattice *g, int dim, const lattice_params *p,
+                                  const float *xb, const float *qw, float sigma2,
+                                  uint16_t *index, uint8_t *signs) {
+  const int n = p->block, groups = n / dim, bits = dim == 8 ? 2 : 3;
   float weight[32], waux[32], xval[32];
   int8_t L[32], Laux[32];
   for (int i = 0; i < n; i++) {
@@ -438,7 +446,7 @@ static float lattice_block(const lattice *g, const lattice_params *p, const floa
   uint32_t on_grid = p->start_on_grid ? all : 0;
   for (int is = -p->steps; is <= p->steps; is++) {
     const float id = ((float)(2 * kmax - 1) + (float)is * p->step) / centre;
-    const uint32_t aux_on = round_groups(g, n, kmax, id, 1 / id, xval, waux, Laux, all);
+    const uint32_t aux_on = round_groups(g, dim, n, kmax, id, 1 / id, xval, waux, Laux, all);
     float sumqx, sumq2;
     odd_sums(n, weight, xval, Laux, &sumqx, &sumq2);
     if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
@@ -448,18 +456,21 @@ static float lattice_block(const lattice *g, const lattice_params *p, const floa
     }
   }
   if ((p->qp_start || on_grid != all) && scale > 0) {
-    round_groups(g, n, kmax, 1 / scale, scale, xval, waux, L, p->refine_all ? all : ~on_grid & all);
+    round_groups(g, dim, n, kmax, 1 / scale, scale, xval, waux, L,
+        p->refine_all ? all : ~on_grid & all);
     float sumqx, sumq2;
     odd_sums(n, weight, xval, L, &sumqx, &sumq2);
     if (sumq2 > 0) scale = sumqx / sumq2;
   }
   if (scale < 0) { /* never seen; the reference flips the signs to keep the scale unsigned */
     scale = -scale;
-    for (int k = 0; k < n / 8; k++) signs[k] = (uint8_t)(p->even_signs ? ~signs[k] & 127 : ~signs[k]);
+    for (int k = 0; k < n / 8; k++) {
+      signs[k] = (uint8_t)(p->even_signs ? ~signs[k] & 127 : ~signs[k]);
+    }
   }
   for (int k = 0; k < groups; k++) {
     int key = 0;
-    for (int i = 0; i < g->dim; i++) key |= L[g->dim * k + i] << g->bits * i;
+    for (int i = 0; i < dim; i++) key |= L[dim * k + i] << bits * i;
     index[k] = (uint16_t)g->map[key]; /* every L above is a codebook point */
   }
   return scale;
@@ -481,17 +492,22 @@ static void lattice_super(int type, const float *x, const float *qw, uint8_t *y)
   uint8_t signs[4];
   for (int ib = 0; ib < n_blocks; ib++) {
     const int at = ib * p->block;
-    const float s = lattice_block(g, p, x + at, qw ? qw + at : NULL, sigma2, index, signs);
+    const float *w = qw ? qw + at : NULL; /* dim as a constant: loops unroll */
+    const float s = g->dim == 8 ? lattice_block(g, 8, p, x + at, w, sigma2, index, signs)
+                                : lattice_block(g, 4, p, x + at, w, sigma2, index, signs);
     scales[ib] = s;
     max_scale = maxf(max_scale, s);
     uint8_t *q = y + 2;
     switch (type) {
       case ZP_IQ2_XXS:
-        put_u32(q + 8 * ib, index[0] | index[1] << 8 | (uint32_t)index[2] << 16 | (uint32_t)index[3] << 24);
-        put_u32(q + 8 * ib + 4, signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21);
+        put_u32(q + 8 * ib,
+            index[0] | index[1] << 8 | (uint32_t)index[2] << 16 | (uint32_t)index[3] << 24);
+        put_u32(q + 8 * ib + 4,
+            signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21);
         break;
       case ZP_IQ2_XS:
-        for (int k = 0; k < 2; k++) put_u16(q + 4 * ib + 2 * k, (uint16_t)(index[k] | signs[k] << 9));
+        for (int k = 0; k < 2; k++) put_u16(q + 4 * ib + 2 * k,
+            (uint16_t)(index[k] | signs[k] << 9));
         break;
       case ZP_IQ2_S:
         for (int k = 0; k < 2; k++) {
@@ -503,7 +519,8 @@ static void lattice_super(int type, const float *x, const float *qw, uint8_t *y)
         break;
       case ZP_IQ3_XXS:
         for (int k = 0; k < 8; k++) q[8 * ib + k] = (uint8_t)index[k];
-        put_u32(q + 64 + 4 * ib, signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21);
+        put_u32(q + 64 + 4 * ib,
+            signs[0] | signs[1] << 7 | signs[2] << 14 | (uint32_t)signs[3] << 21);
         break;
       default: /* IQ3_S: qs[64], qh[8], signs[32], scales[4] */
         for (int k = 0; k < 8; k++) {
@@ -559,7 +576,7 @@ static int iq1_neighbour(const lattice *g, int key, const float *xval, const flo
     }
   }
   float best_d2 = FLT_MAX;
-  int best = nearest_listed(g, g->neighbours - g->map[key] - 1, term);
+  int best = nearest_listed(g, g->neighbours - g->map[key] - 1, term, 8);
   if (best < 0) {
     for (int j = 0; j < g->n_points; j++) {
       const int8_t *pg = g->coord + j * 8;
@@ -618,7 +635,8 @@ static void iq1s_super(const lattice *g, const float *x, const float *qw, uint8_
           const float *v = m ? x_m : x_p;
           const float sumqx = (sumx[i1] - sumx[0]) * v[0] + (sumx[i2] - sumx[i1]) * v[1] +
                               (sumx[B] - sumx[i2]) * v[2];
-          const float sumq2 = (sumw[i1] - sumw[0]) * v[0] * v[0] + (sumw[i2] - sumw[i1]) * v[1] * v[1] +
+          const float sumq2 = (sumw[i1] - sumw[0]) * v[0] * v[0] +
+                              (sumw[i2] - sumw[i1]) * v[1] * v[1] +
                               (sumw[B] - sumw[i2]) * v[2] * v[2];
           if (sumq2 > 0 && sumqx * sumqx > best_score * sumq2) {
             scale = sumqx / sumq2, best_score = scale * sumqx;
@@ -728,8 +746,10 @@ static void iq1m_super(const lattice *g, const float *x, const float *qw, uint8_
           q2_m[h] = tws[h] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
         }
         /* k: the shifts of the two halves, 0 (+,+) 1 (+,-) 2 (-,+) 3 (-,-) */
-        const float sumqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1], qx_m[0] + qx_m[1]};
-        const float sumq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1], q2_m[0] + q2_m[1]};
+        const float sumqx[4] = {qx_p[0] + qx_p[1], qx_p[0] + qx_m[1], qx_m[0] + qx_p[1],
+            qx_m[0] + qx_m[1]};
+        const float sumq2[4] = {q2_p[0] + q2_p[1], q2_p[0] + q2_m[1], q2_m[0] + q2_p[1],
+            q2_m[0] + q2_m[1]};
         for (int k = 0; k < 4; k++) {
           if (sumq2[k] > 0 && sumqx[k] * sumqx[k] > best_score * sumq2[k]) {
             scale = sumqx[k] / sumq2[k], best_score = scale * sumqx[k];
@@ -851,7 +871,9 @@ static float iq4_block(const float *xb, const float *weight, uint8_t *L) {
 }
 
 static void iq4_weights(const float *xb, const float *qw, float sigma2, float *weight) {
-  for (int j = 0; j < 32; j++) weight[j] = qw ? qw[j] * sqrtf(sigma2 + xb[j] * xb[j]) : xb[j] * xb[j];
+  for (int j = 0; j < 32; j++) {
+    weight[j] = qw ? qw[j] * sqrtf(sigma2 + xb[j] * xb[j]) : xb[j] * xb[j];
+  }
 }
 
 static void pack_nibbles(const uint8_t *L, int n, uint8_t *q) {
@@ -894,7 +916,9 @@ static void iq4xs_super(const float *x, const float *qw, uint8_t *y) {
   for (int ib = 0; ib < 8; ib++) {
     int l = clampi(nearest(id * scales[ib]), -32, 31);
     const float dl = d * (float)l, idl = dl ? 1 / dl : 0.f;
-    for (int j = 0; j < 32; j++) L[32 * ib + j] = (uint8_t)nearest_level(iq4_values, idl * x[32 * ib + j]);
+    for (int j = 0; j < 32; j++) {
+      L[32 * ib + j] = (uint8_t)nearest_level(iq4_values, idl * x[32 * ib + j]);
+    }
     l += 32;
     y[4 + ib / 2] |= (uint8_t)((l & 0xf) << 4 * (ib % 2));
     scales_h |= (uint16_t)((l >> 4) << 2 * ib);
@@ -985,7 +1009,8 @@ static void dequantize_super(int type, const uint8_t *b, float *y) {
       const float d = get_half(b);
       for (int ib = 0; ib < 8; ib++, y += 32) {
         const uint8_t sc = b[66 + ib];
-        const float db[2] = {d * (0.5f + (float)(sc & 0xf)) * 0.25f, d * (0.5f + (float)(sc >> 4)) * 0.25f};
+        const float db[2] = {d * (0.5f + (float)(sc & 0xf)) * 0.25f,
+            d * (0.5f + (float)(sc >> 4)) * 0.25f};
         for (int l = 0; l < 4; l++) {
           const uint16_t q = get_u16(b + 2 + 8 * ib + 2 * l);
           const int8_t *pg = point(g, q & 511);
@@ -1000,10 +1025,12 @@ static void dequantize_super(int type, const uint8_t *b, float *y) {
       const uint8_t *qs = b + 2, *qh = b + 66, *signs = b + 34;
       for (int ib = 0; ib < 8; ib++, y += 32) {
         const uint8_t sc = b[74 + ib];
-        const float db[2] = {d * (0.5f + (float)(sc & 0xf)) * 0.25f, d * (0.5f + (float)(sc >> 4)) * 0.25f};
+        const float db[2] = {d * (0.5f + (float)(sc & 0xf)) * 0.25f,
+            d * (0.5f + (float)(sc >> 4)) * 0.25f};
         for (int l = 0; l < 4; l++) {
           const int8_t *pg = point(g, qs[4 * ib + l] | ((qh[ib] << (8 - 2 * l)) & 0x300));
-          for (int j = 0; j < 8; j++) y[8 * l + j] = db[l / 2] * level(g, pg, j) * signed_one(signs[4 * ib + l], j);
+          const uint8_t s = signs[4 * ib + l];
+          for (int j = 0; j < 8; j++) y[8 * l + j] = db[l / 2] * level(g, pg, j) * signed_one(s, j);
         }
       }
       break;
@@ -1050,7 +1077,9 @@ static void dequantize_super(int type, const uint8_t *b, float *y) {
         const float delta = h & 0x8000 ? -IQ1_DELTA : IQ1_DELTA;
         for (int l = 0; l < 4; l++) {
           const int8_t *pg = point(g, b[2 + 4 * ib + l] | (((h >> 3 * l) & 7) << 8));
-          for (int j = 0; j < 8; j++) y[8 * l + j] = dl * ((float)g->level_value[(pg[j] - 1) / 2] + delta);
+          for (int j = 0; j < 8; j++) {
+            y[8 * l + j] = dl * ((float)g->level_value[(pg[j] - 1) / 2] + delta);
+          }
         }
       }
       break;
@@ -1059,19 +1088,25 @@ static void dequantize_super(int type, const uint8_t *b, float *y) {
       const uint8_t *qs = b, *qh = b + 32, *sc = b + 48;
       uint16_t s16[4];
       for (int k = 0; k < 4; k++) s16[k] = get_u16(sc + 2 * k);
-      const uint16_t bits = (uint16_t)((s16[0] >> 12) | ((s16[1] >> 8) & 0x00f0) | ((s16[2] >> 4) & 0x0f00) | (s16[3] & 0xf000));
+      const uint16_t bits = (uint16_t)((s16[0] >> 12) | ((s16[1] >> 8) & 0x00f0) |
+                                       ((s16[2] >> 4) & 0x0f00) | (s16[3] & 0xf000));
       const float d = half_to_float(bits);
       for (int ib = 0; ib < 8; ib++, y += 32) {
         const float dl[2] = {d * (float)(2 * ((s16[ib / 2] >> (6 * (ib % 2))) & 7) + 1),
                              d * (float)(2 * ((s16[ib / 2] >> (6 * (ib % 2) + 3)) & 7) + 1)};
         const uint8_t h0 = qh[2 * ib], h1 = qh[2 * ib + 1];
         const int idx[4] = {qs[4 * ib] | ((h0 << 8) & 0x700), qs[4 * ib + 1] | ((h0 << 4) & 0x700),
-                            qs[4 * ib + 2] | ((h1 << 8) & 0x700), qs[4 * ib + 3] | ((h1 << 4) & 0x700)};
-        const float delta[4] = {h0 & 0x08 ? -IQ1_DELTA : IQ1_DELTA, h0 & 0x80 ? -IQ1_DELTA : IQ1_DELTA,
-                                h1 & 0x08 ? -IQ1_DELTA : IQ1_DELTA, h1 & 0x80 ? -IQ1_DELTA : IQ1_DELTA};
+                            qs[4 * ib + 2] | ((h1 << 8) & 0x700),
+                                qs[4 * ib + 3] | ((h1 << 4) & 0x700)};
+        const float delta[4] = {h0 & 0x08 ? -IQ1_DELTA : IQ1_DELTA,
+            h0 & 0x80 ? -IQ1_DELTA : IQ1_DELTA,
+                                h1 & 0x08 ? -IQ1_DELTA : IQ1_DELTA,
+                                    h1 & 0x80 ? -IQ1_DELTA : IQ1_DELTA};
         for (int l = 0; l < 4; l++) {
           const int8_t *pg = point(g, idx[l]);
-          for (int j = 0; j < 8; j++) y[8 * l + j] = dl[l / 2] * ((float)g->level_value[(pg[j] - 1) / 2] + delta[l]);
+          for (int j = 0; j < 8; j++) {
+            y[8 * l + j] = dl[l / 2] * ((float)g->level_value[(pg[j] - 1) / 2] + delta[l]);
+          }
         }
       }
       break;
