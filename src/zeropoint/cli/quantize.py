@@ -48,6 +48,10 @@ def add_parser(sub) -> None:
                         "calibration text; hqq: calibration-free qparam fitting")
     q.add_argument("--calib", metavar="FILE",
                    help="gptq calibration text (default: Python's pydoc topics)")
+    q.add_argument("--imatrix", metavar="FILE",
+                   help="with --type: an importance matrix (llama-imatrix's .gguf or .dat) that "
+                        "weights each block's rounding, as llama-quantize --imatrix (with --method "
+                        "gptq: the block scales GPTQ rounds onto)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens, in sequences of {CALIB_SEQUENCE_TOKENS} (default 65536)")
     q.set_defaults(func=run)
@@ -80,6 +84,9 @@ _RULES = (
      "--calib-tokens is for --method gptq, not --method {args.method} (--budget-bpw calibrates "
      "on --budget-tokens)"),
     (("text", "max_tokens"), lambda a: a.eval, "{flag} is for --eval, which is not given"),
+    (("imatrix",), lambda a: a.type is not None and a.method in ("rtn", "gptq"),
+     "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn or "
+     "gptq"),
 )
 
 

@@ -61,20 +61,40 @@ def _write(args, source, out: Path, target):
     from ..gguf.export import export_hf
     from ..gguf.requantize import requantize
 
+    weighting = _importance(args)
     if args.method == "gptq":
-        return _gptq(args, target)
+        return _gptq(args, target, weighting)
     encoder = None
     if args.method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
     if source.is_gguf:
         return requantize(source.path, out, target, progress=not args.quiet,
-                          encoder=encoder)
+                          encoder=encoder, **weighting)
     return export_hf(source.path, out, target, progress=not args.quiet,
-                     threads=threads(), encoder=encoder)
+                     threads=threads(), encoder=encoder, **weighting)
 
 
-def _gptq(args, target):
-    """`--method gptq --type T`: load the float model, calibrate, write; its QuantizeReport."""
+def _importance(args) -> dict:
+    """With --imatrix FILE: write_quantized's `importance` (the file's per-tensor lookup) and
+    `extra_metadata` (the keys llama-quantize records about it); else nothing."""
+    if getattr(args, "imatrix", None) is None:
+        return {}
+    from ..gguf.imatrix import read_imatrix
+    from ..gguf.weighted import imatrix_metadata
+
+    try:
+        imatrix = read_imatrix(args.imatrix)
+    except FileNotFoundError as e:
+        raise CommandError(str(e)) from None
+    if not args.quiet:
+        print(f"importance matrix {args.imatrix}: {len(imatrix)} entries")
+    return {"importance": imatrix.importance,
+            "extra_metadata": imatrix_metadata(args.imatrix, imatrix)}
+
+
+def _gptq(args, target, weighting: dict):
+    """`--method gptq --type T`: load the float model, calibrate, write; its QuantizeReport.
+    `weighting`: _importance's (--imatrix)."""
     import torch
 
     from ..gguf.gptq import gptq_gguf
@@ -82,7 +102,7 @@ def _gptq(args, target):
     loaded = open_model(args.model, progress=not args.quiet)
     ids = gptq_calibration(args, loaded)
     report = gptq_gguf(loaded, args.output, target, ids, progress=not args.quiet,
-                       threads=torch.get_num_threads())
+                       threads=torch.get_num_threads(), **weighting)
     if not args.quiet:
         print(f"gptq: {report.gptq_tensors} tensors, {ids.shape[0]} x {ids.shape[1]} "
               f"calibration tokens, {report.gptq_seconds:.1f} s, peak memory (VmHWM) "

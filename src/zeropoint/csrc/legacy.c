@@ -413,7 +413,8 @@ int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int
 
 /* ---- weighted (llama-quantize --imatrix): quantize_q4_0 .. quantize_q5_1 given importance ----
  * Each block's scale is searched under weights importance * sqrt(sigma2 + x^2), sigma2 the mean
- * x^2 of the whole row: the _0 types by weighted_signed_search, the _1 types by weighted_min_search (weighted.h).
+ * x^2 of the whole row: the _0 types by weighted_signed_search, the _1 types by
+ * weighted_min_search (weighted.h).
  * Q8_0 ignores the importance, as ggml's quantize_q8_0 does. */
 
 typedef struct {
@@ -477,7 +478,8 @@ int64_t zp_quantize_legacy_weighted(int type, const float *x, int64_t n_rows, in
   if (type == ZP_Q8_0) return zp_quantize_legacy(type, x, n_rows * (n_per_row / QB), y, why,
                                                  threads);
   weighted_job j = {type, x, importance, n_per_row, y};
-  int64_t grain = 1 + (GRAIN_BLOCKS * QB) / (8 * n_per_row); /* the search costs ~8x a plain block */
+  /* rows per range: the searches cost ~8x a plain block */
+  int64_t grain = 1 + (GRAIN_BLOCKS * QB) / (8 * n_per_row);
   return zp_parallel_spans(threads, n_rows, grain, weighted_rows, &j, why);
 }
 

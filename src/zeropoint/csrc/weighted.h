@@ -9,14 +9,14 @@
  * reference converts them, and uint8 codes wrapping where the reference stores a negative int
  * into a uint8. What each one chooses:
  *
- *   weighted_signed_search   (make_qx_quants, rmse_type 1, given weights) levels -nmax..nmax-1 and one
- *                   scale: the grid with the largest |x| on level -nmax and 18 grids around it,
- *                   keeping the largest weighted least-squares gain sum(wxl)^2 / sum(wll).
- *   weighted_min_search      (make_qkx3_quants, rmin -0.9, rdelta 0.05, 37 steps, squared error) codes
- *                   0..nmax with a scale and a min, refit by weighted least squares per grid.
- *   weighted_positive_search (make_qp_quants) codes 0..nmax of non-negative values (sub-block scales or
- *                   mins) with one scale: 9 grids by weighted squared error, then greedy
- *                   one-value moves, up to 5 passes.
+ *   weighted_signed_search (make_qx_quants, rmse_type 1, given weights): levels
+ *       -nmax..nmax-1 and one scale: the grid with the largest |x| on level -nmax and 18 grids
+ *       around it, keeping the largest weighted least-squares gain sum(wxl)^2 / sum(wll).
+ *   weighted_min_search (make_qkx3_quants, rmin -0.9, rdelta 0.05, 37 steps, squared error):
+ *       codes 0..nmax with a scale and a min, refit by weighted least squares per grid.
+ *   weighted_positive_search (make_qp_quants): codes 0..nmax of non-negative values (sub-block
+ *       scales or mins) with one scale: 9 grids by weighted squared error, then greedy
+ *       one-value moves, up to 5 passes.
  */
 #ifndef ZP_WEIGHTED_H
 #define ZP_WEIGHTED_H
@@ -40,8 +40,8 @@ static inline int32_t zp_clamp(int32_t v, int32_t lo, int32_t hi) {
 
 /* Levels of x * iscale on -nmax..nmax-1 (stored + nmax in L when L is given), and the sums
  * sum(w x l), sum(w l l) in element order. */
-static inline void weighted_signed_trial(int n, int nmax, const float *x, const float *w, float iscale,
-                                int8_t *L, float *sumlx, float *suml2) {
+static inline void weighted_signed_trial(int n, int nmax, const float *x, const float *w,
+                                         float iscale, int8_t *L, float *sumlx, float *suml2) {
   float a = 0, b = 0;
   for (int i = 0; i < n; i++) {
     int32_t l = zp_clamp(zp_nearest_int(iscale * x[i]), -nmax, nmax - 1);
@@ -54,7 +54,8 @@ static inline void weighted_signed_trial(int n, int nmax, const float *x, const 
 
 /* make_qx_quants with weights: L gets level + nmax (0..2*nmax-1); returns the scale. An
  * all-zero run gets codes 0 and scale 0. */
-static inline float weighted_signed_search(int n, int nmax, const float *x, const float *w, int8_t *L) {
+static inline float weighted_signed_search(int n, int nmax, const float *x, const float *w,
+                                           int8_t *L) {
   float amax = 0, max = 0;
   for (int i = 0; i < n; i++)
     if (fabsf(x[i]) > amax) amax = fabsf(x[i]), max = x[i];

@@ -74,12 +74,13 @@ def export_hf(
     threads: int | None = None,
     encoder: Encoder | None = None,
     importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Write the checkpoint in `model_dir` as a GGUF file in `target` (a mix such as F32, Q8_0,
     Q4_K_M, a single type, or a recipe; see mixes). `tokenizer_pre` names llama.cpp's
     pre-tokenizer when zeropoint cannot tell it from tokenizer.json. `encoder`: as for
     requantize.convert (gguf.hqq.hqq_encode writes HQQ's blocks); `importance`: an importance
-    matrix's lookup, as for requantize.write_quantized (llama-quantize --imatrix).
+    matrix's lookup, and `extra_metadata`, as for requantize.write_quantized.
 
     Raises ValueError for an architecture other than LlamaForCausalLM (naming it), a tokenizer
     that is not byte-level BPE, missing or unexpected tensors.
@@ -93,7 +94,8 @@ def export_hf(
     params = ModelParams(ARCH, hp["n_layer"], hp["n_head"], hp["n_head_kv"])
     return write_quantized(sources, metadata, target, out, params=params,
                            source_name=str(model_dir), progress=progress, threads=threads,
-                           encoder=encoder, importance=importance)
+                           encoder=encoder, importance=importance,
+                           extra_metadata=extra_metadata)
 
 
 def check_architecture(config: Mapping, where: Path | str = "the checkpoint") -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,14 @@ from .export import ARCH, check_architecture, export_metadata, gguf_name, permut
 from .gptq_grids import GRID_TYPES, block_grid
 from .mixes import ModelParams, Target, parse_target, plan_types
 from .reader import read_gguf
-from .requantize import QuantizeReport, SourceTensor, write_quantized
+from .metadata import MetaValue
+from .requantize import (
+    Importance,
+    QuantizeReport,
+    SourceTensor,
+    tensor_importance,
+    write_quantized,
+)
 from .types import is_quantized
 
 
@@ -52,6 +60,8 @@ def gptq_gguf(
     *,
     progress: bool = False,
     threads: int | None = None,
+    importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> GPTQGGUFReport:
     """Write `loaded` (models.load.LoadedModel of a llama-architecture causal LM: the default
     model, a .gguf or a checkpoint directory) as a GGUF file of `target`, its decoder Linears
@@ -63,6 +73,10 @@ def gptq_gguf(
     picks. Without it each block's scales are fitted from the weights GPTQ has updated, whose
     largest values the updates tend to grow: on SmolLM2 Q4_0 (calibrated on lee.cor, scored on
     lee_background) 37.8 without act-order, 34.9 with it, llama.cpp's own 37.6.
+    `importance` (an importance matrix's lookup by GGUF name, requantize.Importance): the
+    block scales are llama-quantize --imatrix's (gptq_grids.block_grid),
+    the mixes take llama.cpp's imatrix rules, and the tensors GPTQ does not write are
+    quantized weighted; `extra_metadata` as for requantize.write_quantized.
     Raises ValueError when the target gives a decoder Linear a type GPTQ cannot write
     (gptq_grids.GRID_TYPES), naming it.
     """
@@ -74,7 +88,7 @@ def gptq_gguf(
              if not (tied and n == "lm_head.weight")}
     names = {n: g for n, g in ((n, gguf_name(n)) for n in state) if g is not None}
     plan = plan_types([(g, "F32", tuple(state[n].shape)) for n, g in names.items()], target,
-                      params)
+                      params, has_imatrix=importance is not None)
     types = plan.types()  # gguf name -> ggml type
     _check_gptq_types(loaded.model, names, types)
 
@@ -89,7 +103,10 @@ def gptq_gguf(
         for qtype, batch in by_type.items():
             linears = [layer.get_submodule(m) for m in batch]
             stacked = torch.cat([lin.weight.detach() for lin in linears])  # (sum of out, in)
-            grid = block_grid(qtype)
+            # One input, so one importance for the stacked members (q, k, v; gate, up).
+            imp = tensor_importance(importance, gguf_name(f"{prefix}{batch[0]}.weight"),
+                                    tuple(stacked.shape))
+            grid = block_grid(qtype, stacked, imp)
             r = gptq_columns(stacked.to(torch.float32), H, grid, options)
             data = grid.pack(r.fits, r.codes)  # (sum of out, row bytes)
             row = 0
@@ -115,7 +132,8 @@ def gptq_gguf(
             sources.append(SourceTensor(name, "F32", tuple(state[hf_name].shape),
                                         _reader(state[hf_name], n_head, raw=False)))
     report = write_quantized(sources, metadata, target, out, params=params,
-                             source_name=str(loaded.source), progress=progress, threads=threads)
+                             source_name=str(loaded.source), progress=progress, threads=threads,
+                             importance=importance, extra_metadata=extra_metadata)
     return GPTQGGUFReport(report, len(written), gptq_seconds, peak_rss_bytes())
 
 

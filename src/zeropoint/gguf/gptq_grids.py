@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .blocks import legacy_codes, legacy_params, legacy_values, pack_legacy
-from .kquant_grids import KGrid
+from .kquant_grids import KGrid, WeightedKGrid
 from .types import TYPES, GGMLType
+from .weighted import K_WEIGHTED, LEGACY_WEIGHTED, quantize_weighted
 
 GRID_TYPES = tuple(name for name, t in TYPES.items() if t.grid)
 
@@ -97,13 +99,43 @@ class LegacyGrid:
         return out.view(n_rows, -1)
 
 
+class WeightedLegacyGrid(LegacyGrid):
+    """Q4_0, Q4_1, Q5_0, Q5_1 with an importance vector: every block's d (and m) is the one
+    llama-quantize --imatrix stores for the original weights (gguf.weighted: the scale searched
+    under importance * sqrt(sigma2 + x^2), not the type's plain max-based one), chosen once up
+    front for the whole tensor, since the search needs each row's sigma2; GPTQ then rounds onto
+    that stored grid. `fit` ignores the columns it is handed (the updated weights)."""
+
+    def __init__(self, qtype: str, weights: torch.Tensor, importance: np.ndarray):
+        super().__init__(qtype)
+        rows, n = weights.shape
+        raw = quantize_weighted(weights.detach().to(torch.float32).numpy(), qtype, importance)
+        n_halves = 2 if self.gtype.has_min else 1
+        blocks = raw.reshape(rows, n // 32, self.gtype.type_size)[:, :, : 2 * n_halves]
+        # (rows, blocks, 2 * n_halves) bytes -> (rows, blocks, n_halves) fp16 d [, m]
+        self._halves = torch.from_numpy(np.ascontiguousarray(blocks).view(np.float16))
+
+    def fit(self, cols: torch.Tensor, start: int) -> LegacyFit:
+        halves = self._halves[:, start // 32]  # (rows, 1 or 2)
+        f = halves.to(torch.float32)
+        return LegacyFit(f[:, :1], f[:, 1:] if self.gtype.has_min else None, halves, self.gtype)
+
+
 # A type's `grid` kind -> the grid class that fits it.
 GRIDS = {"legacy": LegacyGrid, "k": KGrid}
 
 
-def block_grid(qtype: str):
-    """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES)."""
+def block_grid(qtype: str, weights: torch.Tensor | None = None,
+               importance: np.ndarray | None = None):
+    """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES). With the tensor's original
+    `weights` (out, in) and an `importance` (in,), the types that read an importance get
+    llama-quantize --imatrix's block scales (WeightedLegacyGrid, WeightedKGrid); Q8_0 its plain
+    grid."""
     if qtype not in GRID_TYPES:
         raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: "
                          f"{', '.join(GRID_TYPES)}")
+    if importance is not None and weights is not None and qtype in LEGACY_WEIGHTED:
+        return WeightedLegacyGrid(qtype, weights, importance)
+    if importance is not None and weights is not None and qtype in K_WEIGHTED:
+        return WeightedKGrid(qtype, weights, importance)
     return GRIDS[TYPES[qtype].grid](qtype)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .kquants import K_FORMATS, KScales, encode_scales, grid_codes, k_scales, pack_k
-from .types import QK_K
+from .types import QK_K, TYPES
+from .weighted import quantize_weighted
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,63 @@ class KGrid:
         per_block = [pack_k(codes[:, k * QK_K : (k + 1) * QK_K].to(torch.int32).contiguous(),
                             f.scales) for k, f in enumerate(fits)]  # (out, type_size) each
         return torch.stack(per_block, dim=1).reshape(codes.shape[0], -1)
+
+
+# --- llama-quantize --imatrix's scales as a GPTQ grid ---------------------------------------------
+
+# Byte offsets in a block: (header start, header end, d, dmin or None)
+_FIELDS = {"Q2_K": (0, 16, 80, 82), "Q3_K": (96, 108, 108, None), "Q4_K": (4, 16, 0, 2),
+           "Q5_K": (4, 16, 0, 2), "Q6_K": (192, 208, 208, None)}
+
+
+def _sub_scales(qtype: str, header: np.ndarray):
+    """(B, header bytes) -> the sub-block scale codes (B, n_sub) and min codes (or None), as
+    the type's dequantizer reads them (ggml's get_scale_min_k4 and the Q3_K/Q6_K layouts)."""
+    h = header.astype(np.int32)
+    if qtype == "Q2_K":
+        return h & 15, h >> 4
+    if qtype == "Q6_K":
+        return header.view(np.int8).astype(np.int32), None
+    if qtype == "Q3_K":
+        j = np.arange(16)
+        low = np.where(j < 8, h[:, j % 8] & 15, h[:, j % 8] >> 4)
+        high = (h[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+        return (low | high << 4) - 32, None
+    sc = np.concatenate([h[:, :4] & 63, (h[:, 8:] & 15) | (h[:, :4] >> 6) << 4], 1)
+    m = np.concatenate([h[:, 4:8] & 63, (h[:, 8:] >> 4) | (h[:, 4:8] >> 6) << 4], 1)
+    return sc, m
+
+
+def scales_from_blocks(qtype: str, raw: np.ndarray) -> KScales:
+    """(B, type_size) bytes of `qtype` blocks -> their KScales: the stored grid, as GPTQ rounds
+    onto it. The search codes (kept only where a sub-block's step is 0, whose values all
+    dequantize alike) are the grid's zero level."""
+    start, end, d_at, dmin_at = _FIELDS[qtype]
+    raw = np.ascontiguousarray(raw)
+    header = raw[:, start:end].copy()
+    d = torch.from_numpy(raw[:, d_at:d_at + 2].copy().view(np.float16).reshape(-1))
+    dmin = None if dmin_at is None else torch.from_numpy(
+        raw[:, dmin_at:dmin_at + 2].copy().view(np.float16).reshape(-1))
+    sc, m = _sub_scales(qtype, header)
+    f32 = torch.float32
+    sub_d = d.to(f32).unsqueeze(1) * torch.from_numpy(sc).to(f32)  # dequantization's order
+    sub_m = None if dmin is None else dmin.to(f32).unsqueeze(1) * torch.from_numpy(m).to(f32)
+    zero = 0 if TYPES[qtype].has_min else 1 << (TYPES[qtype].bits - 1)
+    search = torch.full((raw.shape[0], QK_K), zero, dtype=torch.int32)
+    return KScales(qtype, search, sub_d, sub_m, torch.from_numpy(header), d, dmin)
+
+
+class WeightedKGrid(KGrid):
+    """A K type with an importance vector: every super-block's scales are the ones
+    llama-quantize --imatrix stores for the original weights (gguf.weighted), chosen once for
+    the whole tensor; GPTQ then rounds onto that stored grid. `fit` ignores the columns it is
+    handed (the updated weights)."""
+
+    def __init__(self, qtype: str, weights: torch.Tensor, importance: np.ndarray):
+        super().__init__(qtype)
+        rows, n = weights.shape
+        raw = quantize_weighted(weights.detach().to(torch.float32).numpy(), qtype, importance)
+        self._blocks = raw.reshape(rows, n // QK_K, -1)  # (rows, super-blocks, type_size)
+
+    def fit(self, cols: torch.Tensor, start: int) -> KFit:
+        return KFit(scales_from_blocks(self.qtype, self._blocks[:, start // QK_K]))

@@ -233,13 +233,18 @@ class QuantizeReport:
 # --- the pipeline -----------------------------------------------------------------------------
 
 
-def output_metadata(metadata: Mapping[str, MetaValue], file_type: int) -> Metadata:
+def output_metadata(metadata: Mapping[str, MetaValue], file_type: int,
+                    extra: Mapping[str, MetaValue] | None = None) -> Metadata:
     """The source's metadata as llama.cpp writes it back: split keys dropped, quantization
-    version and file type set and moved to the end."""
+    version and file type set and moved to the end, then `extra` (llama-quantize's overrides,
+    e.g. the quantize.imatrix.* keys), each moved to the end in its order."""
+    extra = dict(extra or {})
     out = {k: v for k, v in metadata.items()
-           if k not in SPLIT_KEYS and k not in (QUANTIZATION_VERSION_KEY, FILE_TYPE_KEY)}
+           if k not in SPLIT_KEYS and k not in (QUANTIZATION_VERSION_KEY, FILE_TYPE_KEY)
+           and k not in extra}
     out[QUANTIZATION_VERSION_KEY] = MetaValue.u32(GGML_QUANT_VERSION)
     out[FILE_TYPE_KEY] = MetaValue.u32(file_type)
+    out.update(extra)
     return out
 
 
@@ -267,12 +272,13 @@ def write_quantized(
     threads: int | None = None,
     encoder: Encoder | None = None,
     importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Convert `sources` to the types `target` gives them and write a GGUF file atomically.
     `encoder`: see `convert` (a tensor already in its chosen type is copied as it is).
     `importance`: quantize as llama-quantize --imatrix does (see gguf.weighted): each tensor
     with an entry is weighted by it, one without is quantized plainly, and the mixes take
-    llama.cpp's imatrix rules.
+    llama.cpp's imatrix rules. `extra_metadata`: keys set last (see output_metadata).
 
     `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
     which also stores it at its place in the file. One tensor per thread beats torch's intra-op
@@ -308,8 +314,8 @@ def write_quantized(
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or torch.get_num_threads())
     with _torch_threads(1 if threads > 1 else torch.get_num_threads()):
-        size = write_gguf(out, output_metadata(metadata, target.file_type), tensors,
-                          progress=progress, progress_desc=f"quantizing to {target.name}",
+        size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata),
+                          tensors, progress=progress, progress_desc=f"quantizing to {target.name}",
                           threads=threads)
     return QuantizeReport(
         path=Path(out), source=source_name, plan=plan, file_bytes=size,
@@ -342,14 +348,14 @@ def _missing_importance(choice, no_matrix: bool) -> str:
 def tensor_importance(importance: Importance | None, name: str,
                       shape: Sequence[int]) -> np.ndarray | None:
     """The importance llama-quantize uses for tensor `name`: its entry, flattened; None without
-    one. An entry of another length is an error (llama.cpp's), except for token_embd, which
-    llama.cpp then quantizes plainly."""
+    one. An entry of another length is an error (llama.cpp's), except for the token
+    embeddings, which llama.cpp then quantizes plainly."""
     imp = None if importance is None else importance(name)
     if imp is None:
         return None
     imp = np.asarray(imp, dtype=np.float32).reshape(-1)
     if imp.size != shape[-1]:
-        if name == "token_embd.weight":
+        if name in ("token_embd.weight", "per_layer_token_embd.weight"):
             return None
         raise ValueError(f"{name}: the importance matrix has {imp.size} values for rows of "
                          f"{shape[-1]}; was it made for this model?")
@@ -368,15 +374,16 @@ def requantize(
     progress: bool = False,
     encoder: Encoder | None = None,
     importance: Importance | None = None,
+    extra_metadata: Mapping[str, MetaValue] | None = None,
 ) -> QuantizeReport:
     """Requantize the GGUF file `src` into `out` (a mix, a single type, or a recipe: see mixes);
-    `encoder` as for `convert`, `importance` as for `write_quantized`."""
+    `encoder` as for `convert`, `importance` and `extra_metadata` as for `write_quantized`."""
     source = src if isinstance(src, GGUFFile) else read_gguf(src)
     if Path(out).resolve() == source.path.resolve():
         raise ValueError(f"output {str(out)!r} is the input file; write to another path")
     return write_quantized(gguf_sources(source), source.metadata, target, out,
                            source_name=str(source.path), progress=progress, encoder=encoder,
-                           importance=importance)
+                           importance=importance, extra_metadata=extra_metadata)
 
 
 __all__ = [

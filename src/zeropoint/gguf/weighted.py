@@ -19,7 +19,14 @@ So with a uniform importance (all ones) only Q8_0 and the float types give the u
 bytes; every other type above takes a different search than its unweighted reference
 (`quantize_row_*_ref`), and its bytes differ.
 
-Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder.
+Around the kernels, as llama-quantize: a tensor without an entry is quantized plainly; an entry
+of another length is an error, except for token_embd, which is then quantized plainly
+(requantize.tensor_importance); with an importance matrix the Q4_0 and Q5_0 mixes give the first
+n_layer/8 ffn_down tensors the _1 type (mixes.plan_types(has_imatrix=True)); the output file
+records the file, first dataset, entry and chunk counts (`imatrix_metadata`).
+
+Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder. There
+is no eager path: without the C kernels weighted quantization is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from zeropoint import ckernels
 
 from .iquants import IQ_TYPES
 from .iquants import quantize as quantize_iq
+from .metadata import MetaValue
 from .types import TYPES
 
 LEGACY_WEIGHTED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1")
@@ -40,6 +48,10 @@ WEIGHTED_TYPES = LEGACY_WEIGHTED + K_WEIGHTED
 IGNORES_IMPORTANCE = ("Q8_0", "F16", "BF16", "F32")
 """Types llama.cpp quantizes the same with or without an importance matrix."""
 
+IMATRIX_FILE_KEY = "quantize.imatrix.file"
+IMATRIX_DATASET_KEY = "quantize.imatrix.dataset"
+IMATRIX_ENTRIES_KEY = "quantize.imatrix.entries_count"
+IMATRIX_CHUNKS_KEY = "quantize.imatrix.chunks_count"
 _NOT_FINITE = 1  # the kernels' reasons for refusing a block: 1 NaN or inf, 2 fp16 overflow
 
 
@@ -65,22 +77,17 @@ def _library():
 
 def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.ndarray:
     """float32 rows (rows, n) -> (rows, row bytes) uint8 of `qtype`, quantized as
-    llama-quantize does with `importance` (n,) for this tensor. Types that ignore the
-    importance (IGNORES_IMPORTANCE) are quantized plainly."""
+    llama-quantize does with `importance` (n,) for this tensor. Q8_0 ignores the importance
+    (its plain bytes), as llama.cpp; the float types are no block types and not taken here."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name}: weighted quantization takes rows (rows, n), got shape {x.shape}")
     rows, n = x.shape
-    if qtype in IGNORES_IMPORTANCE:
-        from .requantize import quantize_tensor
-
-        return quantize_tensor(x, qtype, name).reshape(rows, -1)
     if qtype in IQ_TYPES:  # the i-quants' searches take the importance too
         return quantize_iq(x, qtype, check_importance(importance, n, name), name)
-    if qtype not in WEIGHTED_TYPES:
+    if qtype not in WEIGHTED_TYPES + ("Q8_0",):
         raise ValueError(f"{name}: no weighted quantizer for {qtype}; weighted types: "
-                         f"{', '.join(WEIGHTED_TYPES)} (and {', '.join(IGNORES_IMPORTANCE)}, "
-                         "which ignore the importance)")
+                         f"{', '.join(WEIGHTED_TYPES)} (and Q8_0, which ignores the importance)")
     gtype = TYPES[qtype]
     if n % gtype.block_size:
         raise ValueError(f"{name}: rows of {n} values do not tile into {qtype}'s blocks of "
@@ -104,6 +111,23 @@ def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.nda
     return out
 
 
+def imatrix_metadata(file: str, imatrix) -> dict[str, MetaValue]:
+    """The keys llama-quantize adds to a file quantized with `--imatrix file` (its path as the
+    user gave it) holding `imatrix` (a gguf.imatrix.ImportanceMatrix): the file, the first
+    dataset (each string cut to 127 bytes, as its fixed buffer does), the number of entries,
+    and the number of chunks when known."""
+    def cut(text: str) -> str:
+        return text.encode("utf-8")[:127].decode("utf-8", "ignore")
+
+    keys = {IMATRIX_FILE_KEY: MetaValue.string(cut(str(file)))}
+    if imatrix.datasets:
+        keys[IMATRIX_DATASET_KEY] = MetaValue.string(cut(imatrix.datasets[0]))
+    keys[IMATRIX_ENTRIES_KEY] = MetaValue.u32(len(imatrix))
+    if imatrix.chunk_count > 0:
+        keys[IMATRIX_CHUNKS_KEY] = MetaValue.u32(imatrix.chunk_count)
+    return keys
+
+
 def weighted_encoder(importance):
     """An Encoder (see requantize.convert) for one tensor: its rows quantized under
     `importance` (n,)."""
@@ -113,4 +137,4 @@ def weighted_encoder(importance):
 
 
 __all__ = ["IGNORES_IMPORTANCE", "K_WEIGHTED", "LEGACY_WEIGHTED", "WEIGHTED_TYPES",
-           "check_importance", "quantize_weighted", "weighted_encoder"]
+           "check_importance", "imatrix_metadata", "quantize_weighted", "weighted_encoder"]
