@@ -825,16 +825,19 @@ static void iq1m_super(const lattice *g, const float *x, const float *qw, uint8_
 
 /* ---- IQ4_NL, IQ4_XS ---- */
 
-/* ggml's best_index_int8: the nearest of the 16 ascending levels (the lower one on a tie). */
+/* ggml's best_index_int8: the nearest of the 16 ascending levels (the lower one on a tie).
+ * Its binary search stops at the last level <= x, which is how many of levels 1..14 are <= x;
+ * counted without branches, the loop over a block's values vectorizes. Below level 0 or above
+ * level 15 the final comparison picks the end, as the reference's early returns do. */
 static inline int nearest_level(const int8_t *v, float x) {
-  if (x <= v[0]) return 0;
-  if (x >= v[15]) return 15;
-  int lo = 0, hi = 15;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (x < v[mid]) hi = mid; else lo = mid;
-  }
-  return x - v[hi - 1] < v[hi] - x ? hi - 1 : hi;
+  int lo = 0;
+  for (int k = 1; k < 15; k++) lo += x >= (float)v[k];
+  return x - (float)v[lo] < (float)v[lo + 1] - x ? lo : lo + 1;
+}
+
+/* nearest_level of s * x[j] for a block of 32. */
+static void nearest_levels(const int8_t *v, float s, const float *x, uint8_t *L) {
+  for (int j = 0; j < 32; j++) L[j] = (uint8_t)nearest_level(v, s * x[j]);
 }
 
 /* Scale of one block of 32 (its codes in L): the best weighted fit among scales that map the
@@ -848,10 +851,10 @@ static float iq4_block(const float *xb, const float *weight, uint8_t *L) {
   }
   if (amax < 1e-15f) return 0;
   float d = -max / (float)v[0], id = 1 / d, sumqx = 0, sumq2 = 0;
+  uint8_t Lt[32];
+  nearest_levels(v, id, xb, L);
   for (int j = 0; j < 32; j++) {
-    const int l = nearest_level(v, id * xb[j]);
-    L[j] = (uint8_t)l;
-    const float q = (float)v[l], w = weight[j];
+    const float q = (float)v[L[j]], w = weight[j];
     sumqx += w * q * xb[j];
     sumq2 += w * q * q;
   }
@@ -860,8 +863,9 @@ static float iq4_block(const float *xb, const float *weight, uint8_t *L) {
   for (int itry = -7; itry <= 7; itry++) {
     id = ((float)itry + (float)v[0]) / max;
     sumqx = sumq2 = 0;
+    nearest_levels(v, id, xb, Lt);
     for (int j = 0; j < 32; j++) {
-      const float q = (float)v[nearest_level(v, id * xb[j])], w = weight[j];
+      const float q = (float)v[Lt[j]], w = weight[j];
       sumqx += w * q * xb[j];
       sumq2 += w * q * q;
     }
@@ -892,7 +896,7 @@ static void iq4nl_block(const float *x, const float *qw, uint8_t *y) {
   put_half(y, d);
   /* Codes again from the stored scale; a zero block gets the level nearest 0 throughout. */
   const float id = d ? 1 / d : 0;
-  for (int j = 0; j < 32; j++) L[j] = (uint8_t)nearest_level(iq4_values, id * x[j]);
+  nearest_levels(iq4_values, id, x, L);
   pack_nibbles(L, 32, y + 2);
 }
 
@@ -916,9 +920,7 @@ static void iq4xs_super(const float *x, const float *qw, uint8_t *y) {
   for (int ib = 0; ib < 8; ib++) {
     int l = clampi(nearest(id * scales[ib]), -32, 31);
     const float dl = d * (float)l, idl = dl ? 1 / dl : 0.f;
-    for (int j = 0; j < 32; j++) {
-      L[32 * ib + j] = (uint8_t)nearest_level(iq4_values, idl * x[32 * ib + j]);
-    }
+    nearest_levels(iq4_values, idl, x + 32 * ib, L + 32 * ib);
     l += 32;
     y[4 + ib / 2] |= (uint8_t)((l & 0xf) << 4 * (ib % 2));
     scales_h |= (uint16_t)((l >> 4) << 2 * ib);
