@@ -9,8 +9,11 @@ rule, so that `plan_types` picks what `llama_model_quantize` picks. In short:
   Q6_K, or Q8_0 when its rows do not tile into the mix's blocks or the mix is Q8_0.
 - K mixes spend more bits on some attn_v / ffn_down / attn_output tensors (by layer position).
 - Shape fallback: a row length that the chosen type's block (256 for K types) does not divide
-  takes a 32-block type instead (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
-  or F16 when not even 32 divides it. Every fallback is recorded in the plan.
+  takes a 32-block type instead (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+  every 256-value i-quant -> IQ4_NL), or F16 when not even 32 divides it. Every fallback is
+  recorded in the plan.
+- The i-quant mixes (IQ_MIXES) have rules of their own, some of which depend on whether an
+  importance matrix is given; `needs_imatrix` says which tensors llama-quantize refuses without.
 
 Targets: a mix name (`MIXES`: the llama.cpp ftypes zeropoint can write), a single ggml type that
 is not a mix name (Q3_K, Q4_K, Q5_K: every quantizable tensor in that type, llama.cpp's --pure),
