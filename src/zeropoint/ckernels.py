@@ -40,7 +40,7 @@ except ImportError:  # not POSIX: builds go unlocked
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "legacy.c",
-                                    "gemv.c", "token_ops.c")]
+                                    "iquants.c", "gemv.c", "token_ops.c")]
 HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h", "weighted.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Hidden visibility:
@@ -70,6 +70,10 @@ SIGNATURES = {
     "zp_dequantize_legacy": (_int, [_int, _p, _i64, _p, _int]),
     "zp_requantize_legacy": (_i64, [_int, _p, _int, _i64, _p, _p]),
     "zp_quantize_legacy_weighted": (_i64, [_int, _p, _i64, _i64, _p, _p, _p, _int]),
+    "zp_iq_set_grid": (_int, [_int, _p, _int, _p, _int]),
+    "zp_iq_needs_importance": (_int, [_int]),
+    "zp_quantize_iquant": (_int, [_int, _p, _i64, _i64, _p, _p, _int]),
+    "zp_dequantize_iquant": (_int, [_int, _p, _i64, _p, _int]),
     "zp_gemv_q8": (None, [_p, _p, _p, _p, _i64, _i64, _int, _int]),
     "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]),
     "zp_add_rmsnorm": (None, [_p, _p, _p, _f32, _i64, _p]),

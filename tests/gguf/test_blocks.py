@@ -266,7 +266,7 @@ def test_dequantize_arbitrary_bytes(qtype):
 
 def test_unknown_type_lists_accepted_names():
     with pytest.raises(ValueError, match="Q8_0, Q4_0, Q4_1, Q5_0, Q5_1"):
-        quantize_blocks(torch.zeros(32), "IQ4_XS")
+        quantize_blocks(torch.zeros(32), "TQ1_0")
     with pytest.raises(ValueError, match="accepted"):
         dequantize_blocks(torch.zeros(18, dtype=torch.uint8), "q4_0", (32,))
 

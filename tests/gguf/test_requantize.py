@@ -68,7 +68,7 @@ def test_targets_resolve_to_llama_cpp_file_types():
     assert (pure.mix, pure.default_type) == (None, "Q4_K")
 
 
-@pytest.mark.parametrize("spec", ["Q9", "IQ2_XXS", "Q8_K", "", "Q4_K_XL"])
+@pytest.mark.parametrize("spec", ["Q9", "TQ1_0", "Q8_K", "", "Q4_K_XL"])
 def test_unknown_types_are_clear_errors(spec):
     with pytest.raises(ValueError, match="unknown type|non-empty") as e:
         parse_target(spec)
@@ -87,7 +87,7 @@ def test_recipe_file(tmp_path):
     ({"tensors": {}}, "needs a \"default\""),
     ({"default": "Q3"}, "unknown default"),
     ({"default": "Q4_0", "tensors": {"(": "Q8_0"}}, "bad pattern"),
-    ({"default": "Q4_0", "tensors": {"x": "IQ1_S"}}, "names type 'IQ1_S'"),
+    ({"default": "Q4_0", "tensors": {"x": "TQ2_0"}}, "names type 'TQ2_0'"),
     ({"default": "Q4_0", "colour": 1}, "unknown key"),
     ({"default": "Q4_0", "pure": "yes"}, "true or false"),
     ([1, 2], "JSON object"),

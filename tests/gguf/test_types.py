@@ -57,9 +57,13 @@ def test_unknown_types_are_named_with_the_accepted_ones():
         GGMLType("X", 99, 32, 18, "kk")
 
 
+IQ_TYPES = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_NL", "IQ4_XS")
+
+
 def test_writable_types_are_the_floats_and_zeropoints_block_types():
     assert WRITABLE_TYPES == ("F32", "F16", "BF16", *BLOCK_TYPES)
-    assert BLOCK_TYPES == LEGACY_TYPES + tuple(K_FORMATS)
+    assert BLOCK_TYPES == LEGACY_TYPES + tuple(K_FORMATS) + IQ_TYPES
+    assert all(TYPES[n].family == "iq" and TYPES[n].bits is None for n in IQ_TYPES)
     assert LEGACY_TYPES == ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
     assert tuple(K_FORMATS) == ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
     assert all(TYPES[n].family == "k" and TYPES[n].block_size == QK_K for n in K_FORMATS)
@@ -72,7 +76,7 @@ def test_families_and_quantized():
     assert is_quantized("IQ4_XS") and is_quantized("Q8_0")
 
 
-@pytest.mark.parametrize("name", BLOCK_TYPES)
+@pytest.mark.parametrize("name", LEGACY_TYPES + tuple(K_FORMATS))
 def test_code_bits_and_min_match_the_name(name):
     """Q<bits>_<0|1> and Q<bits>_K: the _1 types and Q2_K, Q4_K, Q5_K have a minimum."""
     t = TYPES[name]
@@ -98,7 +102,10 @@ def test_fallbacks_are_written_types_of_smaller_blocks():
         assert to.writable and t.block_size % to.block_size == 0 and to.block_size < t.block_size
         assert fallback_type(t.block_size + to.block_size, t.name) == to.name
     assert fallback_type(257, "Q4_K") == "F16"
-    assert [n for n, t in TYPES.items() if t.fallback] == list(K_FORMATS)
+    assert [n for n, t in TYPES.items() if t.fallback] == [*K_FORMATS, *IQ_TYPES[:-2], "IQ4_XS"]
+    # llama-quant.cpp's tensor_type_fallback: every 256-value i-quant takes IQ4_NL
+    assert {TYPES[n].fallback for n in IQ_TYPES if n != "IQ4_NL"} == {"IQ4_NL"}
+    assert fallback_type(576, "IQ2_XXS") == "IQ4_NL" and fallback_type(48, "IQ4_NL") == "F16"
 
 
 @pytest.mark.parametrize("name", GRID_TYPES)
@@ -107,8 +114,8 @@ def test_grid_kinds_have_a_grid(name):
     assert block_grid(name).group_size(1024) == TYPES[name].block_size
 
 
-def test_only_block_types_have_grids():
-    assert GRID_TYPES == BLOCK_TYPES
+def test_block_types_but_the_i_quants_have_grids():
+    assert GRID_TYPES == tuple(n for n in BLOCK_TYPES if n not in IQ_TYPES)
 
 
 # --- csrc/zeropoint.h: the C kernels' copy of the numbers ---------------------------------------

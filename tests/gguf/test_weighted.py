@@ -342,8 +342,8 @@ def test_bad_blocks_and_types_are_named():
         quantize_weighted(x, "Q4_K", imp, "t")
     with pytest.raises(ValueError, match="overflows float16"):
         quantize_weighted(np.full((1, 256), 1e9, F32), "Q6_K", imp, "t")
-    with pytest.raises(ValueError, match="no weighted quantizer for IQ4_XS"):
-        quantize_weighted(x, "IQ4_XS", imp)
+    with pytest.raises(ValueError, match="no weighted quantizer for TQ1_0"):
+        quantize_weighted(x, "TQ1_0", imp)
     with pytest.raises(ValueError, match="do not tile"):
         quantize_weighted(np.ones((1, 96), F32), "Q4_K", np.ones(96, F32))
     with ckernels.disabled(), pytest.raises(ValueError, match="needs zeropoint's C kernels"):
@@ -374,9 +374,10 @@ def test_cli_imatrix_option_rules(tmp_path, capsys):
 
 
 def test_weighted_types_are_the_block_types_zeropoint_writes():
+    from zeropoint.gguf.iquants import IQ_TYPES  # weighted by gguf.iquants
     from zeropoint.gguf.types import WRITABLE_TYPES
 
-    assert set(WEIGHTED_TYPES) | set(IGNORES_IMPORTANCE) >= set(WRITABLE_TYPES)
+    assert set(WEIGHTED_TYPES) | set(IGNORES_IMPORTANCE) | set(IQ_TYPES) >= set(WRITABLE_TYPES)
 
 
 # --- GPTQ with an importance vector -------------------------------------------------------------

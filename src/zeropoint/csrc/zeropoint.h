@@ -26,7 +26,16 @@
   X(Q3_K, 11, ZP_QK_K, 110)             \
   X(Q4_K, 12, ZP_QK_K, 144)             \
   X(Q5_K, 13, ZP_QK_K, 176)             \
-  X(Q6_K, 14, ZP_QK_K, 210)
+  X(Q6_K, 14, ZP_QK_K, 210)             \
+  X(IQ2_XXS, 16, ZP_QK_K, 66)           \
+  X(IQ2_XS, 17, ZP_QK_K, 74)            \
+  X(IQ2_S, 22, ZP_QK_K, 82)             \
+  X(IQ3_XXS, 18, ZP_QK_K, 98)           \
+  X(IQ3_S, 21, ZP_QK_K, 110)            \
+  X(IQ1_S, 19, ZP_QK_K, 50)             \
+  X(IQ1_M, 29, ZP_QK_K, 56)             \
+  X(IQ4_NL, 20, ZP_QK_LEGACY, 18)       \
+  X(IQ4_XS, 23, ZP_QK_K, 136)
 
 /* ZP_Q4_0 (the type number), ZP_Q4_0_VALUES and ZP_Q4_0_BYTES for each type above. */
 #define ZP_TYPE_CONSTANTS(name, id, values, bytes) \
@@ -78,6 +87,22 @@ ZP_API int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_ty
 ZP_API int64_t zp_quantize_legacy_weighted(int type, const float *x, int64_t n_rows,
                                            int64_t n_per_row, const float *importance, uint8_t *y,
                                            int *why, int threads);
+
+/* ---- iquants.c: ggml's i-quants (IQ1_S .. IQ4_XS) ---- */
+
+/* The codebook of a type, once before its first use: for the lattice types n_points points of
+ * 8 (IQ2, IQ1) or 4 (IQ3) level numbers, and the value of each level; for IQ4_NL / IQ4_XS the
+ * 16 levels alone (n_points 0). 0, or -1 bad table, -2 not an i-quant, -3 out of memory. */
+ZP_API int zp_iq_set_grid(int type, const uint8_t *levels, int n_points, const int8_t *level_values,
+                          int n_levels);
+/* 1 for the types llama.cpp will not quantize without an importance matrix. */
+ZP_API int zp_iq_needs_importance(int type);
+/* rows x n_per_row floats into rows of blocks; importance: n_per_row weights or NULL. 0, or -1
+ * bad sizes, -2 not an i-quant, -3 no codebook set, -4 importance required. */
+ZP_API int zp_quantize_iquant(int type, const float *x, int64_t rows, int64_t n_per_row,
+                              const float *importance, uint8_t *y, int threads);
+ZP_API int zp_dequantize_iquant(int type, const uint8_t *y, int64_t n_blocks, float *x,
+                                int threads);
 
 /* ---- gemv.c: batch-1 matrix-vector products from packed codes ---- */
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from zeropoint import ckernels
+from zeropoint.gguf import iquants
 from zeropoint.gguf.kquants import dequantize_kblocks, quantize_kblocks
 from zeropoint.gguf.types import TYPES, GGMLType
 
@@ -66,6 +67,8 @@ def quantize_blocks(x: torch.Tensor, qtype: str) -> torch.Tensor:
                          f"{gtype.block_size}, got {x.shape[-1] if x.dim() else 'a scalar'}")
     x = x.to(torch.float32).contiguous()  # gguf-py rounds to float32 first too
     row_bytes = x.shape[-1] // gtype.block_size * gtype.type_size
+    if gtype.family == "iq":  # no importance here: requantize passes one to iquants itself
+        return torch.from_numpy(iquants.quantize(x.cpu().numpy(), qtype))
     if gtype.family == "k":
         return quantize_kblocks(x.view(-1, gtype.block_size), qtype).view(*x.shape[:-1],
                                                                           row_bytes)
@@ -333,6 +336,8 @@ def dequantize_blocks(data: torch.Tensor, qtype: str, shape) -> torch.Tensor:
     raw = data.contiguous().view(n_blocks, gtype.type_size)
     if gtype.family == "k":
         return dequantize_kblocks(raw, qtype).view(shape)
+    if gtype.family == "iq":
+        return torch.from_numpy(iquants.dequantize(raw.cpu().numpy(), qtype)).view(shape)
 
     lib = _legacy_library()
     if lib is not None and raw.device.type == "cpu":

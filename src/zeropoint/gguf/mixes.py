@@ -9,8 +9,11 @@ rule, so that `plan_types` picks what `llama_model_quantize` picks. In short:
   Q6_K, or Q8_0 when its rows do not tile into the mix's blocks or the mix is Q8_0.
 - K mixes spend more bits on some attn_v / ffn_down / attn_output tensors (by layer position).
 - Shape fallback: a row length that the chosen type's block (256 for K types) does not divide
-  takes a 32-block type instead (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
-  or F16 when not even 32 divides it. Every fallback is recorded in the plan.
+  takes a 32-block type instead (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+  every 256-value i-quant -> IQ4_NL), or F16 when not even 32 divides it. Every fallback is
+  recorded in the plan.
+- The i-quant mixes (IQ_MIXES) have rules of their own, some of which depend on whether an
+  importance matrix is given; `needs_imatrix` says which tensors llama-quantize refuses without.
 
 Targets: a mix name (`MIXES`: the llama.cpp ftypes zeropoint can write), a single ggml type that
 is not a mix name (Q3_K, Q4_K, Q5_K: every quantizable tensor in that type, llama.cpp's --pure),
@@ -45,7 +48,18 @@ MIXES: dict[str, tuple[int, str]] = {
     "Q4_K_S": (14, "Q4_K"), "Q4_K_M": (15, "Q4_K"),
     "Q5_K_S": (16, "Q5_K"), "Q5_K_M": (17, "Q5_K"),
     "Q6_K": (18, "Q6_K"),
+    # the i-quant mixes (IQ3_XS and IQ3_M default to IQ3_S, IQ2_S to IQ2_XS, IQ2_M to IQ2_S)
+    "IQ2_XXS": (19, "IQ2_XXS"), "IQ2_XS": (20, "IQ2_XS"), "IQ3_XS": (22, "IQ3_S"),
+    "IQ3_XXS": (23, "IQ3_XXS"), "IQ1_S": (24, "IQ1_S"), "IQ4_NL": (25, "IQ4_NL"),
+    "IQ3_S": (26, "IQ3_S"), "IQ3_M": (27, "IQ3_S"), "IQ2_S": (28, "IQ2_XS"),
+    "IQ2_M": (29, "IQ2_S"), "IQ4_XS": (30, "IQ4_XS"), "IQ1_M": (31, "IQ1_M"),
 }
+IQ_MIXES = tuple(m for m in MIXES if m.startswith("IQ"))
+# The i-quant mixes below 3 bits, which llama.cpp gives rules of their own.
+_LOW_BIT_MIXES = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+# Target types llama-quantize refuses to make without importance (tensor_requires_imatrix),
+# except for token_embd and output.
+NEED_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
 # Single types that are no mix name, and the file type llama.cpp writes for them with --pure.
 PURE_TYPES: dict[str, int] = {"Q3_K": 12, "Q4_K": 15, "Q5_K": 17}
 
@@ -330,6 +344,8 @@ class _Counters:
     tied: bool
     i_attention_wv: int = 0
     i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -339,6 +355,8 @@ def _use_more_bits(i: int, n: int) -> bool:
 def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelParams,
               has_imatrix: bool = False) -> str:
     """llama_tensor_get_type_impl for the mixes in MIXES, dense models."""
+    if mix in IQ_MIXES:
+        return _iq_mix_rule(mix, new, name, shape, st, hp, has_imatrix)
     cat = _category(name)
     if cat == "output" or (st.tied and cat == "token_embd"):
         if shape[-1] % ggml_type(new).block_size:
@@ -384,3 +402,76 @@ def _mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelPara
         new = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, new)
     return new
 
+
+
+def _iq_mix_rule(mix: str, new: str, name: str, shape, st: _Counters, hp: ModelParams,
+                 has_imatrix: bool) -> str:
+    """llama_tensor_get_type_impl for the i-quant mixes (IQ_MIXES), dense models."""
+    cat, gqa4 = _category(name), hp.n_gqa >= 4
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        if shape[-1] % ggml_type(new).block_size:
+            return "Q8_0"
+        if mix in _LOW_BIT_MIXES or mix == "IQ3_XXS":
+            return "Q5_K"
+        return new if new == "Q8_0" else "Q6_K"
+    if cat == "token_embd":
+        if mix in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K"
+        return "IQ3_S" if mix in ("IQ2_S", "IQ2_M", "IQ3_XXS") else new
+    a_iq3_s = mix in ("IQ2_S", "IQ2_M")  # these two spend IQ3_S where the others spend Q2_K
+    if mix in _LOW_BIT_MIXES:
+        if cat in ("attn_v", "attn_qkv"):
+            new = "Q4_K" if gqa4 else "IQ3_S" if a_iq3_s else "Q2_K"
+            st.i_attention_wv += 1
+        elif cat == "ffn_down":
+            if st.i_ffn_down < hp.n_layer // 8:
+                new = "IQ3_S" if a_iq3_s else "Q2_K"
+            st.i_ffn_down += 1
+        elif cat == "attn_output":
+            if mix in ("IQ1_S", "IQ1_M"):
+                new = "IQ2_XXS"
+            elif a_iq3_s:
+                new = "IQ3_S"
+        return new
+    if cat in ("attn_v", "attn_qkv"):
+        if mix == "IQ3_XXS":
+            new = "Q4_K" if gqa4 else "IQ3_XXS" if has_imatrix else "IQ3_S"
+        elif mix in ("IQ3_XS", "IQ3_S") and gqa4:
+            new = "Q4_K"
+        elif mix == "IQ3_M":
+            new = "Q4_K"
+        elif mix in ("IQ4_NL", "IQ4_XS") and gqa4:
+            new = "Q5_K"
+        if hp.is_70b and new in ("Q3_K", "Q4_K"):
+            new = "Q5_K"
+        st.i_attention_wv += 1
+    elif cat in ("attn_k", "attn_q"):
+        new = {"IQ3_XS": "IQ3_XXS", "IQ3_XXS": "IQ2_S"}.get(mix, new)
+    elif cat == "ffn_down":
+        i, n = st.i_ffn_down, hp.n_layer
+        if mix == "IQ3_XXS" and not has_imatrix:
+            new = "Q4_K" if i < n // 8 else "Q3_K"
+        elif mix == "IQ3_M" and i < n // 8:
+            new = "Q4_K"
+        elif mix in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not has_imatrix:
+            new = "Q5_K"
+        st.i_ffn_down += 1
+    elif cat == "attn_output":
+        new = {"IQ3_XXS": "IQ3_S", "IQ3_M": "Q4_K"}.get(mix, new)
+    elif cat in ("ffn_gate", "ffn_up"):
+        i = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        if mix == "IQ3_XS" and hp.n_layer // 8 <= i < 7 * hp.n_layer // 8:
+            new = "IQ3_XXS"
+        if cat == "ffn_gate":
+            st.i_ffn_gate += 1
+        else:
+            st.i_ffn_up += 1
+    return new
+
+
+def needs_imatrix(choice: TensorChoice) -> bool:
+    """llama.cpp's tensor_requires_imatrix: whether llama-quantize refuses to write this tensor
+    without an importance matrix (the i-quants below IQ3_S and IQ4; Q2_K_S is not a mix here)."""
+    if choice.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return choice.type in NEED_IMATRIX and allows_quantization(choice.name, choice.shape)

@@ -29,7 +29,8 @@ from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
 from . import blocks
 from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
-from .mixes import ModelParams, Plan, Target, parse_target, plan_types
+from .mixes import (NEED_IMATRIX, ModelParams, Plan, Target, needs_imatrix, parse_target,
+                    plan_types)
 from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
 from .weighted import IGNORES_IMPORTANCE, check_importance, weighted_encoder
@@ -300,6 +301,8 @@ def write_quantized(
         imp = None if c.copied else tensor_importance(importance, c.name, c.shape)
         if imp is not None and c.type not in IGNORES_IMPORTANCE:
             encoders[c.name] = weighted_encoder(imp)
+        elif imp is None and needs_imatrix(c) and (importance is None or not c.copied):
+            raise ValueError(_missing_importance(c, importance is None))
 
     def produce(choice) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
         src = by_name[choice.name]
@@ -331,6 +334,15 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def _missing_importance(choice, no_matrix: bool) -> str:
+    """llama-quantize's refusal of a very low-bit tensor without importance, in words."""
+    why = ("no importance matrix was given (--imatrix FILE)" if no_matrix
+           else "the importance matrix has no entry for it")
+    return (f"{choice.name}: {choice.type} needs an importance matrix and {why}; llama.cpp "
+            f"refuses these types without one, as the result would be garbage: "
+            f"{', '.join(NEED_IMATRIX)}")
 
 
 def tensor_importance(importance: Importance | None, name: str,

@@ -53,6 +53,10 @@ def _k(name, id, type_size, bits=None, **kw) -> GGMLType:
     return GGMLType(name, id, QK_K, type_size, "k", bits=bits, **kw)
 
 
+def _iq(name, id, type_size) -> GGMLType:
+    return GGMLType(name, id, QK_K, type_size, "iq", writable=True, fallback="IQ4_NL")
+
+
 # Table order is the order of the lists that error messages show: floats, then the legacy types
 # as zeropoint has always listed them (Q8_0 first), then the K types.
 _ALL = (
@@ -77,15 +81,17 @@ _ALL = (
     _k("Q5_K", 13, 176, 5, has_min=True, writable=True, fallback="Q5_1", grid="k"),
     _k("Q6_K", 14, 210, 6, writable=True, fallback="Q8_0", grid="k"),
     _k("Q8_K", 15, 292),
-    GGMLType("IQ2_XXS", 16, QK_K, 66, "iq"),
-    GGMLType("IQ2_XS", 17, QK_K, 74, "iq"),
-    GGMLType("IQ2_S", 22, QK_K, 82, "iq"),
-    GGMLType("IQ3_XXS", 18, QK_K, 98, "iq"),
-    GGMLType("IQ3_S", 21, QK_K, 110, "iq"),
-    GGMLType("IQ1_S", 19, QK_K, 50, "iq"),
-    GGMLType("IQ1_M", 29, QK_K, 56, "iq"),
-    GGMLType("IQ4_NL", 20, QK_LEGACY, 18, "iq"),
-    GGMLType("IQ4_XS", 23, QK_K, 136, "iq"),
+    # i-quants (gguf/iquants.py): codebook codes, no integer code width; the 256-value ones fall
+    # back to IQ4_NL (llama-quant.cpp's tensor_type_fallback), which falls back to F16.
+    _iq("IQ2_XXS", 16, 66),
+    _iq("IQ2_XS", 17, 74),
+    _iq("IQ2_S", 22, 82),
+    _iq("IQ3_XXS", 18, 98),
+    _iq("IQ3_S", 21, 110),
+    _iq("IQ1_S", 19, 50),
+    _iq("IQ1_M", 29, 56),
+    GGMLType("IQ4_NL", 20, QK_LEGACY, 18, "iq", writable=True),
+    _iq("IQ4_XS", 23, 136),
     GGMLType("TQ1_0", 34, QK_K, 54, "ternary"),
     GGMLType("TQ2_0", 35, QK_K, 66, "ternary"),
     GGMLType("MXFP4", 39, 32, 17, "fp4"),

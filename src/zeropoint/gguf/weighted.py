@@ -36,6 +36,8 @@ import numpy as np
 
 from zeropoint import ckernels
 
+from .iquants import IQ_TYPES
+from .iquants import quantize as quantize_iq
 from .metadata import MetaValue
 from .types import TYPES
 
@@ -81,6 +83,8 @@ def quantize_weighted(x, qtype: str, importance, name: str = "tensor") -> np.nda
     if x.ndim != 2:
         raise ValueError(f"{name}: weighted quantization takes rows (rows, n), got shape {x.shape}")
     rows, n = x.shape
+    if qtype in IQ_TYPES:  # the i-quants' searches take the importance too
+        return quantize_iq(x, qtype, check_importance(importance, n, name), name)
     if qtype not in WEIGHTED_TYPES + ("Q8_0",):
         raise ValueError(f"{name}: no weighted quantizer for {qtype}; weighted types: "
                          f"{', '.join(WEIGHTED_TYPES)} (and Q8_0, which ignores the importance)")
