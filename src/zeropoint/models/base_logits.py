@@ -153,6 +153,7 @@ def compact_kld(rows: CompactRows, log_q: torch.Tensor) -> torch.Tensor:
 
 def save_base_logits(path: str | os.PathLike, base: BaseLogits) -> None:
     """Write `base` to `path` atomically (a .npz archive: a JSON header and the arrays)."""
+    _check_shapes(base, Path(path))
     header = {"format": FORMAT, "version": VERSION, **asdict(base.header)}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
@@ -231,8 +232,9 @@ def _check_shapes(base: BaseLogits, path: Path) -> None:
     for name, shape in expected.items():
         got = (base.tokens if name == "tokens" else getattr(base.rows, name)).shape
         if got != shape:
-            raise ValueError(f"{str(path)!r} is damaged: {name} has shape {got}, the header "
-                             f"implies {shape}")
+            raise ValueError(f"base logits for {str(path)!r} are damaged: {name} has shape "
+                             f"{got}, the header implies {shape}")
     ids = (base.rows.top_ids, base.rows.tail_ids, base.tokens)
     if any(a.size and (a.min() < 0 or a.max() >= h.vocab_size) for a in ids):
-        raise ValueError(f"{str(path)!r} is damaged: token ids outside the vocabulary")
+        raise ValueError(f"base logits for {str(path)!r} are damaged: token ids outside the "
+                         "vocabulary")
