@@ -101,8 +101,11 @@ def run_kld(args) -> None:
 
 def format_kld(s) -> str:
     """The statistics, laid out as llama-perplexity prints them."""
-    def pm(e, scale=1.0, digits=6):
-        return f"{scale * e.value:{digits + 4}.{digits}f} ± {scale * e.uncertainty:{digits + 4}.{digits}f}"
+    def pm(e):
+        return f"{e.value:10.6f} ± {e.uncertainty:10.6f}"
+
+    def pct(e):
+        return f"{100 * e.value:6.3f} ± {100 * e.uncertainty:5.3f} %"
 
     lines = [
         f"Mean PPL(Q)                   : {pm(s.perplexity)}",
@@ -119,14 +122,14 @@ def format_kld(s) -> str:
         *[f"{p:4.1f}%   KLD: {v:10.6f}" for p, v in s.kld_percentiles.items() if p < 50],
         f"Minimum KLD: {s.kld_min:10.6f}",
         "",
-        f"Mean    Δp: {100 * s.delta_p.value:6.3f} ± {100 * s.delta_p.uncertainty:5.3f} %",
+        f"Mean    Δp: {pct(s.delta_p)}",
         f"Maximum Δp: {100 * s.delta_p_max:6.3f}%",
         *[f"{p:4.1f}%   Δp: {100 * v:6.3f}%" for p, v in s.delta_p_percentiles.items() if p > 50],
         f"Median  Δp: {100 * s.delta_p_median:6.3f}%",
         *[f"{p:4.1f}%   Δp: {100 * v:6.3f}%" for p, v in s.delta_p_percentiles.items() if p < 50],
         f"Minimum Δp: {100 * s.delta_p_min:6.3f}%",
-        f"RMS Δp    : {100 * s.delta_p_rms.value:6.3f} ± {100 * s.delta_p_rms.uncertainty:5.3f} %",
-        f"Same top p: {100 * s.same_top.value:6.3f} ± {100 * s.same_top.uncertainty:5.3f} %",
+        f"RMS Δp    : {pct(s.delta_p_rms)}",
+        f"Same top p: {pct(s.same_top)}",
     ]
     return "\n".join(lines)
 

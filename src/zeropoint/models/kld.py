@@ -138,7 +138,8 @@ def kld_windows(tokenized: Tokenized, window: int, chunks: int | None,
     """(chunks, window) int32: the first `chunks` whole windows of the text's tokens (all of
     them when None; at most all of them with `cap_chunks`, else more is an error)."""
     if window < 4:
-        raise ValueError(f"window must be at least 4 tokens (the second half is scored), got {window}")
+        raise ValueError(f"window must be at least 4 tokens (the second half is scored), "
+                         f"got {window}")
     available = len(tokenized.ids) // window
     if available < 1:
         raise ValueError(f"the text has {len(tokenized.ids)} tokens, less than one window of "
