@@ -8,9 +8,10 @@ token:
 - the `top_k` largest log-probabilities (float32) and their token ids (int32), most likely first;
 - the log of the mass T outside them, computed from the full row (not by subtraction, so a tail
   of 1e-12 keeps its digits);
-- `tail_samples` tokens drawn from the tail by systematic sampling: the tail sorted by
-  probability, its cumulative distribution cut into equal strata, the token at each stratum's
-  middle (ids and log-probabilities);
+- `tail_samples` tokens drawn from the tail by systematic sampling: the tail's cumulative
+  distribution (in vocabulary order) cut into equal strata, the token at each stratum's middle
+  (ids and log-probabilities), so a token holding a share w of the tail is drawn s * w times,
+  rounded down or up;
 - -ln p(right next token), which perplexity and Δp need whatever the token's rank.
 
 8 * (top_k + tail_samples) + 8 bytes a token: 1.5 KB with the defaults (64 + 128), some 65
@@ -124,19 +125,20 @@ def compact_rows(log_probs: torch.Tensor, targets: torch.Tensor, top_k: int = DE
     if tail_samples < 1:
         raise ValueError(f"tail_samples must be at least 1, got {tail_samples}")
     nll = -log_probs.gather(-1, targets[:, None])[:, 0]
-    ordered, order = torch.sort(log_probs, dim=-1, descending=True)  # (rows, vocab)
-    tail_log_probs = ordered[:, top_k:]  # (rows, vocab - top_k), descending
-    tail_log_mass = tail_log_probs.logsumexp(-1)  # (rows,)
-    # Systematic sample: the tail's cumulative distribution at the middle of s equal strata.
-    cdf = torch.cumsum(torch.exp(tail_log_probs.double() - tail_log_mass.double()[:, None]), -1)
+    top_values, top_ids = torch.topk(log_probs, top_k, dim=-1)  # (rows, top_k), descending
+    tail = log_probs.scatter(-1, top_ids, float("-inf"))  # (rows, vocab): the top-k masked out
+    tail_log_mass = tail.logsumexp(-1)  # (rows,)
+    # Systematic sample: the tail's cumulative distribution (in vocabulary order; the top-k add
+    # nothing to it) at the middle of s equal strata. searchsorted finds the first token whose
+    # cumulative share reaches each middle, never a masked one, which adds nothing.
+    cdf = torch.cumsum(torch.exp(tail - tail_log_mass[:, None]), -1, dtype=torch.float64)
     middles = (torch.arange(tail_samples, dtype=torch.float64) + 0.5) / tail_samples
     picks = torch.searchsorted(cdf, middles.expand(len(cdf), -1).contiguous())
-    picks = picks.clamp_(max=vocab - top_k - 1)  # (rows, tail_samples); rounding at cdf's end
+    picks = picks.clamp_(max=vocab - 1)  # (rows, tail_samples)
     return CompactRows(
-        top_ids=order[:, :top_k].int(), top_log_probs=ordered[:, :top_k].float(),
-        tail_log_mass=tail_log_mass.float(),
-        tail_ids=order[:, top_k:].gather(-1, picks).int(),
-        tail_log_probs=tail_log_probs.gather(-1, picks).float(), nll=nll.float())
+        top_ids=top_ids.int(), top_log_probs=top_values.float(),
+        tail_log_mass=tail_log_mass.float(), tail_ids=picks.int(),
+        tail_log_probs=log_probs.gather(-1, picks).float(), nll=nll.float())
 
 
 def compact_kld(rows: CompactRows, log_q: torch.Tensor) -> torch.Tensor:
