@@ -1,7 +1,8 @@
 """`zeropoint eval`: perplexity (causal LMs) or embedding cosine against a quantized copy
 (encoders) in PyTorch, or with --engine llama.cpp the perplexity of one GGUF file under llama.cpp
 (its own logits and tokenizer, by models.evaluate.perplexity's protocol) and a short greedy
-generation."""
+generation. With --kld: the KL-divergence statistics of `llama-perplexity --kl-divergence`
+(cli/eval_kld.py)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,30 @@ from .common import CommandError, mib, open_model, read_text, resolve, threads, 
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
+    from .eval_kld import add_kld_arguments
+
+    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders); "
+                       "--kld: KL-divergence of QUANTIZED from MODEL")
     e.add_argument("model", help="float model ('default', a checkpoint dir, a .gguf) or a zeropoint dir")
-    e.add_argument("quantized", nargs="?", help="a zeropoint directory to compare with MODEL")
+    e.add_argument("quantized", nargs="?", help="a model to compare with MODEL (a zeropoint "
+                   "directory; with --kld any model zeropoint loads)")
     e.add_argument("--text", metavar="FILE", help="text to score (default: Python's pydoc topics)")
     e.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     e.add_argument("--max-tokens", type=int, default=2048)
     e.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     e.add_argument("--engine", choices=["torch", "llama.cpp"], default="torch",
                    help="run the model in PyTorch (default) or in llama.cpp (GGUF files)")
+    add_kld_arguments(e)
     e.set_defaults(func=run)
 
 
 def run(args) -> None:
+    if args.kld:
+        from .eval_kld import run_kld
+
+        return run_kld(args)
+    if args.save_base or args.base_logits:
+        raise CommandError("--save-base and --base-logits go with --kld")
     if args.engine == "llama.cpp":
         return _run_llama_cpp(args)
     from ..models.evaluate import embedding_cosine, perplexity

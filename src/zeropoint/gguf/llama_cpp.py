@@ -35,15 +35,20 @@ def open_llama(path, n_ctx: int = 512, threads: int = 2, logits_all: bool = True
 
     path = Path(path)
     read_gguf(path)  # a clear error for a bad file, before llama.cpp's terse one
-    env = os.environ.get("ZEROPOINT_LLAMA_EXTRA_BUFFERS")
-    extra = env == "1" if env in ("0", "1") else not _amx_cpu()
     try:
-        with _extra_buffers(extra):
+        with _extra_buffers(extra_buffers_enabled()):
             return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
                          n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
                          verbose=False)
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"llama.cpp cannot load {str(path)!r}: {e}") from None
+
+
+def extra_buffers_enabled() -> bool:
+    """Whether llama.cpp may use its extra weight buffers (see open_llama): not on AMX CPUs,
+    unless ZEROPOINT_LLAMA_EXTRA_BUFFERS=1 (or =0 to turn them off anywhere)."""
+    env = os.environ.get("ZEROPOINT_LLAMA_EXTRA_BUFFERS")
+    return env == "1" if env in ("0", "1") else not _amx_cpu()
 
 
 def _amx_cpu() -> bool:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 LLAMA_TOOLS_VERSION = "0.3.36"  # the llama-cpp-python sdist the tools are built from
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+# The tools that load a model to run it, and so take common_params' --no-repack.
+RUNNING_TOOLS = ("llama-imatrix", "llama-perplexity")
 
 
 def tools_dir() -> Path:
@@ -38,8 +40,16 @@ def tools_available() -> bool:
 def run_tool(name: str, *args: str | os.PathLike, check: bool = True,
              **kwargs) -> subprocess.CompletedProcess:
     """Run llama.cpp tool `name` with `args`, capturing its output as text. With `check`, a
-    non-zero exit raises RuntimeError carrying the tool's last lines of output."""
-    cmd = [str(tool_path(name)), *map(str, args)]
+    non-zero exit raises RuntimeError carrying the tool's last lines of output.
+
+    Where open_llama keeps llama.cpp's extra weight buffers off (AMX CPUs, whose AMX matmul
+    segfaulted in the sandbox zeropoint was built in), the tools that run a model get
+    --no-repack, which turns off the same buffers: their figures stay those of plain ggml
+    kernels, as in-process llama.cpp computes them."""
+    from .llama_cpp import extra_buffers_enabled
+
+    flags = ["--no-repack"] if name in RUNNING_TOOLS and not extra_buffers_enabled() else []
+    cmd = [str(tool_path(name)), *flags, *map(str, args)]
     done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
     if check and done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
