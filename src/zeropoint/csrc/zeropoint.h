@@ -60,6 +60,10 @@ ZP_API void zp_unpack(const uint8_t *data, int64_t n, int bits, uint8_t *codes);
 ZP_API int64_t zp_quantize_kquant(int type, const float *x, int64_t n_super, uint8_t *y, int *why,
                                   int threads);
 
+/* ---- kdequant.c: K-quant super-blocks back to float32 ---- */
+
+ZP_API int zp_dequantize_kquant(int type, const uint8_t *y, int64_t n_super, float *x, int threads);
+
 /* ---- legacy.c: ggml's legacy 32-value blocks ---- */
 
 ZP_API int zp_legacy_available(void);
