@@ -57,18 +57,20 @@ def run(args, source) -> None:
 
 
 def _write(args, source, out: Path, target):
-    """The QuantizeReport of writing `out` from `source` by args.method."""
-    from ..gguf.export import export_hf
-    from ..gguf.requantize import requantize
-
+    """The QuantizeReport of writing `out` from `source` by args.method. A GGUF source by RTN
+    imports no torch (gguf.requantize); the other ways import it."""
     if args.method == "gptq":
         return _gptq(args, target)
     encoder = None
     if args.method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
     if source.is_gguf:
+        from ..gguf.requantize import requantize
+
         return requantize(source.path, out, target, progress=not args.quiet,
                           encoder=encoder)
+    from ..gguf.export import export_hf
+
     return export_hf(source.path, out, target, progress=not args.quiet,
                      threads=threads(), encoder=encoder)
 

@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
 from ..atomic import atomic_path
@@ -26,7 +26,7 @@ from .layout import MAX_DIMS, data_alignment, tensor_nbytes
 from .metadata import ARRAY_DTYPE, MetaValue, ReadValue, gc_paused
 from .types import ggml_type
 
-TensorBytes = Union[np.ndarray, torch.Tensor, bytes]
+TensorBytes = Union[np.ndarray, "torch.Tensor", bytes]  # torch is not imported here
 
 
 @dataclass
@@ -73,7 +73,8 @@ class _Writer(GGUFWriter):
 
 def _as_bytes(data: TensorBytes) -> np.ndarray:
     """Any of the accepted byte containers -> flat uint8 array (no copy where possible)."""
-    if isinstance(data, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded
+    if torch is not None and isinstance(data, torch.Tensor):
         data = data.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
     elif isinstance(data, (bytes, bytearray, memoryview)):
         data = np.frombuffer(data, dtype=np.uint8)
