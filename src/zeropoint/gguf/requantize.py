@@ -37,7 +37,7 @@ from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types
 from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
-from .writer import TensorData, write_gguf
+from .writer import FileRange, TensorData, write_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +56,16 @@ Encoder = Callable[["torch.Tensor", str, str], np.ndarray]
 
 @dataclass
 class SourceTensor:
-    """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes."""
+    """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes;
+    from a file, also where its bytes lie (copied there by the kernel if its type stays) and a
+    function that lets go of the memory `read` mapped, called once the tensor is converted."""
 
     name: str
     type: str
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]  # flat uint8: the tensor's bytes in `type`
+    location: FileRange | None = None
+    release: Callable[[], None] | None = None
 
 
 # --- one tensor -------------------------------------------------------------------------------
@@ -318,12 +322,17 @@ def write_quantized(
     plan = plan_types([(s.name, s.type, s.shape) for s in sources], target, params)
     check_writable(plan)
 
-    def produce(choice) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
+    def produce(choice) -> Callable[[], np.ndarray | FileRange | Iterator[np.ndarray]]:
         src = by_name[choice.name]
         if choice.copied:
-            return src.read
-        return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name,
-                               encoder)
+            return (lambda: src.location) if src.location is not None else src.read
+
+        def pieces() -> Iterator[np.ndarray]:
+            yield from convert(src.read(), src.type, src.shape, choice.type, choice.name, encoder)
+            if src.release is not None:
+                src.release()
+
+        return pieces
 
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or ckernels.default_threads())
@@ -356,7 +365,9 @@ def _torch_threads(n: int):
 
 
 def gguf_sources(src: GGUFFile) -> list[SourceTensor]:
-    return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t))) for t in src.tensors]
+    return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t)),
+                         FileRange(src.path, t.offset, t.nbytes), (lambda t=t: src.release(t)))
+            for t in src.tensors]
 
 
 def requantize(

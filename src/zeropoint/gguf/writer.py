@@ -26,13 +26,27 @@ from .layout import MAX_DIMS, data_alignment, tensor_nbytes
 from .metadata import ARRAY_DTYPE, MetaValue, ReadValue, gc_paused
 from .types import ggml_type
 
-TensorBytes = Union[np.ndarray, "torch.Tensor", bytes]  # torch is not imported here
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """`nbytes` bytes at `offset` of the file at `path`, which the kernel copies into the output
+    (copy_file_range): a tensor that keeps its type never passes through this process's memory,
+    where reading it through a memory map cost a page fault per 4 KiB and as much resident
+    memory as the tensor."""
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
+TensorBytes = Union[np.ndarray, "torch.Tensor", bytes, FileRange]  # torch is not imported here
 
 
 @dataclass
 class TensorData:
-    """A tensor to write: its bytes, or a function that makes them when the writer gets there
-    (so a whole model never has to sit in memory at once). The function may return the bytes or
+    """A tensor to write: its bytes (or a FileRange of another file's), or a function that makes
+    them when the writer gets there (so a whole model never has to sit in memory at once). The function may return the bytes or
     an iterator of consecutive pieces of them; each piece is stored before the next is asked for,
     so a piece may be a view of a buffer the function then reuses."""
 
@@ -164,7 +178,10 @@ def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], siz
             pieces = data if isinstance(data, Iterator) else (data,)
             at = start
             for piece in pieces:
-                at += _pwrite_all(fd, _as_bytes(piece), at)
+                if isinstance(piece, FileRange):
+                    at += _copy_range(piece, fd, at)
+                else:
+                    at += _pwrite_all(fd, _as_bytes(piece), at)
             if at - start != t.nbytes:
                 raise ValueError(f"tensor {t.name!r} ({t.type}, shape {t.shape}) needs "
                                  f"{t.nbytes} bytes, got {at - start}")
@@ -209,6 +226,37 @@ def _libc_fallocate():
 
 
 _fallocate = _libc_fallocate()
+
+
+_COPY_CHUNK = 8 << 20  # bytes per read and write where copy_file_range is not to be had
+
+
+def _copy_range(source: FileRange, fd: int, at: int) -> int:
+    """Copy `source` into fd at offset `at`; returns its size. copy_file_range where the kernel
+    and file systems have it, else reads and writes of _COPY_CHUNK."""
+    src = os.open(source.path, os.O_RDONLY)
+    try:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < source.nbytes:
+                    n = os.copy_file_range(src, fd, source.nbytes - done, source.offset + done,
+                                           at + done)
+                    if n == 0:
+                        raise ValueError(f"{str(source.path)!r} ends before byte "
+                                         f"{source.offset + source.nbytes}")
+                    done += n
+            except OSError:  # not across these file systems, or not in this kernel: copy here
+                pass
+        while done < source.nbytes:
+            piece = os.pread(src, min(_COPY_CHUNK, source.nbytes - done), source.offset + done)
+            if not piece:
+                raise ValueError(f"{str(source.path)!r} ends before byte "
+                                 f"{source.offset + source.nbytes}")
+            done += _pwrite_all(fd, np.frombuffer(piece, np.uint8), at + done)
+        return done
+    finally:
+        os.close(src)
 
 
 def _pwrite_all(fd: int, data: np.ndarray, at: int) -> int:
