@@ -1,7 +1,8 @@
 """Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
 packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c and, back to floats,
 csrc/kdequant.c; used by gguf.kquants and gguf.codecs) and
-legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), batch-1 matrix-vector products
+legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), a GGUF header's string arrays
+(csrc/gguf_scan.c, used by gguf.header), batch-1 matrix-vector products
 (csrc/gemv.c) and the compact runtime's per-token steps (csrc/token_ops.c). csrc/zeropoint.h
 declares every function the library exports; SIGNATURES binds each.
 
@@ -44,7 +45,7 @@ except ImportError:  # not POSIX: builds go unlocked
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "kdequant.c",
-                                    "legacy.c", "gemv.c", "token_ops.c")]
+                                    "legacy.c", "gguf_scan.c", "gemv.c", "token_ops.c")]
 HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Hidden visibility:
@@ -73,6 +74,7 @@ SIGNATURES = {
     "zp_quantize_legacy": (_i64, [_int, _p, _i64, _p, _p, _int]),
     "zp_dequantize_legacy": (_int, [_int, _p, _i64, _p, _int]),
     "zp_requantize_legacy": (_i64, [_int, _p, _int, _i64, _p, _p]),
+    "zp_skip_strings": (_i64, [_p, _i64, _i64, _i64]),
     "zp_gemv_q8": (None, [_p, _p, _p, _p, _i64, _i64, _int, _int]),
     "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]),
     "zp_add_rmsnorm": (None, [_p, _p, _p, _f32, _i64, _p]),

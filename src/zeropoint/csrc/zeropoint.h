@@ -74,6 +74,10 @@ ZP_API int zp_dequantize_legacy(int type, const uint8_t *y, int64_t n_blocks, fl
 ZP_API int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type,
                                     int64_t n_blocks, uint8_t *y, int *why);
 
+/* ---- gguf_scan.c: GGUF header walking ---- */
+
+ZP_API int64_t zp_skip_strings(const uint8_t *buf, int64_t size, int64_t pos, int64_t count);
+
 /* ---- gemv.c: batch-1 matrix-vector products from packed codes ---- */
 
 ZP_API void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, int64_t in,
