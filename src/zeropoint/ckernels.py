@@ -155,7 +155,9 @@ def _torch_openmp() -> list[str]:
 
 
 def _preload_torch_openmp(root: Path) -> list[str]:
-    found = [p for d in _torch_folders(root) if d.is_dir() for p in sorted(d.glob("libgomp*.so*"))]
+    # listdir, not glob: compiling glob's pattern took longer than the rest of loading.
+    found = [d / name for d in _torch_folders(root) if d.is_dir() for name in sorted(os.listdir(d))
+             if name.startswith("libgomp") and ".so" in name]
     if len(found) != 1:
         return []
     try:

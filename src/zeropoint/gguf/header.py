@@ -21,9 +21,9 @@ import struct
 from typing import NoReturn
 
 import numpy as np
-from gguf import GGUF_MAGIC, GGUFValueType
 
 from .. import ckernels
+from .constants import GGUF_MAGIC, GGUFValueType
 from .layout import ALIGNMENT_KEY, MAX_DIMS, SUPPORTED_VERSIONS, data_alignment
 from .metadata import ARRAY_DTYPE, SCALAR_FORMAT, Metadata, ReadValue
 

@@ -4,8 +4,9 @@ Each tensor is read, dequantized to float32 a few rows at a time, and quantized 
 `mixes.plan_types` chose for it, by the numpy codecs of codecs.py (between two legacy types both
 steps are one pass in C, `codecs.transcode`, whose floats never leave L1); a tensor already in its
 chosen type is copied as is, and tensors that are not 2-D weights (norms) are kept. This path
-imports no torch: a GGUF-to-GGUF requantization is numpy, gguf-py and the C kernels. torch comes
-in only for an `encoder` (HQQ's) or where the C kernels are missing (gguf.blocks' torch code).
+imports neither torch nor gguf-py: a GGUF-to-GGUF requantization is numpy and the C kernels.
+torch comes in only for an `encoder` (HQQ's) or where the C kernels are missing (gguf.blocks'
+torch code).
 Metadata and tokenizer are copied; as in llama.cpp, `general.quantization_version` and
 `general.file_type` are set (and moved last) and split keys are dropped, and the tensors are
 written in llama.cpp's order. For the legacy types the result is the same file as llama.cpp's,
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION
 
 from .. import ckernels
 from . import codecs
+from .constants import GGML_QUANT_VERSION
 from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Plan, Target, parse_target, plan_types

@@ -1,7 +1,7 @@
 """GGUF files out: metadata and tensors written atomically, tensor data in place.
 
-The header is written here, value encodings made by gguf-py's `GGUFWriter` packer, into a
-temporary file renamed into place only when the whole file is written; tensor data goes in with one positioned write per tensor (or
+The header is written here (metadata.encode_value encodes the values), into a temporary file
+renamed into place only when the whole file is written; tensor data goes in with one positioned write per tensor (or
 piece), from several threads at once if asked. Metadata values read from a file keep their bytes
 and are written back as they are, so requantizing never pays for encoding a vocabulary again.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from gguf import GGUF_MAGIC, GGUF_VERSION, GGUFValueType, GGUFWriter
 
 from ..atomic import atomic_path
+from .constants import GGUF_MAGIC, GGUF_VERSION
 from .layout import MAX_DIMS, data_alignment, tensor_nbytes
-from .metadata import ARRAY_DTYPE, MetaValue, ReadValue, gc_paused
+from .metadata import MetaValue, encode_value, gc_paused
 from .types import ggml_type
 
 
@@ -58,25 +58,6 @@ class TensorData:
     @property
     def nbytes(self) -> int:
         return tensor_nbytes(self.type, self.shape)
-
-
-class _Writer(GGUFWriter):
-    """GGUFWriter, plus empty arrays (legal GGUF, and llama.cpp reads them; gguf-py refuses)."""
-
-    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        # Arrays of strings and numbers in one go (same bytes as gguf-py's item-by-item packing,
-        # 10x faster on a 50k-token vocabulary), and empty arrays.
-        if vtype == GGUFValueType.ARRAY and sub_type is not None and (
-                not val or sub_type == GGUFValueType.STRING or sub_type in ARRAY_DTYPE):
-            head = struct.pack("<I", vtype) if add_vtype else b""
-            head += struct.pack("<IQ", sub_type, len(val))
-            if sub_type == GGUFValueType.STRING:
-                items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
-                return head + b"".join(struct.pack("<Q", len(b)) + b for b in items)
-            if not val:  # of any element type, arrays of arrays included
-                return head
-            return head + np.asarray(val, dtype=ARRAY_DTYPE[sub_type]).tobytes()
-        return super()._pack_val(val, vtype, add_vtype, sub_type)
 
 
 def _as_bytes(data: TensorBytes) -> np.ndarray:
@@ -137,16 +118,12 @@ def _write_header(path: Path, meta: Mapping[str, MetaValue], tensors: list[Tenso
     """Header, metadata and tensor infos, padded to the alignment; returns the data offset.
     Written piece by piece, never joined: a vocabulary's megabytes were copied three times over
     when gguf-py's writer gathered them into one buffer (0.15 s of a 2 s requantization)."""
-    packer = _packer()
     pieces = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(meta))]
     for key, m in meta.items():
         if not isinstance(m, MetaValue):
             raise TypeError(f"metadata {key!r} must be a MetaValue, got {type(m).__name__}")
         pieces.append(_string(key) + struct.pack("<I", m.type))
-        if isinstance(m, ReadValue):
-            pieces.append(m.encoded)
-        else:
-            pieces.append(packer._pack_val(m.value, m.type, add_vtype=False, sub_type=m.sub_type))
+        pieces.append(encode_value(m))
     offset = 0
     for t in tensors:
         dims = tuple(reversed(t.shape))  # ggml's order: ne[0] is the row length
@@ -165,16 +142,6 @@ def _write_header(path: Path, meta: Mapping[str, MetaValue], tensors: list[Tenso
 def _string(s: str) -> bytes:
     raw = s.encode("utf-8")
     return struct.pack("<Q", len(raw)) + raw
-
-
-_PACKER: list = []
-
-
-def _packer() -> _Writer:
-    """A writer with no file, for its value packing only."""
-    if not _PACKER:
-        _PACKER.append(_Writer(None, arch=""))
-    return _PACKER[0]
 
 
 def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], size: int,
