@@ -1,7 +1,7 @@
 """Whole commands, from start to exit, as a user runs them: each zeropoint command in a fresh
 process against its nearest llama.cpp peer on the same work, alternated run by run (zeropoint,
 peer, peer, zeropoint, ...) so a change in the machine's load hits both; the median wall time and
-the median peak RSS (os.wait4's ru_maxrss of that very child) of each, and their ratios.
+the median peak RSS (GNU time's %M of that very command) of each, and their ratios.
 
 Rows (issue 18):
   requantize    `zeropoint quantize X.gguf --type T -o out.gguf` against `llama-quantize
@@ -26,6 +26,7 @@ OMP_NUM_THREADS = --threads; llama.cpp's tools are scripts/build-llama-tools.sh'
 from __future__ import annotations
 
 import argparse
+import filecmp
 import os
 import platform
 import shutil
@@ -44,6 +45,7 @@ from zeropoint.gguf.llama_tools import tool_path  # noqa: E402
 from zeropoint.gguf.mixes import MIXES, PURE_TYPES  # noqa: E402
 from zeropoint.gguf.types import WRITABLE_TYPES  # noqa: E402
 
+TIME = "/usr/bin/time"  # GNU time: the child's peak RSS (%M, KiB)
 TIME_RATIO, RSS_RATIO = 1.0, 1.5  # issue 18: no slower than llama-quantize, at most 1.5x memory
 
 
@@ -54,22 +56,21 @@ class Run:
 
 
 def run_once(argv: list[str], env: dict, check: bool = True) -> Run:
-    """Time argv from fork to exit; its peak RSS from the kernel's accounting of that child."""
-    # Its output goes to a file: a pipe read only after exit would fill and stall the child.
-    with tempfile.TemporaryFile() as log:
+    """Time argv from start to exit; its peak RSS as /usr/bin/time measures it. Not this
+    process's wait4: a child started by vfork keeps the parent's high-water mark across exec."""
+    # Output goes to a file: a pipe read only after exit would fill and stall the child.
+    with tempfile.NamedTemporaryFile() as rss, tempfile.TemporaryFile() as log:
         started = time.perf_counter()
-        child = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        # wait4 reaps the child and returns its own rusage (RUSAGE_CHILDREN would fold in every
-        # child so far, and keep only the largest).
-        _, status, usage = os.wait4(child.pid, 0)
+        done = subprocess.run([TIME, "-f", "%M", "-o", rss.name, *map(str, argv)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if check and child.returncode != 0:
+        if check and done.returncode != 0:
             log.seek(0)
             said = log.read().decode(errors="replace")
-            raise RuntimeError(f"{' '.join(map(str, argv))} exited with {child.returncode}:\n"
+            raise RuntimeError(f"{' '.join(map(str, argv))} exited with {done.returncode}:\n"
                                f"{said[-2000:]}")
-    return Run(seconds, usage.ru_maxrss * 1024)  # Linux reports KiB
+        kib = int(Path(rss.name).read_text().split()[-1])
+    return Run(seconds, kib * 1024)
 
 
 @dataclass
@@ -180,8 +181,8 @@ def main() -> None:
                                          str(outs["ll"]), ltype, str(args.threads)], env)
 
                     ours(), peer()
-                    row.same_bytes = (work / "zp.gguf").read_bytes() == \
-                        (work / "ll.gguf").read_bytes()
+                    row.same_bytes = filecmp.cmp(work / "zp.gguf", work / "ll.gguf",
+                                                 shallow=False)
                     cleanup()
                     alternate(row, ours, peer, args.runs, cleanup)
                     met &= print_row(row)
