@@ -1,7 +1,8 @@
 """Whole commands, from start to exit, as a user runs them: each zeropoint command in a fresh
 process against its nearest llama.cpp peer on the same work, alternated run by run (zeropoint,
 peer, peer, zeropoint, ...) so a change in the machine's load hits both; the median wall time and
-the median peak RSS (GNU time's %M of that very command) of each, and their ratios.
+the median peak RSS (GNU time's %M of that very command) and CPU seconds (user + system, all
+threads: the cost of the job whatever the machine's load) of each, and their ratios.
 
 Rows (issue 18):
   requantize    `zeropoint quantize X.gguf --type T -o out.gguf` against `llama-quantize
@@ -53,6 +54,7 @@ TIME_RATIO, RSS_RATIO = 1.0, 1.5  # issue 18: no slower than llama-quantize, at 
 class Run:
     seconds: float
     rss_bytes: int
+    cpu_seconds: float  # user + system, all threads: what the job costs, whatever the load
 
 
 def run_once(argv: list[str], env: dict, check: bool = True) -> Run:
@@ -61,7 +63,7 @@ def run_once(argv: list[str], env: dict, check: bool = True) -> Run:
     # Output goes to a file: a pipe read only after exit would fill and stall the child.
     with tempfile.NamedTemporaryFile() as rss, tempfile.TemporaryFile() as log:
         started = time.perf_counter()
-        done = subprocess.run([TIME, "-f", "%M", "-o", rss.name, *map(str, argv)], env=env,
+        done = subprocess.run([TIME, "-f", "%M %U %S", "-o", rss.name, *map(str, argv)], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
         seconds = time.perf_counter() - started
         if check and done.returncode != 0:
@@ -69,8 +71,8 @@ def run_once(argv: list[str], env: dict, check: bool = True) -> Run:
             said = log.read().decode(errors="replace")
             raise RuntimeError(f"{' '.join(map(str, argv))} exited with {done.returncode}:\n"
                                f"{said[-2000:]}")
-        kib = int(Path(rss.name).read_text().split()[-1])
-    return Run(seconds, kib * 1024)
+        kib, user, system = Path(rss.name).read_text().split()[-3:]
+    return Run(seconds, int(kib) * 1024, float(user) + float(system))
 
 
 @dataclass
@@ -81,18 +83,22 @@ class Row:
     same_bytes: bool | None = None
 
     @staticmethod
-    def median(runs: list[Run]) -> tuple[float, float]:
+    def median(runs: list[Run]) -> tuple[float, float, float]:
         return (statistics.median(r.seconds for r in runs),
-                statistics.median(r.rss_bytes for r in runs) / 2**20)
+                statistics.median(r.rss_bytes for r in runs) / 2**20,
+                statistics.median(r.cpu_seconds for r in runs))
 
 
-def alternate(row: Row, ours, peer, runs: int, cleanup) -> None:
+def alternate(row: Row, ours, peer, runs: int, cleanup, check=None) -> None:
     """ours() and peer() (each returning a Run), alternated, after one untimed warm-up each
-    (page cache, compiled kernels); cleanup() between runs, untimed."""
+    (page cache, compiled kernels), whose outputs check(), if given, compares; cleanup()
+    between runs, untimed."""
     calls = [ours] + ([peer] if peer else [])
     for fn in calls:
         fn()
-        cleanup()
+    if check is not None:
+        check()
+    cleanup()
     for r in range(runs):
         order = calls if r % 2 == 0 else calls[::-1]
         for fn in order:
@@ -119,14 +125,16 @@ def requantize_targets(which: str) -> list[str]:
 
 
 def print_row(row: Row, target: str = "") -> bool:
-    t, m = Row.median(row.ours)
+    t, m, c = Row.median(row.ours)
     if not row.peer:
-        print(f"{row.name:<34}{t:>9.3f}{m:>9.1f}{'':>9}{'':>9}{'':>8}{'':>8}  {target}")
+        print(f"{row.name:<34}{t:>8.3f}{c:>7.2f}{m:>8.1f}{'':>8}{'':>7}{'':>8}{'':>7}{'':>7}"
+              f"{'':>7}  {target}")
         return True
-    pt, pm = Row.median(row.peer)
+    pt, pm, pc = Row.median(row.peer)
     ok = t <= pt * TIME_RATIO and m <= pm * RSS_RATIO
     same = "" if row.same_bytes is None else ("same" if row.same_bytes else "DIFFER")
-    print(f"{row.name:<34}{t:>9.3f}{m:>9.1f}{pt:>9.3f}{pm:>9.1f}{t / pt:>7.2f}x{m / pm:>7.2f}x  "
+    print(f"{row.name:<34}{t:>8.3f}{c:>7.2f}{m:>8.1f}{pt:>8.3f}{pc:>7.2f}{pm:>8.1f}"
+          f"{t / pt:>6.2f}x{c / pc:>6.2f}x{m / pm:>6.2f}x  "
           f"{target or ('met' if ok else 'NOT met')} {same}".rstrip())
     return ok
 
@@ -152,8 +160,8 @@ def main() -> None:
     print(f"whole processes, median of {args.runs} alternated runs after one warm-up each; "
           f"{args.threads} threads each; {platform.machine()}, {os.cpu_count()} CPUs, load "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'command':<34}{'zp s':>9}{'zp MiB':>9}{'peer s':>9}{'peer MiB':>9}"
-          f"{'time':>8}{'RSS':>8}  target")
+    print(f"{'command':<34}{'zp s':>8}{'cpu s':>7}{'MiB':>8}{'peer s':>8}{'cpu s':>7}{'MiB':>8}"
+          f"{'time':>7}{'cpu':>7}{'RSS':>7}  target (time and RSS)")
     met = True
     with tempfile.TemporaryDirectory(prefix="bench_process_") as tmp:
         work = Path(tmp)
@@ -180,11 +188,11 @@ def main() -> None:
                         return run_once([quantize_tool, "--allow-requantize", *flags, str(src),
                                          str(outs["ll"]), ltype, str(args.threads)], env)
 
-                    ours(), peer()
-                    row.same_bytes = filecmp.cmp(work / "zp.gguf", work / "ll.gguf",
-                                                 shallow=False)
-                    cleanup()
-                    alternate(row, ours, peer, args.runs, cleanup)
+                    def check(row=row):
+                        row.same_bytes = filecmp.cmp(work / "zp.gguf", work / "ll.gguf",
+                                                     shallow=False)
+
+                    alternate(row, ours, peer, args.runs, cleanup, check)
                     met &= print_row(row)
         smol = default_model_path()
         if "help" in rows:

@@ -94,21 +94,38 @@ def _codec(qtype: str) -> Codec:
 # --- float types ------------------------------------------------------------------------------
 
 
-def _narrow(x: np.ndarray, qtype: str, cast: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    out = cast(x)
-    wide = out.astype(np.float32) if qtype == "F16" else _bf16_to_f32(out)
-    if not np.isfinite(wide).all():
+# The smallest |x| that rounds to inf: halfway past each type's largest finite value, where
+# round-to-nearest-even goes up (the largest finite value has an odd significand in both).
+F16_OVERFLOW = 65520.0
+BF16_OVERFLOW = float(np.array(0x7F7F8000, np.uint32).view(np.float32))
+
+
+def _check_narrow(x: np.ndarray, qtype: str, overflow: float) -> None:
+    """ValueError unless every x is finite in `qtype`; a NaN makes max() NaN, which fails too.
+    Two reductions over float32: converting back and testing each value took longer than
+    the conversion."""
+    big = max(float(x.max()), -float(x.min())) if x.size else 0.0
+    if not big < overflow:
         big = float(np.abs(x).max())
         raise ValueError(f"values up to {big:.4g} are not finite in {qtype}")
-    return out.view(np.uint8)
+
+
+def _f32_to_f16(x: np.ndarray) -> np.ndarray:
+    _check_narrow(x, "F16", F16_OVERFLOW)
+    return x.astype(np.float16).view(np.uint8)
 
 
 def _f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round to nearest even in the top 16 bits (a NaN stays a quiet NaN), as torch casts."""
+    """Round to nearest even in the top 16 bits, as torch casts. Finite input only (checked),
+    so the uint32 sum cannot wrap."""
+    _check_narrow(x, "BF16", BF16_OVERFLOW)
     bits = x.view(np.uint32)
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = (bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+    rounded = bits >> 16
+    rounded &= 1
+    rounded += bits
+    rounded += 0x7FFF
+    rounded >>= 16
+    return rounded.astype(np.uint16).view(np.uint8)
 
 
 def _bf16_to_f32(h: np.ndarray) -> np.ndarray:
@@ -117,11 +134,9 @@ def _bf16_to_f32(h: np.ndarray) -> np.ndarray:
 
 register("F32", Codec(lambda x: x.view(np.uint8),
                       lambda b, n: b.view(np.float32).reshape(-1, n), kernels=False))
-register("F16", Codec(lambda x: _narrow(x, "F16", lambda v: v.astype(np.float16)),
-                      lambda b, n: b.view(np.float16).astype(np.float32).reshape(-1, n),
+register("F16", Codec(_f32_to_f16, lambda b, n: b.view(np.float16).astype(np.float32).reshape(-1, n),
                       kernels=False))
-register("BF16", Codec(lambda x: _narrow(x, "BF16", _f32_to_bf16),
-                       lambda b, n: _bf16_to_f32(b.view(np.uint16)).reshape(-1, n),
+register("BF16", Codec(_f32_to_bf16, lambda b, n: _bf16_to_f32(b.view(np.uint16)).reshape(-1, n),
                        kernels=False))
 
 
