@@ -64,7 +64,7 @@ def requantize_without_torch(src: Path, qtype: str, out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q8_0", "F16", "Q4_K", "Q6_K", "Q4_K_M"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q8_0", "F16", "BF16", "Q4_K", "Q6_K", "Q4_K_M"])
 def test_requantize_imports_no_torch_and_keeps_the_bytes(small_gguf, tmp_path, qtype):
     out = tmp_path / f"{qtype}.gguf"
     r = requantize_without_torch(small_gguf, qtype, out)
@@ -77,7 +77,7 @@ def test_requantize_imports_no_torch_and_keeps_the_bytes(small_gguf, tmp_path, q
             assert np.array_equal(got.raw(o), src.raw(t)), t.name
             continue
         x = dequantize(src.raw(t), GGMLQuantizationType[t.type]).astype(np.float32)
-        if o.type in ("Q4_0", "Q5_1", "Q8_0", "F16"):  # gguf-py quantizes these itself
+        if o.type in ("Q4_0", "Q5_1", "Q8_0", "F16", "BF16"):  # gguf-py quantizes these
             expected = quantize(x, GGMLQuantizationType[o.type]).view(np.uint8).reshape(-1)
         else:  # K types: the torch code, with the C kernels off
             with ckernels.disabled():
