@@ -127,14 +127,14 @@ def requantize_targets(which: str) -> list[str]:
 def print_row(row: Row, target: str = "") -> bool:
     t, m, c = Row.median(row.ours)
     if not row.peer:
-        print(f"{row.name:<34}{t:>8.3f}{c:>7.2f}{m:>8.1f}{'':>8}{'':>7}{'':>8}{'':>7}{'':>7}"
-              f"{'':>7}  {target}")
+        print(f"{row.name:<34}{t:>8.3f}{c:>7.2f}{m:>8.1f}{'':>8}{'':>7}{'':>8}{'':>8}{'':>8}"
+              f"{'':>8}  {target}")
         return True
     pt, pm, pc = Row.median(row.peer)
     ok = t <= pt * TIME_RATIO and m <= pm * RSS_RATIO
     same = "" if row.same_bytes is None else ("same" if row.same_bytes else "DIFFER")
     print(f"{row.name:<34}{t:>8.3f}{c:>7.2f}{m:>8.1f}{pt:>8.3f}{pc:>7.2f}{pm:>8.1f}"
-          f"{t / pt:>6.2f}x{c / pc:>6.2f}x{m / pm:>6.2f}x  "
+          f" {t / pt:>6.2f}x {c / pc:>6.2f}x {m / pm:>6.2f}x  "
           f"{target or ('met' if ok else 'NOT met')} {same}".rstrip())
     return ok
 
@@ -161,7 +161,7 @@ def main() -> None:
           f"{args.threads} threads each; {platform.machine()}, {os.cpu_count()} CPUs, load "
           f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"{'command':<34}{'zp s':>8}{'cpu s':>7}{'MiB':>8}{'peer s':>8}{'cpu s':>7}{'MiB':>8}"
-          f"{'time':>7}{'cpu':>7}{'RSS':>7}  target (time and RSS)")
+          f"{'time':>8}{'cpu':>8}{'RSS':>8}  target (time and RSS)")
     met = True
     with tempfile.TemporaryDirectory(prefix="bench_process_") as tmp:
         work = Path(tmp)
