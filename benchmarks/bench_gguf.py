@@ -1,6 +1,8 @@
-"""Requantize the default model (SmolLM2-135M, Q4_1 GGUF) to Q8_0, Q4_0 and Q4_K: zeropoint vs
-llama.cpp's llama_model_quantize (nthread = 2) vs gguf-py's numpy quantizer, end to end (read,
-dequantize, quantize, write), interleaved within every repeat (zeropoint, llama.cpp, gguf-py,
+"""Requantize the default model (SmolLM2-135M, Q4_1 GGUF) and Gemma 3 270M (a Q4_K_M file) to
+Q8_0, Q4_0 and Q4_K: zeropoint vs llama.cpp's llama_model_quantize (nthread = 2) vs gguf-py's
+numpy quantizer (SmolLM2 only: it has no K quantizer and takes seconds per tensor of Gemma's),
+inside this one Python process, after the imports (benchmarks/bench_process.py times whole
+commands), end to end (read, dequantize, quantize, write), interleaved within every repeat (zeropoint, llama.cpp, gguf-py,
 zeropoint, ...) so a change in the machine's load hits all three; medians and ratios, and whether
 issue #6's targets are met. Then the model table: bits per weight, file size and llama.cpp's
 perplexity of zeropoint's file beside llama.cpp's own.
@@ -11,9 +13,10 @@ quantizing. The files are removed after each repeat, outside the timings (kept f
 ~2.6 GB of unwritten pages set off the kernel's writeback, which then slowed every writer).
 
     python benchmarks/bench_gguf.py [--types Q8_0,Q4_0,Q4_K] [--runs 3] [--threads 2]
-                                    [--ppl-tokens 2048] [--ppl-types Q8_0,Q4_0,Q4_K,Q4_K_M]
+                                    [--models smollm2,gemma3] [--ppl-tokens 2048]
+                                    [--ppl-types Q8_0,Q4_0,Q4_K,Q4_K_M]
 
-`--ppl-types ""` prints the speed table only.
+`--ppl-types ""` prints the speed tables only; perplexities are of the default model.
 
 Targets (issue #6): no slower than llama.cpp for every type, at least 10x faster than gguf-py.
 """
@@ -46,7 +49,10 @@ from zeropoint.gguf.requantize import output_metadata, requantize  # noqa: E402
 from zeropoint.gguf.types import WRITABLE_TYPES  # noqa: E402
 from zeropoint.gguf.writer import TensorData, write_gguf  # noqa: E402
 from zeropoint.models.evaluate import default_text  # noqa: E402
-from zeropoint.models.source import default_model_path  # noqa: E402
+from zeropoint.models.source import default_model_path, gemma3_model_path  # noqa: E402
+
+MODELS = {"smollm2": default_model_path, "gemma3": gemma3_model_path}
+GGUF_PY_MODELS = ("smollm2",)  # gguf-py dequantizes Gemma's 170 MB Q8_0 embedding in ~7 s
 
 
 def gguf_py_requantize(src_path: Path, out: Path, target: str) -> None:
@@ -95,15 +101,19 @@ def main() -> None:
     parser.add_argument("--types", default="Q8_0,Q4_0,Q4_K")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--ppl-tokens", type=int, default=2048)
     parser.add_argument("--ppl-types", default="Q8_0,Q4_0,Q4_K,Q4_K_M")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as work:
-        run(args, default_model_path(), Path(work))
+        for i, model in enumerate(args.models.split(",")):
+            run(args, MODELS[model](), Path(work), gguf_py=model in GGUF_PY_MODELS,
+                perplexities=i == 0 and model == "smollm2")
+            print()
 
 
-def run(args, src: Path, work: Path) -> None:
+def run(args, src: Path, work: Path, gguf_py: bool = True, perplexities: bool = True) -> None:
     have_k = "Q4_K" in WRITABLE_TYPES
     types = [t for t in args.types.split(",") if have_k or "_K" not in t]
 
@@ -121,7 +131,7 @@ def run(args, src: Path, work: Path) -> None:
     print("-" * len(header))
     all_met = True
     for qtype in types:
-        numpy_ok = gguf_py_can(src, qtype)
+        numpy_ok = gguf_py and gguf_py_can(src, qtype)
         made = {who: [] for who in ("zp", "ll", "gp")}
 
         def fresh(who):  # a new output name for every call: nothing to replace
@@ -160,7 +170,7 @@ def run(args, src: Path, work: Path) -> None:
     print(f"load average {load()} at end")
 
     ppl_types = [t for t in args.ppl_types.split(",") if t and (have_k or "_K" not in t)]
-    if not ppl_types:  # --ppl-types "": the speed table only
+    if not ppl_types or not perplexities:  # --ppl-types "": the speed table only
         return
     text = default_text()
     print(f"\ndefault model, llama.cpp perplexity on the first {args.ppl_tokens} tokens of the "

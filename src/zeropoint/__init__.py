@@ -1,13 +1,26 @@
 """zeropoint: quantize tensors and models to low-bit integers, and measure what it costs."""
 
-from .core import choose_qparams, dequantize, fake_quantize, qparams_from_range, quantize
-from .metrics import cosine, max_abs_error, mse, sqnr_db, uniform_noise_mse
-from .qtensor import QTensor
-from .quantizer import Quantizer
-from .spec import Granularity, QuantSpec, Scheme
-from .recipe import Recipe, Rule
-from .nn.quantize_model import quantize_model
-from .models.quantized import load_quantized as load
+_EXPORTS = {  # name -> the module that defines it ("module:name" where it is named otherwise)
+    "choose_qparams": ".core",
+    "dequantize": ".core",
+    "fake_quantize": ".core",
+    "qparams_from_range": ".core",
+    "quantize": ".core",
+    "cosine": ".metrics",
+    "max_abs_error": ".metrics",
+    "mse": ".metrics",
+    "sqnr_db": ".metrics",
+    "uniform_noise_mse": ".metrics",
+    "QTensor": ".qtensor",
+    "Quantizer": ".quantizer",
+    "Granularity": ".spec",
+    "QuantSpec": ".spec",
+    "Scheme": ".spec",
+    "Recipe": ".recipe",
+    "Rule": ".recipe",
+    "quantize_model": ".nn.quantize_model",
+    "load": ".models.quantized:load_quantized",
+}
 
 __all__ = [
     "QuantSpec", "Scheme", "Granularity", "Quantizer", "QTensor",
@@ -15,3 +28,17 @@ __all__ = [
     "mse", "sqnr_db", "max_abs_error", "cosine", "uniform_noise_mse",
     "quantize_model", "Recipe", "Rule", "load",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `zeropoint --help` and the GGUF requantizer load this package
+    # without torch, which its modules import (see cli/__init__.py).
+    where = _EXPORTS.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    module, _, attribute = where.partition(":")  # "module:attribute" where the names differ
+    value = getattr(importlib.import_module(module, __name__), attribute or name)
+    globals()[name] = value
+    return value

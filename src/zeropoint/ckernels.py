@@ -1,6 +1,8 @@
 """Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
-packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c, used by gguf.kquants) and
-legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), batch-1 matrix-vector products
+packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c and, back to floats,
+csrc/kdequant.c; used by gguf.kquants and gguf.codecs) and
+legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), a GGUF header's string arrays
+(csrc/gguf_scan.c, used by gguf.header), batch-1 matrix-vector products
 (csrc/gemv.c) and the compact runtime's per-token steps (csrc/token_ops.c). csrc/zeropoint.h
 declares every function the library exports; SIGNATURES binds each.
 
@@ -11,7 +13,9 @@ $ZEROPOINT_CACHE). Without a compiler, or with ZEROPOINT_NO_CKERNELS=1, core.py 
 eager path, which computes identical codes: the tests hold the two to that.
 
 Each kernel splits its work itself, on torch's own OpenMP threads (csrc/parallel.h); ctypes
-releases the GIL for the call.
+releases the GIL for the call. Nothing here imports torch: a process that never does (the GGUF
+requantizer) gets the same library, on the same OpenMP runtime, loaded from torch's folder where
+torch is installed. The wrappers take numpy arrays or torch tensors alike.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +37,6 @@ from math import prod
 from pathlib import Path
 
 import numpy as np
-import torch
 
 try:
     import fcntl
@@ -39,8 +44,9 @@ except ImportError:  # not POSIX: builds go unlocked
     fcntl = None
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "legacy.c",
-                                    "iquants.c", "gemv.c", "token_ops.c")]
+SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "kdequant.c",
+                                    "legacy.c", "iquants.c", "gguf_scan.c", "gemv.c",
+                                    "token_ops.c")]
 HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h", "weighted.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
 # turn the division into a multiply by a reciprocal and change codes at ties. Hidden visibility:
@@ -65,6 +71,7 @@ SIGNATURES = {
     "zp_unpack": (None, [_p, _i64, _int, _p]),
     "zp_quantize_kquant": (_i64, [_int, _p, _i64, _p, _p, _int]),
     "zp_quantize_kquant_weighted": (_i64, [_int, _p, _i64, _i64, _p, _p, _p, _int]),
+    "zp_dequantize_kquant": (_int, [_int, _p, _i64, _p, _int]),
     "zp_legacy_available": (_int, []),
     "zp_quantize_legacy": (_i64, [_int, _p, _i64, _p, _p, _int]),
     "zp_dequantize_legacy": (_int, [_int, _p, _i64, _p, _int]),
@@ -74,6 +81,7 @@ SIGNATURES = {
     "zp_iq_needs_importance": (_int, [_int]),
     "zp_quantize_iquant": (_int, [_int, _p, _i64, _i64, _p, _p, _int]),
     "zp_dequantize_iquant": (_int, [_int, _p, _i64, _p, _int]),
+    "zp_skip_strings": (_i64, [_p, _i64, _i64, _i64]),
     "zp_gemv_q8": (None, [_p, _p, _p, _p, _i64, _i64, _int, _int]),
     "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]),
     "zp_add_rmsnorm": (None, [_p, _p, _p, _f32, _i64, _p]),
@@ -108,22 +116,62 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+def _torch_root() -> Path | None:
+    """torch's package folder, found without importing torch; None where it is not installed."""
+    module = sys.modules.get("torch")
+    if module is not None:
+        return Path(module.__file__).resolve().parent
+    try:
+        spec = importlib.util.find_spec("torch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(spec.submodule_search_locations[0]).resolve()
+
+
+def _torch_folders(root: Path) -> tuple[Path, Path]:
+    return root / "lib", root.parent / "torch.libs"  # a CPU wheel's, a manylinux wheel's
+
+
 def _torch_openmp() -> list[str]:
     """Flags that build the kernels with OpenMP on the runtime torch itself uses (see
     csrc/parallel.h), or [] when that runtime cannot be told apart: a second runtime would keep
     a second team of threads spinning on the same cores. Other packages bring their own libgomp
     (sentencepiece does), so the one to use is the one in torch's own folders, else the only one
     loaded. The library is linked against that very file, and --as-needed drops the compiler's
-    own libgomp, which it then does not need."""
+    own libgomp, which it then does not need.
+
+    Where torch is installed but not imported, its libgomp is loaded here, globally, as torch
+    would load it: the library finds it by its soname, and a torch imported later finds it loaded
+    and uses it too, so the process still has one runtime and the flags (the cache key) are
+    those of a process that imported torch first. Without torch, the compiler's own OpenMP."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:  # not Linux
         return []
+    root = _torch_root()
+    if root is not None and "torch" not in sys.modules:
+        return _preload_torch_openmp(root)
     loaded = {Path(line.split()[-1]) for line in maps.splitlines() if "/libgomp" in line}
-    root = Path(torch.__file__).resolve().parent
-    owned = [p for p in loaded if p.resolve().parent in (root / "lib", root.parent / "torch.libs")]
+    if root is None:
+        return ["-fopenmp"] if not loaded else []
+    owned = [p for p in loaded if p.resolve().parent in _torch_folders(root)]
     found = owned if owned else list(loaded)
     return ["-fopenmp", str(found[0]), "-Wl,--as-needed"] if len(found) == 1 else []
+
+
+def _preload_torch_openmp(root: Path) -> list[str]:
+    # listdir, not glob: compiling glob's pattern took longer than the rest of loading.
+    found = [d / name for d in _torch_folders(root) if d.is_dir() for name in sorted(os.listdir(d))
+             if name.startswith("libgomp") and ".so" in name]
+    if len(found) != 1:
+        return []
+    try:
+        ctypes.CDLL(str(found[0]), mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return []
+    return ["-fopenmp", str(found[0]), "-Wl,--as-needed"]
 
 
 @contextmanager
@@ -264,11 +312,13 @@ def pcq(shape: tuple[int, ...], is_block: tuple[bool, ...]):
     return prod(shape[:k]), shape[k], prod(shape[k + 1 :])
 
 
-def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
-    """An uninitialized CPU tensor in numpy's memory (dtype: numpy's or torch's). numpy asks the
-    kernel for huge pages on large buffers and keeps freed ones for reuse; torch's fresh 4 KiB
+def host_empty(shape: tuple[int, ...], dtype):
+    """An uninitialized CPU torch tensor in numpy's memory (dtype: numpy's or torch's). numpy asks
+    the kernel for huge pages on large buffers and keeps freed ones for reuse; torch's fresh 4 KiB
     pages made the first write to a 17 MiB output cost 8 ms, half as long as quantizing 64 MiB
     into it."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         dtype = torch.empty(0, dtype=dtype).numpy().dtype
     return torch.from_numpy(np.empty(shape, dtype))
@@ -276,18 +326,44 @@ def host_empty(shape: tuple[int, ...], dtype) -> torch.Tensor:
 
 def block_quantize(fn, type_id: int, src, n_blocks: int, out):
     """A C block quantizer `fn(type, src, n, out, &why, threads) -> first bad block, or < 0`
-    on n_blocks blocks of src into out: (first bad block, why), or None when all went well.
-    type_id is the ggml type number (gguf.types' GGMLType.id); ValueError for one `fn` lacks."""
+    on n_blocks blocks of src into out (contiguous numpy arrays or CPU tensors): (first bad
+    block, why), or None when all went well. type_id is the ggml type number (gguf.types'
+    GGMLType.id); ValueError for one `fn` lacks."""
     why = ctypes.c_int(0)
-    i = fn(type_id, src.data_ptr(), n_blocks, out.data_ptr(), ctypes.byref(why),
-           threads(src.numel()))
+    i = fn(type_id, _ptr(src), n_blocks, _ptr(out), ctypes.byref(why), threads(_size(src)))
     if i == -2:
         raise ValueError(f"the C block quantizer has no ggml type {type_id}")
     return None if i < 0 else (i, why.value)
 
 
-def _ptr(t):
-    return t.data_ptr() if t is not None else None
+def _ptr(a):
+    """The address of a contiguous numpy array's or CPU tensor's data (None for None)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return a.data_ptr()
+
+
+def _size(a) -> int:
+    """Elements of a numpy array or a tensor."""
+    return a.size if isinstance(a, np.ndarray) else a.numel()
+
+
+def default_threads() -> int:
+    """torch's thread count where torch is loaded; else OMP_NUM_THREADS, else the cores this
+    process may run on (what torch would choose on a machine without SMT)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def threads(n: int) -> int:
@@ -297,27 +373,30 @@ def threads(n: int) -> int:
     beside torch's left float matmuls 1.8x slower for the rest of the process."""
     if n < PARALLEL_MIN_ELEMENTS or threading.current_thread() is not threading.main_thread():
         return 1
-    return torch.get_num_threads()
+    return default_threads()
 
 
 def quantize(lib, xv, codes, view, scale, zero_point, qmin, qmax) -> bool:
     """Fill `codes` (view-shaped, 1-byte dtype) from float32 `xv`. Returns True on NaN/Inf."""
     P, C, Q = pcq(view.shape, view.is_block)
     return bool(lib.zp_quantize_f32(_ptr(xv), _ptr(codes), P, C, Q, _ptr(scale), _ptr(zero_point),
-                                    qmin, qmax, threads(xv.numel())))
+                                    qmin, qmax, threads(_size(xv))))
 
 
 def dequantize(lib, codes, out, view, scale, zero_point) -> None:
     P, C, Q = pcq(view.shape, view.is_block)
-    lib.zp_dequantize_f32(_ptr(codes), int(codes.dtype == torch.int8), _ptr(out), P, C, Q,
-                          _ptr(scale), _ptr(zero_point), threads(codes.numel()))
+    signed = int(str(codes.dtype) in ("int8", "torch.int8"))
+    lib.zp_dequantize_f32(_ptr(codes), signed, _ptr(out), P, C, Q, _ptr(scale), _ptr(zero_point),
+                          threads(_size(codes)))
 
 
 def min_max(lib, xv, view):
     """Per-block (lo, hi) as flat float32 tensors, and whether a NaN/Inf was seen."""
+    import torch
+
     P, C, Q = pcq(view.shape, view.is_block)
     lo, hi = torch.empty(C), torch.empty(C)
-    bad = lib.zp_minmax_f32(_ptr(xv), P, C, Q, _ptr(lo), _ptr(hi), threads(xv.numel()))
+    bad = lib.zp_minmax_f32(_ptr(xv), P, C, Q, _ptr(lo), _ptr(hi), threads(_size(xv)))
     if bad < 0:
         raise MemoryError("zeropoint: no memory for the per-thread block minima")
     return lo, hi, bool(bad)

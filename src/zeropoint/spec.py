@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-import torch
-
 
 class Scheme(str, Enum):
     SYMMETRIC = "symmetric"  # signed codes, zero-point 0
@@ -97,6 +95,8 @@ class QuantSpec:
     @property
     def code_dtype(self) -> torch.dtype:
         """The narrowest torch integer dtype that holds every code without overflow."""
+        import torch  # here, not at the top: the command line parses specs without torch
+
         return torch.int8 if self.symmetric else torch.uint8
 
     def resolved_axis(self, ndim: int) -> int:

@@ -269,8 +269,9 @@ def test_shapes_dtypes_and_layout(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES)
-def test_dequantize_arbitrary_bytes(qtype):
-    # Every code and scale pattern, with random finite fp16 super-scales.
+def test_dequantize_arbitrary_bytes(qtype, either_path):
+    # Every code and scale pattern, with random finite fp16 super-scales; csrc/kdequant.c and
+    # the torch code.
     rng = np.random.default_rng(11)
     data = rng.integers(0, 256, size=(256, ggml_type(qtype).type_size), dtype=np.uint8)
     for col in kquants.K_FORMATS[qtype].half_offsets:

@@ -10,10 +10,20 @@
 - report: terminal tables, PNG plots, JSON records and a self-contained HTML page.
 """
 
-from .allocate import Allocation, allocate
-from .layerwise import LayerError, LayerwiseResult, analyze_layers
-from .sensitivity import SensitivityResult, fisher_diagonal, layer_sensitivity
-from .specs import format_spec, menu, parse_spec, parse_specs
+_EXPORTS = {  # name -> the module that defines it
+    "Allocation": ".allocate",
+    "allocate": ".allocate",
+    "LayerError": ".layerwise",
+    "LayerwiseResult": ".layerwise",
+    "analyze_layers": ".layerwise",
+    "SensitivityResult": ".sensitivity",
+    "fisher_diagonal": ".sensitivity",
+    "layer_sensitivity": ".sensitivity",
+    "format_spec": ".specs",
+    "menu": ".specs",
+    "parse_spec": ".specs",
+    "parse_specs": ".specs",
+}
 
 __all__ = [
     "analyze_layers", "LayerError", "LayerwiseResult",
@@ -21,3 +31,16 @@ __all__ = [
     "allocate", "Allocation",
     "parse_spec", "parse_specs", "format_spec", "menu",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `zeropoint --help` and the GGUF requantizer load this package
+    # without torch, which its modules import (see cli/__init__.py).
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

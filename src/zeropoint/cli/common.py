@@ -40,10 +40,11 @@ def mib(n: int) -> str:
 
 
 def threads() -> int:
-    """Threads for llama.cpp and the GGUF writers: torch's count, at most one per core."""
-    import torch
+    """Threads for llama.cpp and the GGUF writers: torch's count where torch is loaded (else
+    what it would choose: ckernels.default_threads), at most one per core."""
+    from ..ckernels import default_threads
 
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(default_threads(), os.cpu_count() or 1))
 
 
 def quiet_libraries() -> None:

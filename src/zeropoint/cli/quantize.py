@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..atomic import atomic_path
 from ..models.source import FLOAT_KINDS
-from ..spec import QuantSpec
 from . import quantize_gguf
 from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
@@ -146,6 +145,7 @@ def run(args) -> None:
 
 def _recipe_from_args(args):
     from ..recipe import Recipe
+    from ..spec import QuantSpec
 
     try:
         if args.recipe:

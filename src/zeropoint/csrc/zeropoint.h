@@ -73,6 +73,10 @@ ZP_API int64_t zp_quantize_kquant_weighted(int type, const float *x, int64_t n_r
                                            int64_t n_per_row, const float *importance, uint8_t *y,
                                            int *why, int threads);
 
+/* ---- kdequant.c: K-quant super-blocks back to float32 ---- */
+
+ZP_API int zp_dequantize_kquant(int type, const uint8_t *y, int64_t n_super, float *x, int threads);
+
 /* ---- legacy.c: ggml's legacy 32-value blocks ---- */
 
 ZP_API int zp_legacy_available(void);
@@ -103,6 +107,10 @@ ZP_API int zp_quantize_iquant(int type, const float *x, int64_t rows, int64_t n_
                               const float *importance, uint8_t *y, int threads);
 ZP_API int zp_dequantize_iquant(int type, const uint8_t *y, int64_t n_blocks, float *x,
                                 int threads);
+
+/* ---- gguf_scan.c: GGUF header walking ---- */
+
+ZP_API int64_t zp_skip_strings(const uint8_t *buf, int64_t size, int64_t pos, int64_t count);
 
 /* ---- gemv.c: batch-1 matrix-vector products from packed codes ---- */
 

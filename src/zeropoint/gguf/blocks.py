@@ -19,7 +19,6 @@ bit j of qh (as a little-endian uint32) is bit 4 of element j.
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import sys
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from zeropoint import ckernels
-from zeropoint.gguf import iquants
+from zeropoint.gguf import codecs, iquants
 from zeropoint.gguf.kquants import dequantize_kblocks, quantize_kblocks
 from zeropoint.gguf.types import TYPES, GGMLType
 
@@ -94,13 +93,13 @@ _NOT_FINITE, _OVERFLOW = 1, 2  # legacy.c's reasons for refusing a block
 
 def _legacy_library():
     """The C library when it is enabled and its compiler had half floats, else None."""
-    lib = ckernels.library()
-    return lib if lib is not None and lib.zp_legacy_available() else None
+    return codecs._library()
 
 
 def can_transcode(src_type: str, dst_type: str) -> bool:
     """Whether transcode_blocks does src_type -> dst_type here (legacy types, C kernels built)."""
-    return src_type in LEGACY_TYPES and dst_type in LEGACY_TYPES and _legacy_library() is not None
+    return src_type in LEGACY_TYPES and dst_type in LEGACY_TYPES and codecs.can_transcode(
+        src_type, dst_type)
 
 
 def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
@@ -125,12 +124,7 @@ def transcode_blocks(data: torch.Tensor, src_type: str, dst_type: str,
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous flat uint8 tensor of "
                          f"{n_blocks * dst.type_size} bytes, got {out.dtype} {tuple(out.shape)}")
-    why = ctypes.c_int(0)
-    i = _legacy_library().zp_requantize_legacy(src.id, data.data_ptr(), dst.id, n_blocks,
-                                               out.data_ptr(), ctypes.byref(why))
-    if i >= 0:
-        bad = data[i * src.type_size : (i + 1) * src.type_size]
-        _refuse(dequantize_blocks(bad, src_type, (1, 32)), dst, 0, why.value, first=i)
+    codecs.transcode(data.numpy(), src_type, dst_type, out.numpy())
     return out
 
 
@@ -143,8 +137,7 @@ def _quantize_c(lib, blocks, gtype: GGMLType, out):
 def _dequantize_c(lib, raw, gtype: GGMLType) -> torch.Tensor:
     """raw (n, type_size) bytes -> (n, 32) float32."""
     out = ckernels.host_empty((raw.shape[0], gtype.block_size), np.float32)
-    lib.zp_dequantize_legacy(gtype.id, raw.data_ptr(), raw.shape[0], out.data_ptr(),
-                             ckernels.threads(out.numel()))
+    codecs.dequantize_blocks_c(raw.numpy(), gtype, out.numpy())
     return out
 
 

@@ -36,6 +36,7 @@ from functools import partial
 import torch
 
 from zeropoint import ckernels
+from zeropoint.gguf import codecs
 from zeropoint.gguf.kquants_search import (
     GROUP_MAX_EPS,
     make_q3,
@@ -348,7 +349,12 @@ def _dequantize_q6_k(raw):
 
 
 def dequantize_kblocks(raw: torch.Tensor, qtype: str) -> torch.Tensor:
-    """(n, type_size) uint8 -> (n, 256) float32."""
+    """(n, type_size) uint8 -> (n, 256) float32: csrc/kdequant.c for a CPU tensor where the C
+    kernels are built (the same bits), else the torch code above."""
+    if raw.device.type == "cpu" and codecs.supported(qtype):
+        out = ckernels.host_empty((raw.shape[0], QK_K), torch.float32)
+        codecs.dequantize_blocks_c(raw.contiguous().numpy(), TYPES[qtype], out.numpy())
+        return out
     return K_FORMATS[qtype].dequantize(raw).reshape(-1, QK_K)
 
 

