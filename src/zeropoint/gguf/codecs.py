@@ -4,7 +4,8 @@ Each type zeropoint writes has a Codec here: `quantize` takes float32 rows (n_ro
 C-contiguous, and returns the type's bytes (n_rows, row_bytes) uint8; `dequantize` takes those
 bytes and returns the float32 rows. The float types are numpy casts; the block types call the C
 kernels (csrc/legacy.c, csrc/kquants.c, csrc/kdequant.c) on the arrays' memory, with the same
-bytes as gguf.blocks' torch code, which delegates to these functions for CPU tensors. A type
+bytes as gguf.blocks' torch code, which delegates to these functions for CPU tensors; the
+i-quants call gguf.iquants (csrc/iquants.c). A type
 whose kernels are missing (no compiler, ZEROPOINT_NO_CKERNELS=1) is not `supported`, and callers
 take the torch path instead.
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ckernels
+from . import iquants
 from .types import TYPES, GGMLType
 
 _NOT_FINITE, _OVERFLOW = 1, 2  # the C kernels' reasons for refusing a block
@@ -227,3 +229,18 @@ def _block_codec(gtype: GGMLType) -> Codec:
 for _name, _t in TYPES.items():
     if _t.writable and _t.quantized and _t.family in ("legacy", "k"):
         register(_name, _block_codec(_t))
+
+
+def _iquant_codec(qtype: str) -> Codec:
+    def quantize(x: np.ndarray) -> np.ndarray:
+        return iquants.quantize(x, qtype).reshape(x.shape[0], -1)
+
+    def dequantize(raw: np.ndarray, n_per_row: int) -> np.ndarray:
+        return iquants.dequantize(raw, qtype).reshape(-1, n_per_row)
+
+    return Codec(quantize, dequantize)
+
+
+for _name, _t in TYPES.items():
+    if _t.writable and _t.family == "iq":
+        register(_name, _iquant_codec(_name))

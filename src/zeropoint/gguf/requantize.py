@@ -154,6 +154,10 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
     if encoder is None and codecs.supported(src_type) and codecs.supported(dst_type):
         yield from _convert_rows(data, src_type, rows, row_values, dst_type, name)
         return
+    if getattr(encoder, "takes_numpy", False) and codecs.supported(src_type):
+        yield from _convert_rows(data, src_type, rows, row_values, dst_type, name,
+                                 lambda x: encoder(x, dst_type, name))
+        return
     encoder = encoder or quantize_tensor
     step = max(1, _CHUNK_VALUES // row_values)
     for first in range(0, rows, step):
@@ -169,8 +173,12 @@ def convert(data: np.ndarray, src_type: str, shape: Sequence[int], dst_type: str
 
 
 def _convert_rows(data: np.ndarray, src_type: str, rows: int, row_values: int, dst_type: str,
-                  name: str) -> Iterator[np.ndarray]:
-    """convert() by the numpy codecs, _CHUNK_VALUES at a time."""
+                  name: str, quantize: Callable[[np.ndarray], np.ndarray] | None = None
+                  ) -> Iterator[np.ndarray]:
+    """convert() by the numpy codecs, _CHUNK_VALUES at a time; `quantize` (float32 rows ->
+    bytes) replaces dst_type's codec, e.g. an importance-weighted encoder that takes numpy."""
+    custom = quantize is not None
+    quantize = quantize or (lambda x: codecs.quantize_rows(x, dst_type))
     row_bytes = tensor_nbytes(src_type, (row_values,))
     step = max(1, _CHUNK_VALUES // row_values)
     for first in range(0, rows, step):
@@ -178,13 +186,13 @@ def _convert_rows(data: np.ndarray, src_type: str, rows: int, row_values: int, d
         x = codecs.dequantize_rows(data[first * row_bytes : (first + n) * row_bytes], src_type,
                                    row_values)
         try:
-            yield codecs.quantize_rows(x, dst_type)
+            yield quantize(x)
         except ValueError:
             # Again over the whole tensor, to raise with the tensor's own block numbers.
             try:
-                codecs.quantize_rows(codecs.dequantize_rows(data, src_type, row_values), dst_type)
+                quantize(codecs.dequantize_rows(data, src_type, row_values))
             except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+                raise e if custom else ValueError(f"{name}: {e}") from None
             raise
 
 

@@ -133,6 +133,7 @@ def weighted_encoder(importance):
     `importance` (n,)."""
     def encode(x, qtype: str, name: str) -> np.ndarray:
         return quantize_weighted(x, qtype, importance, name).reshape(-1)
+    encode.takes_numpy = True  # requantize.convert may hand it numpy rows: no torch needed
     return encode
 
 

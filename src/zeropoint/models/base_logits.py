@@ -33,12 +33,14 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ..atomic import atomic_path
+
+if TYPE_CHECKING:  # torch loads only with the functions that compute (eval --help needs none)
+    import torch
 
 FORMAT = "zeropoint-base-logits"
 VERSION = 1
@@ -84,6 +86,8 @@ class CompactRows:
 
     @staticmethod
     def concatenate(parts: list[CompactRows]) -> CompactRows:
+        import torch
+
         return CompactRows(**{k: torch.cat([getattr(p, k) for p in parts]).numpy()
                               for k in ROW_FIELDS})
 
@@ -102,6 +106,8 @@ class BaseLogits:
 
 
 def _tensor(a) -> torch.Tensor:
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a
 
 
@@ -120,6 +126,8 @@ def compact_rows(log_probs: torch.Tensor, targets: torch.Tensor, top_k: int = DE
                  tail_samples: int = DEFAULT_TAIL_SAMPLES) -> CompactRows:
     """The compact form of `log_probs` (rows, vocab), the base model's log-softmax, for the
     right next tokens `targets` (rows,)."""
+    import torch
+
     vocab = log_probs.shape[-1]
     if not 1 <= top_k < vocab:
         raise ValueError(f"top_k must be 1..{vocab - 1} (below the vocabulary size), got {top_k}")
@@ -146,6 +154,8 @@ def compact_kld(rows: CompactRows, log_q: torch.Tensor) -> torch.Tensor:
     """(rows,) KL(base || quantized) from the base's compact rows and `log_q` (rows, vocab), the
     quantized model's log-softmax: the top-k terms exactly, plus T times the mean of
     ln p - ln q over the tail sample."""
+    import torch
+
     log_p = rows.top_log_probs.double()
     head = (log_p.exp() * (log_p - log_q.gather(-1, rows.top_ids.long()).double())).sum(-1)
     ratio = rows.tail_log_probs.double() - log_q.gather(-1, rows.tail_ids.long()).double()
