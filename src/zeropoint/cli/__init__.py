@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, exercise, quantize
+from . import analyze, exercise, generate, quantize
 from . import eval as eval_command  # the module name would hide the builtin here
 from .common import CommandError
 
@@ -18,7 +18,7 @@ from .common import CommandError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (exercise, quantize, eval_command, analyze):
+    for command in (exercise, quantize, generate, eval_command, analyze):
         command.add_parser(sub)
     return p
 
