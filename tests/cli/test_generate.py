@@ -37,7 +37,8 @@ def hf_with_weights_of(directory):
     state = dict(kept) | {name: q.dequantize() for name, q in quantized.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embedding
-    model.generation_config = GenerationConfig.from_pretrained(directory)
+    if (directory / "generation_config.json").is_file():  # else from_config's, from config.json
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
 
 

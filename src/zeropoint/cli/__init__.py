@@ -12,13 +12,14 @@ import sys
 
 from . import analyze, exercise, generate, quantize
 from . import eval as eval_command  # the module name would hide the builtin here
+from . import inspect as inspect_command  # and this one the standard library's inspect
 from .common import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (exercise, quantize, generate, eval_command, analyze):
+    for command in (exercise, quantize, generate, inspect_command, eval_command, analyze):
         command.add_parser(sub)
     return p
 
