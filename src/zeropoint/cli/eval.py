@@ -5,11 +5,24 @@ generation."""
 
 from __future__ import annotations
 
+import argparse
+
 from .common import CommandError, mib, open_model, read_text, resolve, threads, write_json
+
+EPILOG = """examples:
+  zeropoint eval default out/smollm2-int4               (float, then the quantized directory)
+  zeropoint eval out/smollm2-int4 --text held-out.txt --json ppl.json
+  zeropoint eval smollm2-q4_k_m.gguf --engine llama.cpp
+"""
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders)")
+    e = sub.add_parser(
+        "eval", help="perplexity (causal LMs) or embedding cosine (encoders)",
+        description="Score a model: the perplexity of a causal LM on a text (in PyTorch, or\n"
+                    "with --engine llama.cpp in llama.cpp), or an encoder's embedding cosine\n"
+                    "against a quantized copy.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", help="float model ('default', a checkpoint dir, a .gguf) or a zeropoint dir")
     e.add_argument("quantized", nargs="?", help="a zeropoint directory to compare with MODEL")
     e.add_argument("--text", metavar="FILE", help="text to score (default: Python's pydoc topics)")

@@ -30,8 +30,8 @@ EPILOG = """examples:
 def add_parser(sub) -> None:
     g = sub.add_parser(
         "generate", help="run a model on a prompt and stream its text",
-        description="Run a model (a zeropoint directory, a .gguf file, a Hugging Face directory "
-                    "or 'default') on a prompt and stream the text. Greedy unless --temperature "
+        description="Run a model (a zeropoint directory, a .gguf file, a Hugging Face directory\n"
+                    "or 'default') on a prompt and stream the text. Greedy unless --temperature\n"
                     "is above 0; time to first token and tokens/s go to stderr.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("model", help="zeropoint directory, .gguf file, Hugging Face checkpoint "
@@ -149,8 +149,9 @@ def _turn(model, sampler, prompt: list[int], max_tokens: int, stop) -> Turn:
     if n > 1:
         turn.tokens_per_second = (n - 1) / max(ended - first, 1e-9)
     rate = f"{turn.tokens_per_second:.1f} tokens/s" if n > 1 else "one token"
-    print(f"{n} token{'s' if n > 1 else ''}: time to first token {1000 * turn.seconds_to_first_token:.0f} ms, "
-          f"{rate}", file=sys.stderr)
+    first_ms = 1000 * turn.seconds_to_first_token
+    print(f"{n} token{'s' if n > 1 else ''}: time to first token {first_ms:.0f} ms, {rate}",
+          file=sys.stderr)
     return turn
 
 

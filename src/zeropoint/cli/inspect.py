@@ -31,10 +31,10 @@ HF_EMBEDDING, HF_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 def add_parser(sub) -> None:
     i = sub.add_parser(
         "inspect", help="show what a GGUF file or a zeropoint directory holds",
-        description="Show a GGUF file's or a zeropoint directory's metadata, every tensor (shape, "
-                    "type or spec, bytes, bits per weight), the totals by type, the embedding and "
-                    "head's share, and for GGUF the tensors a mix gave another type. Reads "
-                    "headers only.",
+        description="Show a GGUF file's or a zeropoint directory's metadata, every tensor\n"
+                    "(shape, type or spec, bytes, bits per weight), the totals by type, the\n"
+                    "embedding and head's share, and for GGUF the tensors a mix gave another\n"
+                    "type. Reads headers only.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("path", metavar="FILE|DIR", help="a .gguf file or a zeropoint directory")
     i.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
@@ -334,12 +334,12 @@ def _print(r: Report) -> None:
     parts = [f"{e[role]['name']} {e[role]['type']} {mib(e[role]['bytes'])}"
              for role in ("embedding", "head") if role in e]
     tied = "; tied: the embedding is also the head" if e["tied"] else ""
-    print(f"\nembedding and head: {e['share']:.1%} of the tensor bytes ({', '.join(parts) or 'none'})"
-          f"{tied}")
+    print(f"\nembedding and head: {e['share']:.1%} of the tensor bytes "
+          f"({', '.join(parts) or 'none'}){tied}")
     if r.format == "gguf" and r.fallbacks:
         main = r.fallbacks[0]["main_type"]
         n = len(r.fallbacks)
-        print(f"\n{n} tensor{'s are' if n > 1 else ' is'} not {main}, the {m['file_type']} file type's "
-              "main type:")
+        print(f"\n{n} tensor{'s are' if n > 1 else ' is'} not {main}, the main type of file "
+              f"type {m['file_type']}:")
         for fb in r.fallbacks:
             print(f"  {fb['name']:<{width}} {fb['type']:<8} {fb['reason']}")
