@@ -16,12 +16,12 @@ llama.cpp file, with
   rows alternate, medians of --repeat runs; the ratio is against llama.cpp's Q4_K_M;
 - the time the quantization took (zeropoint's command line; llama-quantize).
 
---candidates also measures candidate default specs in memory on the loaded float model
+--tables candidates also measures candidate default specs in memory on the loaded float model
 (asymmetric/symmetric, groups of 32/64/128, HQQ, a quantized embedding and tied head): weights,
 bits per weight and perplexity for each, to choose a default by measurement.
 
     .venv/bin/python benchmarks/bench_main_job.py [--models smollm2,gemma3] [--tokens 2048]
-        [--gen-tokens 64] [--repeat 3] [--candidates] [--no-speed]
+        [--gen-tokens 64] [--repeat 3] [--tables main,candidates] [--no-speed]
 """
 
 from __future__ import annotations
@@ -93,17 +93,27 @@ def decode_run(decoder, prompt: list[int], n: int):
 
 
 def bench_model(name: str, args, work: Path) -> None:
-    from zeropoint.gguf.llama_cpp import LlamaCppDecoder
     from zeropoint.models.evaluate import lee_text
+    from zeropoint.models.load import load_model
+
+    src = source_of(name)
+    text = lee_text()
+    float_model = load_model(src, progress=False)
+    if "main" in args.tables:
+        main_table(name, src, float_model, text, args, work)
+    if "candidates" in args.tables:
+        print(f"\n{name}: {src.name}")
+        candidates(float_model, text, args.tokens)
+
+
+def main_table(name: str, src: Path, float_model, text: str, args, work: Path) -> None:
+    from zeropoint.gguf.llama_cpp import LlamaCppDecoder
     from zeropoint.models.load import load_model
     from zeropoint.models.quantized import load_quantized
     from zeropoint.modeldir.format import read_manifest
     from zeropoint.nn.generate import TorchDecoder
 
-    src = source_of(name)
-    text = lee_text()
-    rows = []  # name, weight bytes, weights, perplexity, decoder or None, seconds to make
-    float_model = load_model(src, progress=False)
+    rows = []  # name, weight bytes, weights, perplexity, model or GGUF path, seconds to make
     nbytes, params = float_weights(float_model.model)
     rows.append(["float32", nbytes, params, ppl(float_model.model, float_model.tokenizer, text,
                                                 args.tokens), float_model, None])
@@ -147,9 +157,8 @@ def bench_model(name: str, args, work: Path) -> None:
         speed = speeds.get(label)
         s = f"{speed:8.1f}{speed / peer:7.2f}" if speed and peer else f"{'-':>8}{'-':>7}"
         m = f"{made:8.1f}s" if made is not None else f"{'-':>9}"
-        print(f"{label:<36}{nbytes / 2**20:>8.1f} MiB{8 * nbytes / params:>8.3f}{p:>9.3f}{s}{m}")
-    if args.candidates:
-        candidates(float_model, text, args.tokens)
+        print(f"{label:<36}{nbytes / 2**20:>8.1f} MiB{8 * nbytes / params:>8.3f}{p:>9.3f}{s}{m}",
+              flush=True)
 
 
 def _default_spec(out: Path) -> str:
@@ -185,15 +194,16 @@ def candidates(float_model, text: str, tokens: int) -> None:
         model = copy.deepcopy(float_model.model)
         started = time.perf_counter()
         try:
-            quantize_model(model, r, quantize_fn=fn) if fn else quantize_model(model, r)
+            report = (quantize_model(model, r, quantize_fn=fn) if fn
+                      else quantize_model(model, r))
         except (ValueError, TypeError) as e:
-            print(f"{label:<36} not measured: {e}")
+            print(f"{label:<36} not measured: {e}", flush=True)
             continue
         secs = time.perf_counter() - started
-        nbytes, params = float_weights(model)
+        nbytes, params = report.stored_bytes, report.params  # as saved: packed + float tensors
         p = ppl(model, float_model.tokenizer, text, tokens)
         print(f"{label:<36}{nbytes / 2**20:>8.1f} MiB{8 * nbytes / params:>8.3f}{p:>9.3f}"
-              f"{secs:>7.1f}")
+              f"{secs:>7.1f}", flush=True)
         del model
 
 
@@ -203,9 +213,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="perplexity tokens")
     ap.add_argument("--gen-tokens", type=int, default=64, help="decoded tokens per timed run")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--candidates", action="store_true", help="also measure candidate specs")
+    ap.add_argument("--tables", default="main",
+                    help="comma list: main (the main job beside llama.cpp), candidates (candidate "
+                         "default specs)")
     ap.add_argument("--no-speed", action="store_true", help="skip the decode timing")
     args = ap.parse_args()
+    args.tables = {t.strip() for t in args.tables.split(",")}
+    unknown = args.tables - {"main", "candidates"}
+    if unknown:
+        ap.error(f"unknown table(s) {sorted(unknown)}; accepted: main, candidates")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="zeropoint-main-job-") as tmp:
         for name in args.models.split(","):

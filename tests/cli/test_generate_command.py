@@ -244,3 +244,38 @@ def test_default_gguf_runs_on_llama_cpp_with_the_template(capsys):
     finally:
         llm.close()
     assert turn["tokens"] == expected
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_quantized(tmp_path_factory, bpe_tokenizer):
+    """A 2-layer Qwen2 (q/k/v biases: another family) with a BPE tokenizer, quantized."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("qwen2")
+    vocab = bpe_tokenizer(path)
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=None, bos_token_id=None)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    out = path / "q"
+    assert main(["quantize", str(path), "-o", str(out), "--group-size", "32", "--quiet"]) == 0
+    return out
+
+
+def test_a_family_beyond_the_compact_decoder_runs_and_says_which_engine(tiny_qwen2_quantized,
+                                                                      capsys):
+    from zeropoint.models.quantized import load_quantized
+    from zeropoint.nn.compact_runtime import supports
+
+    _, err, record = generate(capsys, tiny_qwen2_quantized, "--prompt", "the lazy fox",
+                              "--max-tokens", 16)
+    compact = supports(load_quantized(tiny_qwen2_quantized).model)
+    expected_engine = ("zeropoint's compact decoder" if compact else
+                       "transformers with zeropoint's quantized modules (the compact decoder does "
+                       "not run model type 'qwen2')")
+    assert record["engine"] == expected_engine and f"engine: {expected_engine}" in err
+    turn = record["turns"][0]
+    assert turn["tokens"] == oracle_tokens(hf_with_weights_of(tiny_qwen2_quantized),
+                                           turn["prompt_tokens"], 16)
+    assert len(turn["tokens"]) == 16

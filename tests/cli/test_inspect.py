@@ -18,31 +18,6 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 @pytest.fixture(scope="session")
-def tiny_bpe_checkpoint(tmp_path_factory):
-    """A 2-layer Llama with a byte-level BPE tokenizer (what the GGUF export takes)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-bpe")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_q4_k_m(tiny_bpe_checkpoint, tmp_path_factory):
     """The tiny checkpoint as F32 GGUF, then quantized to Q4_K_M by llama.cpp itself: its 64-wide
     rows make most tensors fall back from Q4_K."""
