@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,ray]'
 # llama.cpp itself, the reference zeropoint's GGUF files are checked against. It compiles from
 # source (about 20 minutes on 2 cores) the first time; pip caches the wheel after that.
 .venv/bin/python -m pip install --quiet llama-cpp-python==0.3.36

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, exercise, generate, quantize
+from . import analyze, exercise, generate, quantize, sweep
 from . import eval as eval_command  # the module name would hide the builtin here
 from . import inspect as inspect_command  # and this one the standard library's inspect
 from .common import CommandError
@@ -22,6 +22,7 @@ EPILOG = """the user's path, one command each (zeropoint COMMAND --help shows it
   zeropoint generate out/smollm2-int4 --prompt "The three primary colors are"
   zeropoint eval default out/smollm2-int4         perplexity before and after
   zeropoint analyze                               layer-by-layer error of a spec
+  zeropoint sweep -o sweeps/smollm2               every type x method variant, its frontier
 """
 
 
@@ -29,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (exercise, quantize, generate, inspect_command, eval_command, analyze):
+    for command in (exercise, quantize, generate, inspect_command, eval_command, analyze,
+                    sweep):
         command.add_parser(sub)
     return p
 

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .calibration import gptq_calibration
-from .common import CommandError, mib, open_model, read_text, threads
+from .common import CommandError, mib, read_text, threads
 
 
 def run(args, source) -> None:
@@ -58,36 +58,25 @@ def run(args, source) -> None:
 
 def _write(args, source, out: Path, target):
     """The QuantizeReport of writing `out` from `source` by args.method."""
-    from ..gguf.export import export_hf
-    from ..gguf.requantize import requantize
+    from ..models.to_gguf import write_gguf
 
-    if args.method == "gptq":
-        return _gptq(args, target)
-    encoder = None
-    if args.method == "hqq":
-        from ..gguf.hqq import hqq_encode as encoder
-    if source.is_gguf:
-        return requantize(source.path, out, target, progress=not args.quiet,
-                          encoder=encoder)
-    return export_hf(source.path, out, target, progress=not args.quiet,
-                     threads=threads(), encoder=encoder)
+    shapes = []
 
+    def calibration(loaded):
+        ids = gptq_calibration(args, loaded)
+        shapes.append(tuple(ids.shape))
+        return ids
 
-def _gptq(args, target):
-    """`--method gptq --type T`: load the float model, calibrate, write; its QuantizeReport."""
-    import torch
-
-    from ..gguf.gptq import gptq_gguf
-
-    loaded = open_model(args.model, progress=not args.quiet)
-    ids = gptq_calibration(args, loaded)
-    report = gptq_gguf(loaded, args.output, target, ids, progress=not args.quiet,
-                       threads=torch.get_num_threads())
+    report = write_gguf(source, out, target, args.method, progress=not args.quiet,
+                        threads=threads(), calibration=calibration)
+    if args.method != "gptq":
+        return report
+    report, gptq = report
     if not args.quiet:
-        print(f"gptq: {report.gptq_tensors} tensors, {ids.shape[0]} x {ids.shape[1]} "
-              f"calibration tokens, {report.gptq_seconds:.1f} s, peak memory (VmHWM) "
-              f"{mib(report.peak_rss_bytes)}")
-    return report.write
+        sequences, length = shapes[0]
+        print(f"gptq: {gptq.gptq_tensors} tensors, {sequences} x {length} calibration tokens, "
+              f"{gptq.gptq_seconds:.1f} s, peak memory (VmHWM) {mib(gptq.peak_rss_bytes)}")
+    return report
 
 
 def _print_perplexities(paths, text: str, max_tokens: int) -> None:

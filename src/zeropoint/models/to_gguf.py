@@ -1,0 +1,57 @@
+"""A model into one GGUF file by one method: round-to-nearest (llama.cpp's own quantizers), HQQ
+(its fitted scales in the same block formats) or GPTQ (error-correcting, calibrated). The one
+place `quantize --type` and `sweep` make GGUF files, so a sweep's variant is byte for byte the
+file the single command writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .source import ModelSource
+
+METHODS = ("rtn", "hqq", "gptq")
+
+
+def write_gguf(
+    source: ModelSource,
+    out: str | os.PathLike,
+    target,
+    method: str = "rtn",
+    *,
+    calibration: Callable | None = None,
+    progress: bool = False,
+    threads: int = 1,
+):
+    """Write `source` (a GGUF file, a Hugging Face directory or the default model) to `out` in
+    `target` (a gguf.mixes.Target) by `method`. GPTQ needs `calibration(loaded) -> ids`
+    (sequences, length) from the loaded float model. Returns the gguf QuantizeReport, and for
+    GPTQ also its GPTQGGUFReport as (report, gptq_report)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "gptq":
+        return _gptq(source, out, target, calibration, progress, threads)
+    encoder = None
+    if method == "hqq":
+        from ..gguf.hqq import hqq_encode as encoder
+    if source.is_gguf:
+        from ..gguf.requantize import requantize
+
+        return requantize(source.path, out, target, progress=progress, encoder=encoder)
+    from ..gguf.export import export_hf
+
+    return export_hf(source.path, out, target, progress=progress, threads=threads,
+                     encoder=encoder)
+
+
+def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads: int):
+    from ..gguf.gptq import gptq_gguf
+    from .load import load_model
+
+    if calibration is None:
+        raise ValueError("method gptq needs calibration: a function from the loaded model to ids")
+    loaded = load_model(source.path, progress=progress)
+    ids = calibration(loaded)
+    report = gptq_gguf(loaded, Path(out), target, ids, progress=progress, threads=threads)
+    return report.write, report

@@ -1,0 +1,152 @@
+"""The units of a sweep's work, as plain module-level functions so a process pool or a Ray
+cluster can run them anywhere the source path and the output folder are visible: make one
+variant's file, score one file, score the reference. Each writes its record under
+OUT/.sweep/ (atomically, after its file), which is what lets a killed sweep resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from ..atomic import atomic_path
+from .variants import SweepOptions, Variant, make_key, score_key
+
+RECORDS = ".sweep"  # the folder of per-task records inside the output folder
+REFERENCE = "reference"  # the record name of the source model's own scores
+
+
+def variant_path(out_dir: Path, options: SweepOptions, variant: Variant) -> Path:
+    stem = Path(options.source).name.removesuffix(".gguf")
+    return out_dir / f"{stem}-{variant.name}.gguf"
+
+
+def record_path(out_dir: Path, name: str, stage: str) -> Path:
+    return out_dir / RECORDS / f"{name}.{stage}.json"
+
+
+def read_record(out_dir: Path, name: str, stage: str, key: str) -> dict | None:
+    """The record of a finished task with this key, or None (missing, stale or unreadable)."""
+    try:
+        record = json.loads(record_path(out_dir, name, stage).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("key") != key:
+        return None
+    file = record.get("file")
+    if file and not (Path(file).is_file() and Path(file).stat().st_size == record["bytes"]):
+        return None  # the file was removed or replaced since
+    return record
+
+
+def _write_record(out_dir: Path, name: str, stage: str, record: dict) -> dict:
+    with atomic_path(record_path(out_dir, name, stage)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def make_variant(options: SweepOptions, variant: Variant, out_dir: str) -> dict:
+    """Write the variant's GGUF file (the bytes `zeropoint quantize --type T --method M` writes)
+    and its record: file, bytes, bits per weight, fallbacks, seconds."""
+    from ..gguf.mixes import parse_target
+    from ..models.source import resolve_model
+    from ..models.to_gguf import write_gguf
+
+    out_dir = Path(out_dir)
+    path = variant_path(out_dir, options, variant)
+    source = resolve_model(options.source)
+    if variant.method == "gptq":
+        _set_torch_threads(options.threads)
+    start = time.perf_counter()
+    report = write_gguf(source, path, parse_target(variant.type), variant.method,
+                        calibration=lambda loaded: _calibration(options, loaded),
+                        threads=options.threads)
+    if variant.method == "gptq":
+        report = report[0]
+    return _write_record(out_dir, variant.name, "make", {
+        "key": make_key(options, variant), "variant": variant.name, "type": variant.type,
+        "method": variant.method, "file": str(path), "bytes": path.stat().st_size,
+        "bits_per_weight": report.bits_per_weight, "fallbacks": len(report.fallbacks),
+        "make_seconds": time.perf_counter() - start,
+    })
+
+
+def score_variant(options: SweepOptions, variant: Variant, out_dir: str, made: dict,
+                  reference: dict) -> dict:
+    """Score the variant's file under llama.cpp against the reference: perplexity, its ratio to
+    the reference's, and decode tokens/s. Needs the make record (`made`) and the reference's."""
+    scores = score_file(options, Path(made["file"]))
+    scores["perplexity_ratio"] = scores["perplexity"] / reference["perplexity"]
+    key = score_key(options, made["key"])
+    return _write_record(Path(out_dir), variant.name, "score", {"key": key, **scores})
+
+
+def score_reference(options: SweepOptions, out_dir: str, made: dict | None) -> dict:
+    """The reference's own scores, what every variant is compared with: the source itself when
+    it is a GGUF file, else its float16 GGUF (`made`, a make record)."""
+    from ..gguf.llama_cpp import gguf_size
+
+    path = Path(made["file"]) if made else Path(options.source)
+    nbytes, bpw = gguf_size(path)
+    scores = score_file(options, path)
+    key = score_key(options, made["key"] if made else REFERENCE)
+    return _write_record(Path(out_dir), REFERENCE, "score",
+                         {"key": key, "variant": REFERENCE, "file": str(path), "bytes": nbytes,
+                          "bits_per_weight": bpw, **scores})
+
+
+def score_file(options: SweepOptions, path: Path) -> dict:
+    """Perplexity (models.evaluate's protocol, under llama.cpp) and greedy decode tokens/s."""
+    from ..gguf.llama_cpp import llama_cpp_perplexity, open_llama
+
+    text = _scoring_text(options)
+    start = time.perf_counter()
+    llm = open_llama(path, max(options.window, 2), options.threads, logits_all=True)
+    try:
+        r = llama_cpp_perplexity(path, text, window=options.window, max_tokens=options.max_tokens,
+                                 threads=options.threads, llm=llm)
+        speed = _decode_speed(llm, options.decode_tokens)
+    finally:
+        llm.close()
+    return {"perplexity": r.perplexity, "nll": r.nll, "scored_tokens": r.tokens,
+            "tokens_per_second": speed, "score_seconds": time.perf_counter() - start}
+
+
+def _decode_speed(llm, n: int) -> float:
+    """Tokens per second of greedy batch-1 decoding, after the first token (which includes the
+    prompt's evaluation)."""
+    from ..gguf.llama_cpp import DEFAULT_PROMPT
+
+    if n < 2:
+        return math.nan
+    llm.reset()
+    prompt = llm.tokenize(DEFAULT_PROMPT.encode(), add_bos=True)
+    tokens = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
+    next(tokens)
+    start = time.perf_counter()
+    for _ in range(n - 1):
+        next(tokens)
+    return (n - 1) / (time.perf_counter() - start)
+
+
+def _scoring_text(options: SweepOptions) -> str:
+    from ..models.evaluate import default_text
+
+    return Path(options.text).read_text(encoding="utf-8") if options.text else default_text()
+
+
+def _calibration(options: SweepOptions, loaded):
+    """GPTQ calibration ids, in quantize's sequences of 512 tokens."""
+    from ..algorithms.sequential import calibration_ids
+    from ..models.evaluate import default_text
+
+    text = Path(options.calib).read_text(encoding="utf-8") if options.calib else default_text()
+    length = min(512, options.calib_tokens)
+    return calibration_ids(loaded.tokenizer, text, max(1, options.calib_tokens // length), length)
+
+
+def _set_torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
