@@ -11,6 +11,7 @@ fed the tensor in --inputs (rows are samples) or, without it, standard normal ro
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -20,14 +21,21 @@ from .common import CommandError, open_model, read_text, resolve, text_source
 
 DEFAULT_BUDGET_TOKENS = 1024  # --budget-tokens: calibration tokens of the bit allocation
 
+EPILOG = """examples:
+  zeropoint analyze                                    (the default model at 4:g128:sym)
+  zeropoint analyze --compare 4:tensor:sym,4:channel:sym,4:g128:sym --html report.html
+  zeropoint analyze path/to/checkpoint --spec 4:g32:asym --sensitivity
+"""
+
 
 def add_parser(sub) -> None:
     a = sub.add_parser(
         "analyze", help="layer-by-layer quantization error: isolated vs accumulated, sensitivity",
-        description="Run calibration text through the model once in float and once quantized, and "
-                    "report for every Linear layer, in forward order: the SQNR of its quantized "
-                    "weight, of its output with only it quantized (isolated), and of its output with "
-                    "it and every layer before it quantized (accumulated).")
+        description="Run calibration text through the model once in float and once quantized,\n"
+                    "and report for every Linear layer, in forward order: the SQNR of its\n"
+                    "quantized weight, of its output with only it quantized (isolated), and of\n"
+                    "its output with it and every layer before it quantized (accumulated).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory, .gguf file, .pt file holding a pickled "
                         "torch.nn.Module, or nothing for the default SmolLM2-135M")

@@ -6,14 +6,30 @@ generation. With --kld: the KL-divergence statistics of `llama-perplexity --kl-d
 
 from __future__ import annotations
 
+import argparse
+
 from .common import CommandError, mib, open_model, read_text, resolve, threads, write_json
+
+EPILOG = """examples:
+  zeropoint eval default out/smollm2-int4               (float, then the quantized directory)
+  zeropoint eval out/smollm2-int4 --text held-out.txt --json ppl.json
+  zeropoint eval smollm2-q4_k_m.gguf --engine llama.cpp
+  zeropoint eval default smollm2-q4_0.gguf --kld --engine llama.cpp --save-base base.kld
+  zeropoint eval smollm2-iq4_xs.gguf --kld --base-logits base.kld --engine llama.cpp
+"""
 
 
 def add_parser(sub) -> None:
     from .eval_kld import add_kld_arguments
 
-    e = sub.add_parser("eval", help="perplexity (causal LMs) or embedding cosine (encoders); "
-                       "--kld: KL-divergence of QUANTIZED from MODEL")
+    e = sub.add_parser(
+        "eval", help="perplexity (causal LMs) or embedding cosine (encoders); --kld: "
+                     "KL-divergence of QUANTIZED from MODEL",
+        description="Score a model: the perplexity of a causal LM on a text (in PyTorch, or\n"
+                    "with --engine llama.cpp in llama.cpp), or an encoder's embedding cosine\n"
+                    "against a quantized copy; with --kld, how far QUANTIZED's next-token\n"
+                    "distributions are from MODEL's, as llama-perplexity --kl-divergence.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("model", help="float model ('default', a checkpoint dir, a .gguf) or a zeropoint dir")
     e.add_argument("quantized", nargs="?", help="a model to compare with MODEL (a zeropoint "
                    "directory; with --kld any model zeropoint loads)")

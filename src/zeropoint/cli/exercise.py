@@ -7,9 +7,19 @@ import argparse
 from ..atomic import atomic_path
 from .common import CommandError, write_json
 
+EPILOG = """examples:
+  zeropoint exercise                                  (4, 6 and 8 bits, normal data)
+  zeropoint exercise --bits 2,3,4,8 --dist relu --granularity per_tensor,per_group
+  zeropoint exercise --range minmax,percentile,mse --json rows.json --plot none
+"""
+
 
 def add_parser(sub) -> None:
-    ex = sub.add_parser("exercise", help="the chapter's exercise: MSE of symmetric vs asymmetric")
+    ex = sub.add_parser(
+        "exercise", help="the chapter's exercise: MSE of symmetric vs asymmetric",
+        description="Quantize synthetic data symmetrically and asymmetrically at several bit\n"
+                    "widths and compare the MSE with the theory curve, as a table and a plot.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ex.add_argument("--bits", type=_int_list, default=(4, 6, 8), help="bit widths, e.g. 2,3,4,8")
     ex.add_argument("--dist", default="normal",
                     help="normal, uniform, laplace, student-t or relu (skewed)")

@@ -16,18 +16,28 @@ multiple of 512, are never split that way.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from .calibration import DEFAULT_CALIB_TOKENS, calibration_source, calibration_text
 from .common import CommandError, open_model, resolve
 
 DEFAULT_CTX = 512
+
+EPILOG = """examples:
+  zeropoint imatrix -o imatrix.gguf                         (the default model, calibration mix)
+  zeropoint imatrix model.gguf --calib text.txt --calib-tokens 16384 -o imatrix.dat
+  zeropoint quantize model.gguf --type IQ4_XS --imatrix imatrix.gguf -o model-iq4_xs.gguf
+"""
 DEFAULT_BATCH_TOKENS = 2048  # tokens per forward pass, as llama-imatrix's default batch
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama-imatrix's values and "
-                                       "file formats) from calibration text")
+                                       "file formats) from calibration text",
+                       description=__doc__.splitlines()[0].strip("`") + " " +
+                       " ".join(__doc__.splitlines()[1:3]), epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="a .gguf file, a checkpoint directory or a zeropoint directory "
                         "(default: SmolLM2-135M)")

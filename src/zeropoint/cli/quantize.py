@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -12,11 +13,24 @@ from . import quantize_gguf
 from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
 
+EPILOG = """examples:
+  zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model, default spec)
+  zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
+  zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
+  zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
+  zeropoint quantize default -o out/mixed --budget-bpw 4.5
+"""
+
 
 def add_parser(sub) -> None:
     # Options default to None so that "given" can be told from "left alone" (check_options);
     # DEFAULTS fills in the real values afterwards.
-    q = sub.add_parser("quantize", help="quantize a model into a zeropoint directory")
+    q = sub.add_parser(
+        "quantize", help="quantize a model into a zeropoint directory",
+        description="Quantize a model (a Hugging Face checkpoint directory, a .gguf file or the\n"
+                    "default SmolLM2-135M) into a zeropoint directory, or with --type into a\n"
+                    "GGUF file that llama.cpp runs.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M)")
     q.add_argument("-o", "--output", required=True, help="output directory (a .gguf file with --type)")

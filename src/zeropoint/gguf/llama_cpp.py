@@ -189,3 +189,72 @@ class _captured_stderr:
         self._file.seek(0)
         self.text = self._file.read().decode("utf-8", "replace") + self._py.getvalue()
         self._file.close()
+
+
+class LlamaCppDecoder:
+    """One sequence through llama.cpp, token ids in, last logits out (the decoder that
+    nn.generate.stream_tokens drives): llama.cpp runs the model, zeropoint's Sampler chooses the
+    tokens. Its tokenizer, chat template and end-of-generation tokens are llama.cpp's."""
+
+    engine = "llama.cpp"
+
+    def __init__(self, path, n_ctx: int, threads: int = 2):
+        self.llm = open_llama(path, n_ctx=n_ctx, threads=threads, logits_all=False)
+        self.n_ctx, self.n_vocab = self.llm.n_ctx(), self.llm.n_vocab()
+
+    def start(self, length: int) -> None:
+        if length > self.n_ctx:
+            raise ValueError(f"{length} tokens (prompt and new tokens) exceed the context of "
+                             f"{self.n_ctx} that llama.cpp was opened with")
+        self.llm.reset()  # the next eval drops the cache past position 0
+
+    def feed(self, ids: list[int]):
+        """The (vocab,) float32 logits (a torch tensor) after `ids`."""
+        import ctypes
+
+        import llama_cpp
+        import numpy as np
+        import torch
+
+        self.llm.eval(ids)
+        # Llama.eval keeps no logits unless every row's are kept (logits_all); the last row is
+        # all generation needs, and llama.cpp still holds it.
+        row = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        array = np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)),
+                                      shape=(self.n_vocab,))
+        return torch.from_numpy(array.copy())
+
+    # The text side, in llama.cpp's own tokenizer.
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of `text`: a BOS first where the model asks for one; with special=True, the
+        text of special tokens (a rendered chat template) tokenized as those tokens, no BOS."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=not special, special=special)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, control tokens left out; an incomplete UTF-8 tail shows as U+FFFD."""
+        return self.llm.detokenize(ids).decode("utf-8", "replace")
+
+    def token_text(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.llm.metadata.get("tokenizer.chat_template")
+
+    @property
+    def bos_token(self) -> int:
+        return self.llm.token_bos()
+
+    @property
+    def eos_token(self) -> int:
+        return self.llm.token_eos()
+
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends a generation (end of sequence, of turn, ...), as llama.cpp says."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(self.llm.model),
+                                                 token))
+
+    def close(self) -> None:
+        self.llm.close()
