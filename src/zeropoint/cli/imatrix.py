@@ -35,8 +35,9 @@ DEFAULT_BATCH_TOKENS = 2048  # tokens per forward pass, as llama-imatrix's defau
 def add_parser(sub) -> None:
     p = sub.add_parser("imatrix", help="compute an importance matrix (llama-imatrix's values and "
                                        "file formats) from calibration text",
-                       description=__doc__.splitlines()[0].strip("`") + " " +
-                       " ".join(__doc__.splitlines()[1:3]), epilog=EPILOG,
+                       description="The importance matrix of a model as llama-imatrix computes "
+                                   "it (the mean of x^2 of each input column of every weight "
+                                   "matrix), from calibration text.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="a .gguf file, a checkpoint directory or a zeropoint directory "
