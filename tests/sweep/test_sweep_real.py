@@ -51,14 +51,16 @@ def test_each_variant_is_the_file_quantize_writes(local_sweep, tmp_path):
 def test_frontier_and_reports(local_sweep):
     out, result = local_sweep
     rows = result.rows[1:]
+    assert result.loss == "kld_mean"
     for r in rows:
-        dominated = any(o["bytes"] <= r["bytes"] and o["perplexity"] < r["perplexity"] or
-                        o["bytes"] < r["bytes"] and o["perplexity"] <= r["perplexity"] for o in rows)
+        dominated = any(o["bytes"] <= r["bytes"] and o["kld_mean"] < r["kld_mean"] or
+                        o["bytes"] < r["bytes"] and o["kld_mean"] <= r["kld_mean"] for o in rows)
         assert r["frontier"] == (not dominated), r["variant"]
-    ppl = {r["variant"]: r["perplexity"] for r in rows}
-    assert ppl["Q8_0-rtn"] < ppl["Q4_0-rtn"]  # sanity of the scores themselves
+    kld = {r["variant"]: r["kld_mean"] for r in rows}
+    assert kld["Q8_0-rtn"] < kld["Q5_1-rtn"] < kld["Q4_0-rtn"]  # sanity of the scores themselves
+    assert all(0 < r["same_top"] <= 1 for r in rows)
     best = result.recommendations[2**30]
-    assert best["perplexity"] == min(ppl.values())
+    assert best["kld_mean"] == min(kld.values())
     doc = json.loads((out / "sweep.json").read_text())
     assert set(doc["frontier"]) == {r["variant"] for r in rows if r["frontier"]}
     assert len((out / "sweep.csv").read_text().splitlines()) == 1 + 7

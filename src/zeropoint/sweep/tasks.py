@@ -10,6 +10,8 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..atomic import atomic_path
 from .variants import SweepOptions, Variant, make_key, score_key
 
@@ -37,6 +39,8 @@ def read_record(out_dir: Path, name: str, stage: str, key: str) -> dict | None:
     file = record.get("file")
     if file and not (Path(file).is_file() and Path(file).stat().st_size == record["bytes"]):
         return None  # the file was removed or replaced since
+    if "base_logits" in record and not Path(record["base_logits"]).is_file():
+        return None
     return record
 
 
@@ -74,43 +78,57 @@ def make_variant(options: SweepOptions, variant: Variant, out_dir: str) -> dict:
 
 def score_variant(options: SweepOptions, variant: Variant, out_dir: str, made: dict,
                   reference: dict) -> dict:
-    """Score the variant's file under llama.cpp against the reference: perplexity, its ratio to
-    the reference's, and decode tokens/s. Needs the make record (`made`) and the reference's."""
-    scores = score_file(options, Path(made["file"]))
-    scores["perplexity_ratio"] = scores["perplexity"] / reference["perplexity"]
+    """Score the variant's file under llama.cpp against the reference, by llama-perplexity
+    --kl-divergence's protocol (models/kld.py): mean KLD with its uncertainty, its 99th
+    percentile, same-top-token share, RMS Δp, perplexity and its ratio to the reference's; and
+    decode tokens/s. Needs the make record (`made`) and the reference's scores."""
+    from ..models.base_logits import load_base_logits
+    from ..models.kld import LlamaCppLogits, kl_divergence, kld_report
+
+    start = time.perf_counter()
+    base = load_base_logits(reference["base_logits"])
+    runner = LlamaCppLogits(made["file"], options.window, options.threads)
+    try:
+        stats = kld_report(kl_divergence(runner, base, _scoring_text(options)))
+        speed = _decode_speed(runner.llm, options.decode_tokens)
+    finally:
+        runner.close()
     key = score_key(options, made["key"])
-    return _write_record(Path(out_dir), variant.name, "score", {"key": key, **scores})
+    return _write_record(Path(out_dir), variant.name, "score", {
+        "key": key, "perplexity": stats.perplexity.value,
+        "perplexity_ratio": stats.perplexity_ratio.value, "kld_mean": stats.kld.value,
+        "kld_uncertainty": stats.kld.uncertainty, "kld_p99": stats.kld_percentiles.get(99.0),
+        "same_top": stats.same_top.value, "delta_p_rms": stats.delta_p_rms.value,
+        "scored_tokens": stats.tokens, "tokens_per_second": speed,
+        "score_seconds": time.perf_counter() - start})
 
 
 def score_reference(options: SweepOptions, out_dir: str, made: dict | None) -> dict:
-    """The reference's own scores, what every variant is compared with: the source itself when
-    it is a GGUF file, else its float16 GGUF (`made`, a make record)."""
+    """The reference's own scores and its compact next-token distributions (models/base_logits),
+    saved once for every variant's KL-divergence: the source itself when it is a GGUF file, else
+    its float16 GGUF (`made`, a make record)."""
     from ..gguf.llama_cpp import gguf_size
+    from ..models.base_logits import save_base_logits
+    from ..models.kld import LlamaCppLogits, compute_base_logits
 
+    start = time.perf_counter()
     path = Path(made["file"]) if made else Path(options.source)
     nbytes, bpw = gguf_size(path)
-    scores = score_file(options, path)
-    key = score_key(options, made["key"] if made else REFERENCE)
-    return _write_record(Path(out_dir), REFERENCE, "score",
-                         {"key": key, "variant": REFERENCE, "file": str(path), "bytes": nbytes,
-                          "bits_per_weight": bpw, **scores})
-
-
-def score_file(options: SweepOptions, path: Path) -> dict:
-    """Perplexity (models.evaluate's protocol, under llama.cpp) and greedy decode tokens/s."""
-    from ..gguf.llama_cpp import llama_cpp_perplexity, open_llama
-
-    text = _scoring_text(options)
-    start = time.perf_counter()
-    llm = open_llama(path, max(options.window, 2), options.threads, logits_all=True)
+    runner = LlamaCppLogits(path, options.window, options.threads)
     try:
-        r = llama_cpp_perplexity(path, text, window=options.window, max_tokens=options.max_tokens,
-                                 threads=options.threads, llm=llm)
-        speed = _decode_speed(llm, options.decode_tokens)
+        base = compute_base_logits(runner, _scoring_text(options), options.window,
+                                   max(1, options.max_tokens // options.window), cap_chunks=True)
+        speed = _decode_speed(runner.llm, options.decode_tokens)
     finally:
-        llm.close()
-    return {"perplexity": r.perplexity, "nll": r.nll, "scored_tokens": r.tokens,
-            "tokens_per_second": speed, "score_seconds": time.perf_counter() - start}
+        runner.close()
+    base_path = record_path(Path(out_dir), REFERENCE, "base-logits").with_suffix(".npz")
+    save_base_logits(base_path, base)
+    key = score_key(options, made["key"] if made else REFERENCE)
+    return _write_record(Path(out_dir), REFERENCE, "score", {
+        "key": key, "variant": REFERENCE, "file": str(path), "bytes": nbytes,
+        "bits_per_weight": bpw, "perplexity": float(np.exp(base.rows.nll.mean())),
+        "scored_tokens": int(base.rows.nll.size), "tokens_per_second": speed,
+        "base_logits": str(base_path), "score_seconds": time.perf_counter() - start})
 
 
 def _decode_speed(llm, n: int) -> float:
