@@ -195,3 +195,25 @@ def test_an_unknown_activation_is_refused():
     model.config.hidden_act = "relu"
     with pytest.raises(ValueError, match="no activation 'relu'; accepted: silu"):
         CompactDecoder(model)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_int4_compact_logits_match_the_hf_forward(gemma3_gguf):
+    """The real Gemma 3 270M (weights from a Q4_K_M file), quantized as `zeropoint quantize
+    --bits 4` does (int4 symmetric group-128, lm_head float): the decoder's logits at every
+    step are transformers' own, and so are the greedy tokens."""
+    from zeropoint.models.load import load_model
+
+    loaded = load_model(gemma3_gguf, progress=False)
+    model = loaded.model
+    assert model.config.model_type == "gemma3_text"
+    quantize_model(model, Recipe(QuantSpec(4, "symmetric", "per_group", group_size=128)))
+    ids = loaded.tokenizer("The history of the printing press", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        expected, tokens = hf_logits(model, ids, steps=12)
+        decoder = CompactDecoder(model)
+        decoder.start(1, ids.shape[1] + 12)
+        assert decoder._steps is not None  # the batch-1 step on C kernels
+        assert_logits_close(decoder.forward(ids, all_logits=True), expected[0])
+        for token, want in zip(tokens, expected[1:]):
+            assert_logits_close(decoder.forward(token), want)
