@@ -10,7 +10,8 @@ batch-1 step on C kernels).
 The configs make every family's peculiarity count: sliding windows shorter than the 15 positions
 decoded, soft-caps small enough that tanh bends the scores, norm weights and biases moved off
 their init values, Llama 3's rope scaling, Phi-3's longrope switching to its long factors in the
-middle of the decode, Gemma 3's local and global rope bases.
+middle of the decode, Phi-3's partial rotary (Phi-4-mini's), Gemma 3's local and global rope
+bases.
 
 Tolerance: the decoder runs the same kernels on the same float32 inputs; only summation orders
 (RMSNorm's sum of squares, attention) and libm's exp/tanh against torch's vectorized ones differ,
@@ -53,7 +54,9 @@ FAMILY_CONFIGS = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 4.0,
                                             "rope_theta": 1000000.0}})),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=4)),
+    "phi3-partial-rotary": ("Phi3Config", "Phi3ForCausalLM", dict(
+        num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})),
     "phi3-longrope-window": ("Phi3Config", "Phi3ForCausalLM", dict(
         sliding_window=6, original_max_position_embeddings=12,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
