@@ -15,8 +15,15 @@
    that load from other work on the machine falls on all of them alike; medians are printed.
    Also the quantize time, the perplexity on the first 2,048 pydoc tokens (--no-ppl skips it),
    and llama.cpp on the same model as the anchor when llama-cpp-python is installed.
+   The same table for Gemma 3 270M (--models), whose rows keep the float32 head of the default
+   recipe (what `zeropoint quantize GEMMA.gguf --bits 4` writes) or quantize it, with llama.cpp
+   on the very GGUF file the model was loaded from (Q4_K_M) and its Q8_0 requantization.
+3. Tiny random-weight models of every family the compact decoder runs (Llama 3, Mistral, Qwen2,
+   Qwen3, Gemma 2, Gemma 3, Phi-3): float32 through transformers against the compact decoder
+   in float32, int8 and int4 (--skip-families skips it).
 
     .venv/bin/python benchmarks/bench_models.py [--tokens 64] [--repeat 5] [--loop compact]
+        [--models smollm2,gemma3]
 """
 
 from __future__ import annotations
@@ -148,14 +155,15 @@ QUANTIZED_ROWS = (
 )
 
 
-def decode_rows(model, loop: str):
+def decode_rows(model, loop: str, quantized_rows=QUANTIZED_ROWS, bfloat16: bool = True):
     """(name, model, quantize seconds, loop) for every row of the decode table; the first is
     the float32 baseline, through transformers' forward."""
     rows = [("float32", model, None, "generate" if loop == "generate" else "hf")]
     if loop == "compact":
         rows.append(("float32", model, None, loop))
-    rows.append(("bfloat16", copy.deepcopy(model).bfloat16(), None, loop))
-    for name, spec, head_spec in QUANTIZED_ROWS:
+    if bfloat16:
+        rows.append(("bfloat16", copy.deepcopy(model).bfloat16(), None, loop))
+    for name, spec, head_spec in quantized_rows:
         quantized = copy.deepcopy(model)
         t0 = time.perf_counter()
         quantize_model(quantized, Recipe(spec, (Rule("lm_head", head_spec),)))
@@ -163,36 +171,54 @@ def decode_rows(model, loop: str):
     return rows
 
 
-def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
-    from zeropoint.models.evaluate import default_text, perplexity
-    from zeropoint.models.load import load_model
-    from zeropoint.models.source import default_model_path
-
-    loaded = load_model(None, progress=False)
-    prompt = "The history of the printing press"
-    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
-    rows = decode_rows(loaded.model, loop)
+def timed_rows(rows, ids, tokens: int, repeat: int) -> list[float]:
+    """Median tokens/s of each row's greedy decode, the rows interleaved repeat after repeat."""
     seconds = [[] for _ in rows]
     for _, model, _, row_loop in rows:  # warm-up: allocator, thread pool, caches
         decode_seconds(model, ids, tokens, row_loop)
     for _ in range(repeat):  # interleaved: each repeat runs every row once
         for times, (_, model, _, row_loop) in zip(seconds, rows):
             times.append(decode_seconds(model, ids, tokens, row_loop))
+    return [tokens / statistics.median(times) for times in seconds]
+
+
+# The real models of the decode table: (title, path function's name in models.source, rows,
+# bfloat16 row, llama.cpp's name for the file's own type). Gemma 3 270M's 262,144 x 640 tied
+# head (168M of its 268M weights, 671 MB in float32) dominates its float32 decode, so its rows
+# are those whose head is read in fewer bytes, beside the default recipe's float head.
+DECODE_MODELS = {
+    "smollm2": ("SmolLM2-135M", "default_model_path", QUANTIZED_ROWS, True, "Q4_1"),
+    "gemma3": ("Gemma 3 270M (weights from a Q4_K_M file)", "gemma3_model_path",
+               (QUANTIZED_ROWS[1], QUANTIZED_ROWS[2], QUANTIZED_ROWS[3], QUANTIZED_ROWS[4]),
+               False, "Q4_K_M"),
+}
+
+
+def bench_decode(key: str, tokens: int, repeat: int, loop: str, ppl: bool) -> None:
+    from zeropoint.models import source
+    from zeropoint.models.evaluate import default_text, perplexity
+    from zeropoint.models.load import load_model
+
+    title, path_fn, quantized_rows, bfloat16, file_type = DECODE_MODELS[key]
+    gguf = str(getattr(source, path_fn)())
+    loaded = load_model(gguf, progress=False)
+    prompt = "The history of the printing press"
+    ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    rows = decode_rows(loaded.model, loop, quantized_rows, bfloat16)
+    speeds = timed_rows(rows, ids, tokens, repeat)
     loop_names = {"compact": "compact (nn/compact_runtime.py)", "hf": "hf (transformers forward)",
                   "generate": "transformers generate"}
-    print(f"\nSmolLM2-135M greedy decode, batch 1, {tokens} new tokens, median of {repeat} "
+    print(f"\n{title} greedy decode, batch 1, {tokens} new tokens, median of {repeat} "
           f"interleaved runs; loop: {loop_names[loop]}, baseline: the first row")
     print(f"{'':<26}{'loop':>10}{'tokens/s':>10}{'vs float32':>12}{'quantize s':>12}"
           f"{'perplexity':>12}")
-    base = tokens / statistics.median(seconds[0])
-    text = default_text()
-    for times, (name, model, quantize_s, row_loop) in zip(seconds, rows):
-        tps = tokens / statistics.median(times)
+    base = speeds[0]
+    text = default_text() if ppl else None
+    for tps, (name, model, quantize_s, row_loop) in zip(speeds, rows):
         q = f"{quantize_s:>12.2f}" if quantize_s is not None else f"{'':>12}"
         p = f"{perplexity(model, loaded.tokenizer, text).perplexity:>12.2f}" if ppl else ""
         print(f"{name:<26}{row_loop:>10}{tps:>10.1f}{tps / base:>11.2f}x{q}{p}", flush=True)
-    gguf = str(default_model_path())
-    anchors = [("llama.cpp Q4_1 (its file)", gguf)]
+    anchors = [(f"llama.cpp {file_type} (its file)", gguf)]
     with tempfile.TemporaryDirectory() as tmp:
         q8 = os.path.join(tmp, "q8_0.gguf")
         if llama_cpp_requantize(gguf, q8, 7):  # LLAMA_FTYPE_MOSTLY_Q8_0
@@ -203,6 +229,45 @@ def bench_decode(tokens: int, repeat: int, loop: str, ppl: bool) -> None:
                 print("(llama-cpp-python is not installed: no llama.cpp anchor)")
                 break
             print(f"{name:<26}{tps:>10.1f}{tps / base:>11.2f}x")
+
+
+# Tiny random-weight models of every family the compact decoder runs (the configs of
+# tests/nn/test_compact_families.py, at a size where the matmuls count): the compact decoder's
+# gain over float32 should not depend on the family.
+FAMILY_SIZES = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536,
+                    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                    head_dim=64, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+                    max_position_embeddings=4096)
+FAMILY_MODELS = {
+    "llama 3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 1024, "rope_theta": 500000.0})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=32)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict()),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=32)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=32)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict()),
+}
+
+
+def bench_families(tokens: int, repeat: int) -> None:
+    import transformers
+
+    ids = torch.randint(0, 8192, (1, 8), generator=torch.Generator().manual_seed(0))
+    print(f"\nTiny random models per family (hidden 512, 8 layers, vocab 8192), greedy decode, "
+          f"batch 1, {tokens} new tokens, median of {repeat} interleaved runs; tokens/s and the "
+          "ratio to float32 through transformers (hf)")
+    print(f"{'':<10}{'float32 hf':>12}{'f32 compact':>14}{'int8 compact':>14}"
+          f"{'int4 compact':>14}")
+    for name, (config_class, model_class, extra) in FAMILY_MODELS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(**{**FAMILY_SIZES, **extra})
+        model = getattr(transformers, model_class)(config).float().eval()
+        rows = decode_rows(model, "compact", (QUANTIZED_ROWS[1], QUANTIZED_ROWS[4]), False)
+        speeds = timed_rows(rows, ids, tokens, repeat)
+        print(f"{name:<10}{speeds[0]:>12.1f}" + "".join(
+            f"{tps:>7.1f} {tps / speeds[0]:>5.2f}x" for tps in speeds[1:]), flush=True)
 
 
 def main():
@@ -218,6 +283,10 @@ def main():
                     "second thread (default: nn/gemv.py PARALLEL_MIN_ROWS)")
     ap.add_argument("--skip-layer", action="store_true")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--models", default="smollm2,gemma3",
+                    help=f"real models of the decode table, of {', '.join(DECODE_MODELS)}")
+    ap.add_argument("--skip-families", action="store_true",
+                    help="skip the tiny per-family table")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if args.split_rows is not None:
@@ -225,8 +294,11 @@ def main():
     if not args.skip_layer:
         bench_layer(args.repeat)
         bench_batch1(args.repeat)
+    if not args.skip_families:
+        bench_families(args.tokens, args.repeat)
     if not args.skip_decode:
-        bench_decode(args.tokens, args.repeat, args.loop, not args.no_ppl)
+        for key in args.models.split(","):
+            bench_decode(key, args.tokens, args.repeat, args.loop, not args.no_ppl)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The compact Llama runtime against transformers' own forward and generate.
+"""The compact runtime on Llama models against transformers' own forward and generate
+(tests/nn/test_compact_families.py holds the other families).
 
 The oracle is the HF model itself: its forward with its own cache gives the logits each step, and
 generate(do_sample=False) the tokens. Both the decoder's paths are checked: the general one
@@ -87,12 +88,12 @@ WEIGHTS = [("float", False), ("int8", True), ("int8", False), ("int4-g128", True
 WEIGHT_IDS = [s if s == "float" else f"{s}-{'fused' if f else 'unfused'}" for s, f in WEIGHTS]
 
 
-@pytest.mark.parametrize("path", ["c-step", "torch-step", "general"])
+@pytest.mark.parametrize("path", ["c-step", "general"])
 @pytest.mark.parametrize("spec,fuse", WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_every_step_match_the_hf_forward(name, spec, fuse, path):
     # c-step: the one-row step with csrc/token_ops.c's norm, attention and gating (where the C
-    # kernels build); torch-step: the same step in torch calls (builds without them).
+    # kernels build; without them batch-1 steps take the general path).
     fast = path != "general"
     model = quantized(tiny_llama(name), SPECS[spec], fuse)
     ids = prompt()
@@ -100,8 +101,6 @@ def test_logits_every_step_match_the_hf_forward(name, spec, fuse, path):
         expected, tokens = hf_logits(model, ids, steps=6)
         decoder = CompactLlama(model, fast=fast)
         decoder.start(1, ids.shape[1] + 6)
-        if path == "torch-step":
-            decoder._glue = None
         assert_logits_close(decoder.forward(ids, all_logits=True), expected[0])
         for token, want in zip(tokens, expected[1:]):
             assert_logits_close(decoder.forward(token), want)

@@ -1,9 +1,10 @@
-/* The compact runtime's per-token operations: the small steps of one Llama decoder position at
+/* The compact runtime's per-token operations: the small steps of one decoder position at
  * batch 1, float32 (nn/compact_runtime.py): RMSNorm, rotary embedding and attention over the KV
- * cache, SiLU gating. At one row each is a few thousand flops; as torch calls they cost ~5 us of
- * dispatch apiece, about 20 a layer, which was as long as reading the layer's int4 weights. The
- * arithmetic follows transformers' Llama modules in float32 (the order of a sum may differ: tests
- * hold the logits to the HF model's). */
+ * cache (with the per-head q/k norms, sliding windows and soft-capping some families have),
+ * SiLU or GELU-tanh gating. At one row each is a few thousand flops; as torch calls they cost
+ * ~5 us of dispatch apiece, about 20 a layer, which was as long as reading the layer's int4
+ * weights. The arithmetic follows transformers' modules in float32 (the order of a sum may
+ * differ: tests hold the logits to the HF model's). */
 #include <math.h>
 #include <stdint.h>
 
@@ -75,4 +76,85 @@ void zp_llama_attend(float *rows, int64_t pos, int64_t n_heads, int64_t n_kv, in
 /* g = silu(g) * u = g / (1 + exp(-g)) * u: LlamaMLP's act_fn(gate) * up. */
 void zp_silu_mul(float *g, const float *u, int64_t n) {
   for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* ---- the family-general step (nn/compact_runtime.py's CompactDecoder) ---- */
+
+/* x = w * (x * rsqrt(mean(x^2) + eps)) in place over one head of d values: Qwen3's and Gemma 3's
+ * per-head q/k norm (w already holds Gemma's 1 + weight). */
+static void head_rmsnorm(float *x, const float *w, float eps, int64_t d) {
+  float ss = 0.0f;
+  for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+  const float r = 1.0f / sqrtf(ss / (float)d + eps);
+  for (int64_t i = 0; i < d; i++) x[i] = w[i] * (x[i] * r);
+}
+
+/* One position's attention for any of the decoder's families. `qkv` is the q/k/v projection's
+ * output at position `pos`: n_heads query heads, then n_kv key heads, then n_kv value heads, d
+ * values each; the cache keeps keys and values only, `k_cache` and `v_cache` each (positions,
+ * n_kv, d) for this layer. In order, as transformers' attention modules do it:
+ * - q_norm / k_norm (NULL: none): each query / key head RMS-normalized (eps) times its weight;
+ * - rotary embedding of the first `rot` values of each query and key head (cos, sin_signed:
+ *   this position's rot values, sin_signed as rotate() takes it); rot < d leaves the rest as is;
+ * - the key and value heads written into the cache at `pos`;
+ * - every query head h attends over positions start..pos of kv head h / (n_heads / n_kv), where
+ *   start = pos - window + 1 with a sliding window (window > 0: keys within `window` positions,
+ *   the query's own included), else 0: scores q . k * scale, with soft-capping (softcap > 0)
+ *   tanh(score / softcap) * softcap, then softmax, then the weighted sum of the values -> out[h].
+ * The query heads are normalized and rotated in place in qkv. scores: room for pos + 1 floats. */
+void zp_decoder_attend(float *qkv, float *k_cache, float *v_cache, int64_t pos, int64_t n_heads,
+                       int64_t n_kv, int64_t d, int64_t rot, const float *cos,
+                       const float *sin_signed, const float *q_norm, const float *k_norm,
+                       float eps, float scale, float softcap, int64_t window, float *scores,
+                       float *out) {
+  const int64_t group = n_heads / n_kv, row = n_kv * d;
+  float *k_now = qkv + n_heads * d, *v_now = k_now + row;
+  for (int64_t h = 0; h < n_heads + n_kv; h++) {
+    float *x = qkv + h * d;
+    const float *w = h < n_heads ? q_norm : k_norm;
+    if (w) head_rmsnorm(x, w, eps, d);
+    rotate(x, cos, sin_signed, rot);
+  }
+  for (int64_t i = 0; i < row; i++) {
+    k_cache[pos * row + i] = k_now[i];
+    v_cache[pos * row + i] = v_now[i];
+  }
+  const int64_t start = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
+  for (int64_t h = 0; h < n_heads; h++) {
+    const float *q = qkv + h * d;
+    const int64_t kv = h / group;
+    float top = -INFINITY;
+    for (int64_t t = start; t <= pos; t++) {
+      const float *k = k_cache + t * row + kv * d;
+      float dot = 0.0f;
+      for (int64_t i = 0; i < d; i++) dot += q[i] * k[i];
+      float s = dot * scale;
+      if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
+      scores[t] = s;
+      top = s > top ? s : top;
+    }
+    float total = 0.0f;
+    for (int64_t t = start; t <= pos; t++) {
+      scores[t] = expf(scores[t] - top);
+      total += scores[t];
+    }
+    float *o = out + h * d;
+    for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+    for (int64_t t = start; t <= pos; t++) {
+      const float p = scores[t] / total;
+      const float *v = v_cache + t * row + kv * d;
+      for (int64_t i = 0; i < d; i++) o[i] += p * v[i];
+    }
+  }
+}
+
+/* g = gelu_tanh(g) * u, gelu_tanh(x) = x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))):
+ * Gemma's MLP act_fn(gate) * up with transformers' "gelu_pytorch_tanh" (torch's
+ * gelu(approximate="tanh")). */
+void zp_gelu_tanh_mul(float *g, const float *u, int64_t n) {
+  const float beta = 0.7978845608028654f, kappa = 0.044715f;
+  for (int64_t i = 0; i < n; i++) {
+    const float x = g[i];
+    g[i] = 0.5f * x * (1.0f + tanhf(beta * (x + kappa * (x * x * x)))) * u[i];
+  }
 }

@@ -128,5 +128,11 @@ ZP_API void zp_llama_attend(float *rows, int64_t pos, int64_t n_heads, int64_t n
                             const float *cos, const float *sin_signed, float scale,
                             float *scores, float *out);
 ZP_API void zp_silu_mul(float *g, const float *u, int64_t n);
+ZP_API void zp_decoder_attend(float *qkv, float *k_cache, float *v_cache, int64_t pos,
+                              int64_t n_heads, int64_t n_kv, int64_t d, int64_t rot,
+                              const float *cos, const float *sin_signed, const float *q_norm,
+                              const float *k_norm, float eps, float scale, float softcap,
+                              int64_t window, float *scores, float *out);
+ZP_API void zp_gelu_tanh_mul(float *g, const float *u, int64_t n);
 
 #endif

@@ -1,24 +1,31 @@
-"""The compact runtime for Llama-family causal LMs: the model's own weights and kernels,
-without transformers' module tree per token, over a preallocated KV cache.
+"""The compact runtime for decoder-only causal LMs (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 2,
+Gemma 3, Phi-3): the model's own weights and kernels, without transformers' module tree per
+token, over a preallocated KV cache.
 
 At batch 1 a quantized SmolLM2-135M spent about as long in transformers' per-layer Python
 (module calls, the cache object, masks, rotary embedding) as in its 121 matmuls. This decoder
-reads the model once: per layer the RMSNorm weights and the projections' kernels (a q/k/v or
-gate/up group fused by fuse.py is one call on its stacked kernel), and it precomputes rotary
-cos/sin with the model's own rotary module for every position it will decode, so rope_theta and
-rope scaling come from the model. Two paths share one preallocated KV cache:
+reads the model once: per layer its norms' weights and the projections' kernels (a q/k/v or
+gate/up group fused by fuse.py, or Phi-3's own qkv_proj and gate_up_proj, is one call), and it
+precomputes rotary cos/sin with the model's own rotary module for every position it will decode,
+so rope_theta and rope scaling (Llama 3's, linear, longrope, Gemma 3's local and global bases)
+come from the model. What differs between families is data (compact_config.DecoderConfig, read
+from the HF config): norm weight offset, embedding scale, activation, per-head q/k norms,
+norms on the block outputs, attention scale, soft-capping, sliding windows. Two paths share one
+preallocated KV cache of keys and values (2 * layers * kv_heads * head_dim floats a position):
 
 - `forward`: any batch, any number of new tokens (the prompt's prefill), any dtype; plain torch
-  calls on the model's kernels, causal attention by scaled_dot_product_attention.
-- the one-row step (batch 1, float32): each call writes into buffers allocated once, a C gemv
-  kernel (gemv.py) is called on their raw pointers, and attention is two batched matmuls over the
-  cache; about 30 small torch calls a layer, on one torch thread (a matmul that torch runs, for
-  float weights, gets the caller's threads): the OpenMP fork and join of SDPA, bmm and softmax
-  cost more than their arithmetic at this size, and far more when the 2 cores are shared.
+  calls on the model's kernels, attention by scaled_dot_product_attention (or, with soft-capping,
+  its eager formula) under a causal and sliding-window mask.
+- the one-row step (batch 1, float32, where the C kernels build): each call writes into buffers
+  allocated once, a C gemv kernel (gemv.py) is called on their raw pointers, and the small ops
+  are C calls (csrc/token_ops.c): per layer the matmuls and four to six C calls, on one torch
+  thread (a matmul that torch runs, for float weights, gets the caller's threads): the OpenMP
+  fork and join of torch's small ops cost more than their arithmetic at this size.
 
-The arithmetic is the model's: the same kernels on the same inputs, RMSNorm and rotary in
+The arithmetic is the model's: the same kernels on the same inputs, norms and rotary in
 transformers' order of operations; only summation orders (attention, the norm's sum of squares)
-differ, at float32 rounding (tests/nn/test_compact_runtime.py holds both paths to the HF logits).
+and libm's tanh/exp differ, at float32 rounding (tests/nn/test_compact_families.py holds both
+paths to the HF logits for every family).
 """
 
 from __future__ import annotations
@@ -28,42 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ckernels
+from .compact_config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from .fuse import FusedSlice
 from .gemv import GemvKernel
 from .qlinear import QLinear
 
-# Checked, layer by layer, against the HF forward (tests/nn/test_compact_runtime.py).
-ACCEPTED_MODEL_TYPES = ("llama",)
-# Rope types whose cos/sin depend on the length decoded so far: a table built once for the
-# final length would differ from what the model computes at each step.
-_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+ACCEPTED_MODEL_TYPES = SUPPORTED_MODEL_TYPES
 
 
 def supports(model) -> bool:
-    """True when CompactLlama accepts `model` (its config's model type and rope type)."""
+    """True when the compact decoder accepts `model` (its family, activation and rope)."""
     try:
-        _check(model)
+        DecoderConfig.from_model(model)
     except ValueError:
         return False
     return True
-
-
-def _check(model) -> None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ACCEPTED_MODEL_TYPES:
-        raise ValueError(
-            f"the compact decoder runs Llama-family causal LMs, got model type {model_type!r}; "
-            f"accepted: {', '.join(ACCEPTED_MODEL_TYPES)}"
-        )
-    inner = getattr(model, "model", None)
-    if getattr(model, "lm_head", None) is None or not hasattr(inner, "layers"):
-        raise ValueError(f"the compact decoder needs a causal LM with model.layers and lm_head, "
-                         f"got {type(model).__name__}")
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope in _LENGTH_DEPENDENT_ROPE:
-        raise ValueError(f"rope type {rope!r} depends on the decoded length; the compact "
-                         "decoder precomputes cos/sin once")
 
 
 def _fused_group(modules):
@@ -144,66 +130,170 @@ def _into(modules, x, y):
     return (lambda: [call() for call in calls]), all_gemv
 
 
-def _rms_norm(x, weight, eps):
-    # transformers' LlamaRMSNorm, op for op: in float32, cast back, then times the weight.
+def _rms_norm(x, weight, eps, cast_last):
+    """transformers' RMSNorm, op for op: in float32, then times the weight and cast back (Gemma:
+    cast_last, the weight already 1 + w in float32) or cast back, then times it (the others)."""
     xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight).to(x.dtype) if cast_last else weight * normed.to(x.dtype)
 
 
-class CompactLlama:
-    """Greedy generation by a Llama-family LM through its own weights and kernels.
+def _rotate(x, cos, sin_signed):
+    """x * cos + rotate_half(x) * sin on the first cos.shape[-1] values of each head (Phi-3's
+    partial rotary leaves the rest); x (b, t, heads, d), cos and sin_signed (t, 1, rot)."""
+    rot = cos.shape[-1]
+    half = rot // 2
+    xr = x[..., :rot]
+    swapped = torch.cat([xr[..., half:], xr[..., :half]], dim=-1)  # (x2, x1); sin signs (-, +)
+    out = xr * cos + swapped * sin_signed
+    return out if rot == x.shape[-1] else torch.cat([out, x[..., rot:]], dim=-1)
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """Attention of q (b, t, heads, d) over k, v (b, end, kv heads, d) under mask (t, end) (True:
+    attend, None: all) -> (b, t, heads, d)."""
+    q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (b, heads, ., d)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
+    # Soft-capping sits between the scores and the softmax, where SDPA has no hook: the eager
+    # formula of transformers' Gemma 2 attention.
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    w = torch.matmul(q, k.transpose(2, 3)) * scale  # (b, heads, t, end)
+    w = torch.tanh(w / softcap) * softcap
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf"))
+    w = w.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v).transpose(1, 2)
+
+
+class _Layer:
+    """One decoder layer's weights and kernels, as the decoder reads them."""
+
+    def __init__(self, layer, cfg: DecoderConfig, index: int, norm_weight):
+        traits, a, m = cfg.traits, layer.self_attn, layer.mlp
+        self.attn_norm = norm_weight(layer.input_layernorm)
+        if traits.sandwich_norms:  # Gemma: post_attention_layernorm is on the attention output
+            self.attn_out_norm = norm_weight(layer.post_attention_layernorm)
+            self.mlp_norm = norm_weight(layer.pre_feedforward_layernorm)
+            self.mlp_out_norm = norm_weight(layer.post_feedforward_layernorm)
+        else:
+            self.attn_out_norm = self.mlp_out_norm = None
+            self.mlp_norm = norm_weight(layer.post_attention_layernorm)
+        self.q_norm = norm_weight(a.q_norm) if traits.qk_norm else None
+        self.k_norm = norm_weight(a.k_norm) if traits.qk_norm else None
+        if traits.fused_projections:
+            self.qkv_modules, self.gate_up_modules = [a.qkv_proj], [m.gate_up_proj]
+        else:
+            self.qkv_modules = [a.q_proj, a.k_proj, a.v_proj]
+            self.gate_up_modules = [m.gate_proj, m.up_proj]
+        self.o_proj, self.down_proj = a.o_proj, m.down_proj
+        self.intermediate = sum(mod.out_features for mod in self.gate_up_modules) // 2
+        self.qkv, self.o = _stacked(self.qkv_modules), _linear(a.o_proj)
+        self.gate_up, self.down = _stacked(self.gate_up_modules), _linear(m.down_proj)
+        self.window, self.rope = cfg.windows[index], cfg.rope_keys[index]
+
+
+class CompactDecoder:
+    """Greedy generation by a decoder-only LM of a known family through its own weights and
+    kernels.
 
     Built from the model, it keeps references, not copies: a model quantized or edited afterwards
     needs a new decoder. `start(batch, max_len)` allocates the KV cache, `forward` runs token ids
     at the next positions, `greedy` does a whole decode. fast=False keeps batch-1 steps on the
-    general path (the tests compare the two)."""
+    general path (the tests compare the two). A model of another family: ValueError naming it
+    and the families accepted."""
 
     def __init__(self, model, fast: bool = True):
-        _check(model)
-        config, inner = model.config, model.model
-        self.model, self.fast = model, fast
-        self.n_heads = config.num_attention_heads
-        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
-        self.hidden = config.hidden_size
+        cfg = DecoderConfig.from_model(model)
+        inner = model.model
+        self.model, self.config, self.fast = model, cfg, fast
+        self.n_heads, self.n_kv, self.head_dim = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.hidden = cfg.hidden
         self.dtype = inner.norm.weight.dtype
-        self.silu = config.hidden_act == "silu"
-        self.blocks = [(layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm,
-                        layer.mlp) for layer in inner.layers]
-        self.layers = [
-            (n1.weight, n1.variance_epsilon, _stacked([a.q_proj, a.k_proj, a.v_proj]),
-             _linear(a.o_proj), a.scaling, n2.weight, n2.variance_epsilon,
-             _stacked([m.gate_proj, m.up_proj]), _linear(m.down_proj),
-             F.silu if self.silu else m.act_fn)
-            for n1, a, n2, m in self.blocks]
-        self.embed = inner.embed_tokens
-        if type(self.embed) is nn.Embedding:
-            table = self.embed.weight
+        self.cast_last = cfg.traits.norm_offset != 0.0
+        offset = cfg.traits.norm_offset
+        # Gemma's 1 + weight in float32, as its RMSNorm computes it; the others' weight itself.
+        norm_weight = (lambda n: n.weight.float() + offset) if offset else (lambda n: n.weight)
+        self.layers = [_Layer(layer, cfg, i, norm_weight)
+                       for i, layer in enumerate(inner.layers[:cfg.layers])]
+        self.final_norm = norm_weight(inner.norm)
+        embed = inner.embed_tokens
+        if isinstance(embed, nn.Embedding):  # Gemma's scaled embedding too: the scale is ours
+            table = embed.weight
             self.embed = lambda ids: F.embedding(ids, table)
-        self.final_norm = (inner.norm.weight, inner.norm.variance_epsilon)
+        else:
+            self.embed = embed
+        self.embed_scale = (None if cfg.embed_scale is None
+                            else torch.tensor(cfg.embed_scale).to(self.dtype))
+        self.act = F.silu if cfg.activation == "silu" else (
+            lambda g: F.gelu(g, approximate="tanh"))
         self.lm_head = _linear(model.lm_head)
         self.batch = self.max_len = 0
+
+    # --- cache and rotary tables ---------------------------------------------------------------
 
     @torch.inference_mode()
     def start(self, batch: int, max_len: int) -> None:
         """Empty the cache and make room for `max_len` positions of `batch` sequences."""
-        d, n_rows = self.head_dim, self.n_heads + 2 * self.n_kv
-        # A position's cache row is the q/k/v projection's whole output, q included (2.5 times
-        # the k/v bytes for SmolLM2): the stacked matmul writes it in place and rotary embedding
-        # rotates it there, so nothing is copied into the cache.
-        self.cache = torch.empty(len(self.layers), batch, max_len, n_rows, d, dtype=self.dtype)
-        # The model's own rotary module, once for every position: (1, max_len, d) each.
-        positions = torch.arange(max_len).unsqueeze(0)
-        cos, sin = self.model.model.rotary_emb(torch.empty(0, dtype=self.dtype), positions)
-        half = d // 2
-        # rotate_half(x) * sin == swap_halves(x) * sin_signed, sin_signed = (-sin[:h], sin[h:])
-        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        self.cos = cos[0].unsqueeze(1)  # (max_len, 1, d): broadcasts over (b, t, heads, d)
-        self.sin = sin[0].unsqueeze(1)
+        cfg = self.config
+        # Keys and values only: (layers, k or v, batch, positions, kv heads, head_dim).
+        self.kv_cache = torch.empty(cfg.layers, 2, batch, max_len, self.n_kv, self.head_dim,
+                                    dtype=self.dtype)
+        self.tables = {key: self._rope_tables(key, max_len) for key in set(cfg.rope_keys)}
         self.batch, self.max_len, self.pos = batch, max_len, 0
         self._steps = None
-        if self.fast and batch == 1 and self.dtype == torch.float32:
+        if (self.fast and batch == 1 and self.dtype == torch.float32
+                and ckernels.library() is not None):
             self._prepare_steps()
+
+    def _rotary(self, key, n):
+        """The model's own rotary module at positions 0..n-1: (cos, sin_signed), (n, rot) each,
+        sin_signed = (-sin[:rot/2], sin[rot/2:]) so that rotate_half(x) * sin is
+        swap_halves(x) * sin_signed."""
+        positions = torch.arange(n).unsqueeze(0)
+        args = (torch.empty(0, dtype=self.dtype), positions) + (() if key is None else (key,))
+        cos, sin = self.model.model.rotary_emb(*args)
+        half = cos.shape[-1] // 2
+        return cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+
+    def _rope_tables(self, key, max_len):
+        """(short, long, switch): the tables at every position, and for longrope the tables of
+        a block that ends past `switch` positions (long is None otherwise)."""
+        switch = dict(self.config.longrope).get(key, "none")
+        if switch == "none":
+            return self._rotary(key, max_len), None, None
+        # The module picks its factors by the last position it is given: up to `switch`
+        # positions the short ones, any further the long ones, for every position of the call.
+        short = self._rotary(key, min(max_len, switch))
+        long = self._rotary(key, max(max_len, switch + 1)) if max_len > switch else None
+        return short, long, switch
+
+    def _block_rope(self, key, pos, end):
+        """(cos, sin_signed) of positions pos..end-1 run as one block: (t, 1, rot) each."""
+        short, long, switch = self.tables[key]
+        cos, sin = long if switch is not None and end > switch else short
+        return cos[pos:end].unsqueeze(1), sin[pos:end].unsqueeze(1)
+
+    def _step_rope(self, key):
+        """(cos, sin_signed) of each position run alone: (max_len, rot), contiguous."""
+        short, long, switch = self.tables[key]
+        if long is None:
+            return short
+        # A one-row step at position p ends at p + 1: long factors from position `switch` on.
+        return tuple(torch.cat([s[:switch], lg[switch:self.max_len]]).contiguous()
+                     for s, lg in zip(short, long))
+
+    # --- the general path ----------------------------------------------------------------------
+
+    def _norm(self, x, weight):
+        return _rms_norm(x, weight, self.config.rms_eps, self.cast_last)
+
+    def _embed(self, ids):
+        h = self.embed(ids)  # (b, t, hidden)
+        return h * self.embed_scale if self.embed_scale is not None else h
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -216,98 +306,79 @@ class CompactLlama:
                              f"got {b} sequences at positions {pos}..{end - 1}")
         if t == 1 and self._steps is not None:
             return self._step(ids).clone()
-        n_heads, n_qk, d = self.n_heads, self.n_heads + self.n_kv, self.head_dim
-        half = d // 2
-        cos, sin = self.cos[pos:end], self.sin[pos:end]
-        # Rows of one block see the cache and the rows before them; SDPA's own causal mask says
-        # that when the block starts the sequence.
-        mask, causal = None, t > 1 and pos == 0
-        if t > 1 and pos > 0:
-            mask = torch.arange(end) <= torch.arange(pos, end).unsqueeze(1)  # (t, end)
-        h = self.embed(ids)  # (b, t, hidden), a fresh tensor: the residual adds go in place
-        for (w1, eps1, qkv, o_proj, scale, w2, eps2, gate_up, down, act), rows in zip(
-                self.layers, self.cache):
-            new = rows.narrow(1, pos, t)  # (b, t, heads + 2 kv heads, d)
-            new.copy_(qkv(_rms_norm(h, w1, eps1)).view(b, t, -1, d))
-            qk = new[:, :, :n_qk]
-            swapped = torch.cat([qk[..., half:], qk[..., :half]], dim=-1).mul_(sin)
-            qk.mul_(cos).add_(swapped)  # q and k rotated, in the cache
-            a = F.scaled_dot_product_attention(
-                new[:, :, :n_heads].transpose(1, 2), rows[:, :end, n_heads:n_qk].transpose(1, 2),
-                rows[:, :end, n_qk:].transpose(1, 2), attn_mask=mask, is_causal=causal,
-                scale=scale, enable_gqa=True)  # (b, heads, t, d)
-            h.add_(o_proj(a.transpose(1, 2).reshape(b, t, n_heads * d)))
-            g, u = gate_up(_rms_norm(h, w2, eps2)).chunk(2, dim=-1)  # (b, t, intermediate) each
-            h.add_(down(act(g) * u))
+        cfg = self.config
+        n_heads, n_kv, d = self.n_heads, self.n_kv, self.head_dim
+        rows, cols = torch.arange(pos, end).unsqueeze(1), torch.arange(end)  # (t, 1), (end,)
+        causal = cols <= rows  # (t, end)
+        masks = {w: None if t == 1 and (w is None or w >= end) else
+                 causal if w is None else causal & (cols > rows - w)
+                 for w in set(cfg.windows)}
+        h = self._embed(ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, self.kv_cache):
+            x = self._norm(h, layer.attn_norm)
+            qkv = layer.qkv(x).view(b, t, n_heads + 2 * n_kv, d)
+            q, k, v = qkv.split([n_heads, n_kv, n_kv], dim=2)
+            if layer.q_norm is not None:
+                q, k = self._norm(q, layer.q_norm), self._norm(k, layer.k_norm)
+            cos, sin = self._block_rope(layer.rope, pos, end)
+            k_cache[:, pos:end] = _rotate(k, cos, sin)
+            v_cache[:, pos:end] = v
+            a = _attend(_rotate(q, cos, sin), k_cache[:, :end], v_cache[:, :end],
+                        masks[layer.window], cfg.attention_scale, cfg.attn_softcap)
+            o = layer.o(a.reshape(b, t, n_heads * d))
+            if layer.attn_out_norm is not None:
+                o = self._norm(o, layer.attn_out_norm)
+            h = h + o
+            g, u = layer.gate_up(self._norm(h, layer.mlp_norm)).chunk(2, dim=-1)  # (b, t, inter)
+            y = layer.down(self.act(g) * u)
+            if layer.mlp_out_norm is not None:
+                y = self._norm(y, layer.mlp_out_norm)
+            h = h + y
         self.pos = end
         if not all_logits:
             h = h[:, -1:]
-        return self.lm_head(_rms_norm(h, *self.final_norm))
+        logits = self.lm_head(self._norm(h, self.final_norm))
+        cap = cfg.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    # --- the one-row step ----------------------------------------------------------------------
 
     def _prepare_steps(self) -> None:
         """Buffers for one-row steps and, per layer, the calls that fill them."""
-        d, n_heads, n_kv = self.head_dim, self.n_heads, self.n_kv
-        n_qk, n_rows, group = n_heads + n_kv, n_heads + 2 * n_kv, n_heads // n_kv
-        model, inner = self.model, self.model.model
+        cfg, d, n_heads, n_kv = self.config, self.head_dim, self.n_heads, self.n_kv
+        lib = ckernels.library()
         buf = lambda n: torch.empty(1, 1, n)  # noqa: E731
-        self.h, self.x, self.attn = buf(self.hidden), buf(self.hidden), buf(n_heads * d)
-        y_qkv, o_out, d_out = buf(n_rows * d), buf(self.hidden), buf(self.hidden)
-        inter = self.blocks[0][3].gate_proj.out_features
-        gu, self.logits = buf(2 * inter), buf(model.lm_head.out_features)
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.h, self.x = buf(self.hidden), buf(self.hidden)
+        self.qkv, self.attn = buf((n_heads + 2 * n_kv) * d), buf(n_heads * d)
+        o_out, d_out = buf(self.hidden), buf(self.hidden)
+        inter = self.layers[0].intermediate
+        gu, self.logits = buf(2 * inter), buf(self.model.lm_head.out_features)
         g, u = gu.narrow(-1, 0, inter), gu.narrow(-1, inter, inter)
-        self.swapped = torch.empty(n_qk, d)
-        self.attn_out = self.attn.view(n_kv, group, d)  # each kv head's query heads as rows
-        self.swap = torch.cat([torch.arange(d // 2, d), torch.arange(d // 2)])
-        self.h1 = self.h.view(-1)
-        self.n_hidden = torch.tensor(float(self.hidden))
-        self.cos1, self.sin1 = self.cos[:, 0], self.sin[:, 0]  # (max_len, d)
-        cache = self.cache[:, 0]  # (layers, max_len, heads + 2 kv heads, d)
-        self.kt_all = cache[:, :, n_heads:n_qk].permute(0, 2, 3, 1)  # (layers, kv, d, max_len)
-        self.v_all = cache[:, :, n_qk:].permute(0, 2, 1, 3)  # (layers, kv, max_len, d)
-        row_bytes = n_rows * d * cache.element_size()
-        self._steps = []
+        self.scores = torch.empty(self.max_len)  # attention weights of one head
         self.threads = torch.get_num_threads()
+        step_tables = {key: self._step_rope(key) for key in self.tables}
+        # Every buffer the pointers below point into: the calls hold raw addresses only.
+        self._keep = (step_tables, o_out, d_out, gu)
 
         def into(modules, x, y):
             call, is_gemv = _into(modules, x, y)
             return call if is_gemv else _threaded(call, self.threads)
 
-        for (n1, a, n2, m), rows in zip(self.blocks, cache):
-            projections = [a.q_proj, a.k_proj, a.v_proj]
-            group = _fused_group(projections)
-            if group is not None and isinstance(group.kernel, GemvKernel):
-                # The C call writes the position's cache row itself.
-                run, xp, base = group.kernel.run_pointers, self.x.data_ptr(), rows.data_ptr()
-                bias = group.bias
-                qkv = ((lambda pos, row, run=run, base=base: run(xp, base + pos * row_bytes))
-                       if bias is None else
-                       (lambda pos, row, run=run, base=base, bias=bias: (
-                           run(xp, base + pos * row_bytes), row.view(-1).add_(bias))))
-            else:
-                call = into(projections, self.x, y_qkv)
-                qkv = lambda pos, row, call=call: (  # noqa: E731
-                    call(), row.copy_(y_qkv.view(n_rows, d)))
-            act = ((lambda: F.silu(g, inplace=True)) if self.silu
-                   else (lambda m=m: g.copy_(m.act_fn(g))))
+        self._steps = []
+        for layer, kv in zip(self.layers, self.kv_cache[:, :, 0]):  # kv: (2, max_len, kv, d)
+            cos, sin = step_tables[layer.rope]
             self._steps.append((
-                n1.weight, torch.tensor(n1.variance_epsilon), qkv, torch.tensor(a.scaling),
-                into([a.o_proj], self.attn, o_out), o_out,
-                n2.weight, torch.tensor(n2.variance_epsilon),
-                into([m.gate_proj, m.up_proj], self.x, gu), act, g, u,
-                into([m.down_proj], g, d_out), d_out))
-        self.final = (inner.norm.weight, torch.tensor(inner.norm.variance_epsilon))
-        self.head = into([model.lm_head], self.x, self.logits)
-        lib = ckernels.library()
-        self._glue = None
-        if lib is not None and self.silu:
-            self._glue = _CGlue(lib, self, cache, o_out, d_out, g, u)
-
-    def _norm_into_x(self, weight, eps):
-        # LlamaRMSNorm at one float32 row: the sum of squares by a dot product, then the same
-        # mean, epsilon, rsqrt and products (0-d tensor operands: no scalar wrapping per call).
-        s = torch.addcdiv(eps, torch.dot(self.h1, self.h1), self.n_hidden).rsqrt_()
-        torch.mul(self.h, s, out=self.x)
-        self.x.mul_(weight)
+                ptr(layer.attn_norm), into(layer.qkv_modules, self.x, self.qkv),
+                ptr(kv[0]), ptr(kv[1]), cos.shape[-1], cos, sin,
+                ptr(layer.q_norm), ptr(layer.k_norm), layer.window or 0,
+                into([layer.o_proj], self.attn, o_out), ptr(layer.attn_out_norm),
+                ptr(layer.mlp_norm), into(layer.gate_up_modules, self.x, gu),
+                into([layer.down_proj], g, d_out), ptr(layer.mlp_out_norm)))
+        self._head = into([self.model.lm_head], self.x, self.logits)
+        self._c = (lib, ptr(self.h), ptr(self.x), ptr(self.qkv), ptr(self.attn), ptr(o_out),
+                   ptr(d_out), ptr(g), ptr(u), inter, ptr(self.scores),
+                   lib.zp_silu_mul if cfg.activation == "silu" else lib.zp_gelu_tanh_mul)
 
     def _step(self, token: torch.Tensor) -> torch.Tensor:
         """Logits (1, 1, vocab) of one token (1, 1) at the next position, in a buffer that the
@@ -318,46 +389,42 @@ class CompactLlama:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            if self._glue is not None:
-                return self._glue.step(token)
-            return self._layers_step(token)
+            return self._c_step(token)
         finally:
             torch.set_num_threads(threads)
 
-    def _layers_step(self, token: torch.Tensor) -> torch.Tensor:
-        pos = self.pos
-        end = pos + 1
-        n_heads, n_qk, n_kv = self.n_heads, self.n_heads + self.n_kv, self.n_kv
-        h, swapped, swap, attn_out = self.h, self.swapped, self.swap, self.attn_out
-        norm = self._norm_into_x
-        cos, sin = self.cos1[pos], self.sin1[pos]  # (d,)
-        h.copy_(self.embed(token))
-        # Per layer views of this position's cache row and of the cache up to it.
-        row = self.cache[:, 0, pos]  # (layers, heads + 2 kv heads, d)
-        rows, qks = row.unbind(0), row[:, :n_qk].unbind(0)
-        qs = row[:, :n_heads].unflatten(1, (n_kv, -1)).unbind(0)  # (kv heads, group, d) each
-        kts = self.kt_all.narrow(3, 0, end).unbind(0)  # (kv heads, d, end) each
-        vs = self.v_all.narrow(2, 0, end).unbind(0)  # (kv heads, end, d) each
-        for (w1, eps1, qkv, scale, o_proj, o_out, w2, eps2, gate_up, act, g, u, down, d_out), \
-                row, qk, q, kt, v in zip(self._steps, rows, qks, qs, kts, vs):
-            norm(w1, eps1)
-            qkv(pos, row)
-            torch.index_select(qk, 1, swap, out=swapped)  # (x2, x1) of rotate_half's (-x2, x1)
-            swapped.mul_(sin)
-            qk.mul_(cos).add_(swapped)  # q and k rotated, in the cache
-            w = torch.bmm(q, kt).mul_(scale)  # (kv heads, group, end)
-            torch.bmm(w.softmax(-1), v, out=attn_out)
-            o_proj()
-            h.add_(o_out)
-            norm(w2, eps2)
+    def _c_step(self, token: torch.Tensor) -> torch.Tensor:
+        cfg, pos = self.config, self.pos
+        lib, h, x, qkv, attn, o_out, d_out, g, u, inter, scores, gate = self._c
+        norm, attend = lib.zp_add_rmsnorm, lib.zp_decoder_attend
+        n, eps, n_heads, n_kv, d = self.hidden, cfg.rms_eps, self.n_heads, self.n_kv, self.head_dim
+        scale, softcap = cfg.attention_scale, cfg.attn_softcap or 0.0
+        self.h.copy_(self.embed(token))
+        if self.embed_scale is not None:
+            self.h.mul_(self.embed_scale)
+        delta = None  # the residual the next norm adds first: the previous layer's MLP output
+        for (w_attn, project_qkv, k_cache, v_cache, rot, cos, sin, q_norm, k_norm, window,
+             project_o, w_attn_out, w_mlp, gate_up, down, w_mlp_out) in self._steps:
+            norm(h, delta, w_attn, eps, n, x)
+            project_qkv()
+            attend(qkv, k_cache, v_cache, pos, n_heads, n_kv, d, rot, cos[pos].data_ptr(),
+                   sin[pos].data_ptr(), q_norm, k_norm, eps, scale, softcap, window, scores,
+                   attn)
+            project_o()
+            if w_attn_out is not None:  # Gemma: the attention output normalized, in place
+                norm(o_out, None, w_attn_out, eps, n, o_out)
+            norm(h, o_out, w_mlp, eps, n, x)
             gate_up()
-            act()
-            g.mul_(u)
+            gate(g, u, inter)
             down()
-            h.add_(d_out)
-        norm(*self.final)
-        self.head()
-        self.pos = end
+            if w_mlp_out is not None:
+                norm(d_out, None, w_mlp_out, eps, n, d_out)
+            delta = d_out
+        norm(h, delta, self.final_norm.data_ptr(), eps, n, x)
+        self._head()
+        if cfg.final_softcap is not None:
+            self.logits.div_(cfg.final_softcap).tanh_().mul_(cfg.final_softcap)
+        self.pos = pos + 1
         return self.logits
 
     @torch.inference_mode()
@@ -378,50 +445,5 @@ class CompactLlama:
         return out
 
 
-class _CGlue:
-    """The one-row step with its small operations in C (csrc/token_ops.c): per layer four matmul
-    calls and four C calls (norm, attention, norm, gating) instead of about twenty torch calls,
-    whose dispatch cost as long as the int4 matmuls themselves. Same buffers, same kernels."""
-
-    def __init__(self, lib, dec: CompactLlama, cache, o_out, d_out, g, u):
-        self.dec, self.lib = dec, lib
-        ptr = lambda t: t.data_ptr()  # noqa: E731
-        n = dec.hidden
-        self.h, self.x, self.attn = ptr(dec.h), ptr(dec.x), ptr(dec.attn)
-        self.scores = torch.empty(dec.max_len)  # attention weights of one head
-        d = dec.head_dim
-        self.cos, self.sin = dec.cos1, dec.sin1  # (max_len, d), sin signed as rotate() takes it
-        self.d, self.row_bytes = d, d * 4
-        self.layers = []
-        for (w1, eps1, qkv, scale, o_proj, _, w2, eps2, gate_up, _, _, _, down, _), rows in zip(
-                dec._steps, cache):
-            self.layers.append((ptr(w1), float(eps1), qkv, rows, ptr(rows), float(scale), o_proj,
-                                ptr(w2), float(eps2), gate_up, down))
-        self.o_out, self.d_out, self.g, self.u = ptr(o_out), ptr(d_out), ptr(g), ptr(u)
-        self.n, self.inter = n, g.shape[-1]
-        self.final = (ptr(dec.final[0]), float(dec.final[1]))
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        dec, lib = self.dec, self.lib
-        norm, attend, gate = lib.zp_add_rmsnorm, lib.zp_llama_attend, lib.zp_silu_mul
-        pos, n, h, x, attn = dec.pos, self.n, self.h, self.x, self.attn
-        n_heads, n_kv, d = dec.n_heads, dec.n_kv, self.d
-        cos, sin, scores = self.cos[pos].data_ptr(), self.sin[pos].data_ptr(), \
-            self.scores.data_ptr()
-        o_out, d_out, g, u, inter = self.o_out, self.d_out, self.g, self.u, self.inter
-        dec.h.copy_(dec.embed(token))
-        delta = None  # the residual the next norm adds first: the previous layer's MLP output
-        for w1, eps1, qkv, rows, base, scale, o_proj, w2, eps2, gate_up, down in self.layers:
-            norm(h, delta, w1, eps1, n, x)
-            qkv(pos, rows[pos])
-            attend(base, pos, n_heads, n_kv, d, cos, sin, scale, scores, attn)
-            o_proj()
-            norm(h, o_out, w2, eps2, n, x)
-            gate_up()
-            gate(g, u, inter)
-            down()
-            delta = d_out
-        norm(h, delta, *self.final, n, x)
-        dec.head()
-        dec.pos = pos + 1
-        return dec.logits
+# The name the rest of zeropoint (generate.py, the benchmarks) knew it by, from Llama days.
+CompactLlama = CompactDecoder
