@@ -105,7 +105,7 @@ def gptq_gguf(
             linears = [layer.get_submodule(m) for m in batch]
             stacked = torch.cat([lin.weight.detach() for lin in linears])  # (sum of out, in)
             # One input, so one importance for the stacked members (q, k, v; gate, up).
-            imp = tensor_importance(importance, gguf_name(f"{prefix}{batch[0]}.weight"),
+            imp = tensor_importance(importance, gguf_name(f"{prefix}{batch[0]}.weight", family),
                                     tuple(stacked.shape))
             grid = block_grid(qtype, stacked, imp)
             r = gptq_columns(stacked.to(torch.float32), H, grid, options)

@@ -8,7 +8,7 @@ only what greedy decoding needs: one forward per token over the cache, argmax of
 It yields the tokens `generate(do_sample=False)` yields when no end-of-sequence token stops it
 (tests/nn/test_generate.py holds it to that).
 
-For Llama-family models the loop can skip transformers' module tree altogether (loop="compact",
+For the families the compact decoder knows (compact_config) the loop can skip transformers' module tree altogether (loop="compact",
 the default where the architecture allows): compact_runtime.CompactLlama runs the same weights and
 kernels with a preallocated cache, which at batch 1 removes most of the Python time per token.
 
@@ -44,7 +44,7 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
     check), so every call does the same work.
 
     loop: "hf" calls the model's forward with a transformers cache each token; "compact" runs
-    compact_runtime.CompactLlama (Llama-family models only; ValueError otherwise); "auto" takes
+    compact_runtime.CompactDecoder (the families compact_config knows; ValueError otherwise); "auto" takes
     "compact" where the model is supported, else "hf"."""
     from transformers import DynamicCache
 
