@@ -1,5 +1,7 @@
 """zeropoint: quantize tensors and models to low-bit integers, and measure what it costs."""
 
+from .lazy import lazy_exports
+
 _EXPORTS = {  # name -> the module that defines it ("module:name" where it is named otherwise)
     "choose_qparams": ".core",
     "dequantize": ".core",
@@ -29,16 +31,4 @@ __all__ = [
     "quantize_model", "Recipe", "Rule", "load",
 ]
 
-
-def __getattr__(name: str):
-    # Imported on first use: `zeropoint --help` and the GGUF requantizer load this package
-    # without torch, which its modules import (see cli/__init__.py).
-    where = _EXPORTS.get(name)
-    if where is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    module, _, attribute = where.partition(":")  # "module:attribute" where the names differ
-    value = getattr(importlib.import_module(module, __name__), attribute or name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

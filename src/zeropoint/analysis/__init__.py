@@ -10,6 +10,8 @@
 - report: terminal tables, PNG plots, JSON records and a self-contained HTML page.
 """
 
+from ..lazy import lazy_exports
+
 _EXPORTS = {  # name -> the module that defines it
     "Allocation": ".allocate",
     "allocate": ".allocate",
@@ -32,15 +34,4 @@ __all__ = [
     "parse_spec", "parse_specs", "format_spec", "menu",
 ]
 
-
-def __getattr__(name: str):
-    # Imported on first use: `zeropoint --help` and the GGUF requantizer load this package
-    # without torch, which its modules import (see cli/__init__.py).
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())

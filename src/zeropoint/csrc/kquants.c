@@ -538,13 +538,6 @@ static void weighted_q6(const float *x, const float *qw, uint8_t *y) {
   finish_q6(x, sc, codes, y); /* from here on the same steps as the unweighted Q6_K */
 }
 
-typedef struct {
-  int type;
-  const float *x, *importance; /* x: rows of n_per_row; importance: n_per_row */
-  int64_t n_per_row;
-  uint8_t *y;
-} weighted_job;
-
 static int64_t weighted_rows(void *ctx, int64_t begin, int64_t end, int *why) {
   const weighted_job *j = ctx;
   const int64_t nb = j->n_per_row / QK, size = zp_type_bytes(j->type);

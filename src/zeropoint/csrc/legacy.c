@@ -417,13 +417,6 @@ int64_t zp_requantize_legacy(int src_type, const uint8_t *src, int dst_type, int
  * weighted_min_search (weighted.h).
  * Q8_0 ignores the importance, as ggml's quantize_q8_0 does. */
 
-typedef struct {
-  int type;
-  const float *x, *importance; /* x: rows of n_per_row; importance: n_per_row */
-  int64_t n_per_row;
-  uint8_t *y;
-} weighted_job;
-
 /* One row -> its blocks; returns -1, or the first block of the row it cannot store (*why 1:
  * NaN or inf, 2: d or m overflows fp16). */
 static int64_t weighted_row(int type, const float *x, int64_t n_per_row, const float *qw,

@@ -197,4 +197,12 @@ static inline float weighted_positive_search(int n, int nmax, const float *x, co
   return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
+/* The work of one weighted quantize call, split by rows over the threads (parallel.h). */
+typedef struct {
+  int type;
+  const float *x, *importance; /* x: rows of n_per_row; importance: n_per_row */
+  int64_t n_per_row;
+  uint8_t *y;
+} weighted_job;
+
 #endif

@@ -1,6 +1,8 @@
 """Models to quantize and how to measure them: what MODEL names, offline loading, perplexity,
 embedding cosine."""
 
+from ..lazy import lazy_exports
+
 _EXPORTS = {  # name -> the module that defines it
     "PerplexityResult": ".evaluate",
     "default_text": ".evaluate",
@@ -23,15 +25,4 @@ __all__ = [
     "PerplexityResult", "perplexity", "embedding_cosine", "default_text", "lee_text",
 ]
 
-
-def __getattr__(name: str):
-    # Imported on first use: `zeropoint --help` and the GGUF requantizer load this package
-    # without torch, which its modules import (see cli/__init__.py).
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS, globals())
