@@ -115,7 +115,13 @@ def cut_down(src_path: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("qtype", IQ_TYPES)
+# Every i-quant on SmolLM2 (its ffn_down rows tile into 256); on Gemma 3 (640-wide rows, so
+# IQ4_NL fallbacks) one type of each grid family.
+BYTE_CASES = [("smollm2", t) for t in IQ_TYPES] + \
+    [("gemma3", t) for t in ("IQ4_XS", "IQ3_S", "IQ2_XXS", "IQ1_M")]
+
+
+@pytest.mark.parametrize("model, qtype", BYTE_CASES, indirect=["model"])
 def test_iquant_bytes_are_llama_quantizes(model, qtype, llama_tools, tmp_path):
     """--pure: every weight in qtype (IQ4_NL where rows do not tile into 256), quantized under
     llama-imatrix's importance; compared tensor by tensor."""
@@ -134,6 +140,7 @@ def test_iquant_bytes_are_llama_quantizes(model, qtype, llama_tools, tmp_path):
         assert np.array_equal(theirs.raw(a), ours.raw(b)), f"{a.name} ({a.type}) differs"
 
 
+@pytest.mark.parametrize("model", ["smollm2"], indirect=True)  # reading is the model's no matter
 @pytest.mark.parametrize("qtype", ["IQ4_XS", "IQ3_XXS", "IQ2_S", "IQ1_M"])
 def test_requantizing_an_i_quant_file_is_llama_quantizes(model, qtype, llama_tools, tmp_path):
     """A file of i-quants read back (dequantized) and written as Q8_0: llama-quantize's bytes,

@@ -16,10 +16,12 @@ from zeropoint.gguf.weighted import imatrix_metadata
 
 pytestmark = pytest.mark.slow
 
-# Every llama.cpp mix zeropoint writes (the single types with --pure are held to llama-quantize
-# on the tiny model of test_weighted.py).
-MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S",
-         "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+# Every llama.cpp mix zeropoint writes is held to llama-quantize byte for byte on the tiny model
+# of test_weighted.py (and each single type with --pure); here the real models, with a mix of
+# each family and rule: legacy (Q4_0's imatrix rule gives early ffn_down Q4_1), the K mixes at
+# 2, 3, 4 and 6 bits. On Gemma every 640-wide tensor takes its K type.
+CASES = [("smollm2", mix) for mix in ("Q4_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q6_K")] + \
+        [("gemma3", mix) for mix in ("Q5_0", "Q3_K_S", "Q4_K_S", "Q5_K_M")]
 
 def llama_imatrix(model, out, folder):
     """llama-imatrix on a few KB of pydoc text: 2 chunks of 128 tokens, no perplexity."""
@@ -42,7 +44,7 @@ def weighted_model(request, llama_tools, tmp_path_factory):
     return model, llama_imatrix(model, folder / "imatrix.gguf", folder)
 
 
-@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("weighted_model, mix", CASES, indirect=["weighted_model"])
 def test_mix_with_imatrix_is_llama_quantize(weighted_model, tmp_path, mix):
     model, imatrix_path = weighted_model
     theirs, ours = tmp_path / "theirs.gguf", tmp_path / "ours.gguf"
