@@ -182,7 +182,7 @@ def test_manifest_sizes_match_stored_tensors(llama_bf16, tmp_path):
 
 def test_tied_embeddings_checkpoint(tmp_path):
     src = make_llama(tmp_path / "tied", tie=True)
-    out, manifest = run(src, tmp_path, Recipe(G32))
+    out, _ = run(src, tmp_path, Recipe(G32))
     _, quantized, kept = read_tensors(out)
     assert "lm_head.weight" not in quantized | kept and "model.embed_tokens.weight" in kept
 

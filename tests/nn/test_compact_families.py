@@ -25,6 +25,7 @@ the embedding unscaled, the wrong rope table for a layer, soft-capping skipped) 
 import pytest
 import torch
 
+from hf_reference import assert_logits_close, hf_logits
 from zeropoint import QuantSpec, Recipe, Rule, quantize_model
 from zeropoint.nn.compact_config import SUPPORTED_MODEL_TYPES
 from zeropoint.nn.compact_runtime import CompactDecoder, supports
@@ -95,24 +96,6 @@ def quantized(model, weights):
 
 def prompt(batch=1, length=9, seed=0):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(model, ids, steps):
-    """HF logits for the prompt (every position), then for `steps` greedy tokens one at a time
-    with its own cache: ([(b, t, vocab), (b, 1, vocab), ...], the tokens fed)."""
-    from transformers import DynamicCache
-
-    kw = {_cache_keyword(type(model).forward): DynamicCache(config=model.config), "use_cache": True}
-    out = [model(ids, **kw).logits]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(out[-1][:, -1:].argmax(-1))  # (b, 1)
-        out.append(model(tokens[-1], **kw).logits)
-    return out, tokens
-
-
-def assert_logits_close(got, expected):
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("path", ["c-step", "general"])

@@ -18,6 +18,7 @@ import torch
 
 from zeropoint import QuantSpec, Recipe, Rule, quantize_model
 from zeropoint.nn.compact_runtime import CompactLlama, supports
+from hf_reference import assert_logits_close, hf_logits
 from zeropoint.nn.generate import _cache_keyword, greedy_generate
 
 INT8 = QuantSpec(8, "symmetric", "per_channel")
@@ -63,24 +64,6 @@ def prompt(batch=1, length=9, seed=0):
     return torch.randint(0, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def hf_logits(model, ids, steps):
-    """HF logits for the prompt (every position), then for `steps` greedy tokens one at a
-    time with its own cache: ([(b, t, vocab), (b, 1, vocab), ...], the tokens fed)."""
-    from transformers import DynamicCache
-
-    kw = {_cache_keyword(type(model).forward): DynamicCache(config=model.config), "use_cache": True}
-    out = [model(ids, **kw).logits]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(out[-1][:, -1:].argmax(-1))  # (b, 1)
-        out.append(model(tokens[-1], **kw).logits)
-    return out, tokens
-
-
-def assert_logits_close(got, expected):
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-
-
 SPECS = {"float": None, "int8": INT8, "int4-g128": INT4}
 # (spec name, fuse q/k/v and gate/up): a float model has nothing to fuse.
 WEIGHTS = [("float", False), ("int8", True), ("int8", False), ("int4-g128", True),
@@ -101,9 +84,9 @@ def test_logits_every_step_match_the_hf_forward(name, spec, fuse, path):
         expected, tokens = hf_logits(model, ids, steps=6)
         decoder = CompactLlama(model, fast=fast)
         decoder.start(1, ids.shape[1] + 6)
-        assert_logits_close(decoder.forward(ids, all_logits=True), expected[0])
+        assert_logits_close(decoder.forward(ids, all_logits=True), expected[0], atol=1e-5)
         for token, want in zip(tokens, expected[1:]):
-            assert_logits_close(decoder.forward(token), want)
+            assert_logits_close(decoder.forward(token), want, atol=1e-5)
     assert (decoder._steps is not None) == fast
 
 
@@ -122,8 +105,8 @@ def test_batch_of_two_and_a_second_prompt_block_match_the_hf_forward(name):
         second = model(ids[:, 5:], **kw).logits
         decoder = CompactLlama(model)
         decoder.start(2, 12)
-        assert_logits_close(decoder.forward(ids[:, :5], all_logits=True), first)
-        assert_logits_close(decoder.forward(ids[:, 5:], all_logits=True), second)
+        assert_logits_close(decoder.forward(ids[:, :5], all_logits=True), first, atol=1e-5)
+        assert_logits_close(decoder.forward(ids[:, 5:], all_logits=True), second, atol=1e-5)
         with pytest.raises(ValueError, match="the cache holds 2 sequences of 12 positions"):
             decoder.forward(ids[:, :1])
 
