@@ -11,8 +11,8 @@ Measured 2026-12-03 on the shared 2-core sandbox (load average ~20), Q4_0 only, 
 on 4,096 tokens of lee.cor, perplexity on the first 1,022 tokens of lee_background, source a
 Q4_K_M-mix file: source 54.81; llama.cpp Q4_0 101.80; zeropoint GPTQ Q4_0 66.82, both files
 241,408,704 bytes (7.009 bits/weight: the tied 262,144 x 640 embedding stays Q8_0); llama.cpp
-Q3_K_M 64.29 at 7.025 bits/weight. zeropoint GPTQ Q3_K_M was
-not measured (the GPTQ pass took 48 min of wall time on that loaded machine).
+Q3_K_M 64.29 at 7.025 bits/weight; zeropoint GPTQ Q3_K_M 58.34 at the same size (measured later
+the same day on a quiet machine, `--types Q3_K_M --eval-tokens 1024`: GPTQ took 112 s).
 
     .venv/bin/python benchmarks/bench_gemma3_gptq.py [--types Q4_0 Q3_K_M] [--calib-tokens 4096]
         [--eval-tokens 2048] [--out DIR]
