@@ -26,7 +26,8 @@ SRC = str(Path(__file__).resolve().parents[2] / "src")
 _PROBE = """
 import json, sys
 from zeropoint.cli import main
-code = main(["quantize", sys.argv[1], "--type", sys.argv[2], "-o", sys.argv[3], "--quiet"])
+code = main(["quantize", sys.argv[1], "--type", sys.argv[2], "-o", sys.argv[3], "--quiet",
+             *sys.argv[4:]])
 print(json.dumps({"code": code,
                   "loaded": [m for m in ("torch", "transformers") if m in sys.modules]}))
 """
@@ -56,9 +57,9 @@ def small_gguf(tmp_path_factory):
     return path
 
 
-def requantize_without_torch(src: Path, qtype: str, out: Path) -> dict:
+def requantize_without_torch(src: Path, qtype: str, out: Path, *options: str) -> dict:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(src), qtype, str(out)],
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(src), qtype, str(out), *options],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -83,3 +84,33 @@ def test_requantize_imports_no_torch_and_keeps_the_bytes(small_gguf, tmp_path, q
             with ckernels.disabled():
                 expected = quantize_blocks(torch.from_numpy(x), o.type).numpy().reshape(-1)
         assert np.array_equal(got.raw(o), expected), f"{t.name}: {t.type} -> {o.type}"
+
+
+@pytest.mark.parametrize("qtype, weighted", [("IQ4_XS", False), ("Q4_K", True), ("IQ4_XS", True)])
+def test_i_quants_and_importance_import_no_torch(small_gguf, tmp_path, qtype, weighted):
+    """The i-quant and --imatrix paths run on numpy rows too. Their bytes are held to llama.cpp in
+    test_iquants.py and test_weighted.py; here they must be what those functions write."""
+    from zeropoint.gguf.imatrix import ImportanceMatrix, write_imatrix
+    from zeropoint.gguf.iquants import quantize as iquantize
+    from zeropoint.gguf.weighted import quantize_weighted
+
+    src = read_gguf(small_gguf)
+    weights = [t for t in src.tensors if t.type != "F32"]
+    rng = np.random.default_rng(7)
+    imatrix = ImportanceMatrix(
+        sums={t.name: rng.uniform(0.5, 2.0, t.shape[-1]).astype(np.float32) for t in weights},
+        counts={t.name: np.array([1]) for t in weights}, datasets=["test"], chunk_count=1,
+        chunk_size=1)
+    options = []
+    if weighted:
+        write_imatrix(tmp_path / "imatrix.gguf", imatrix)
+        options = ["--imatrix", str(tmp_path / "imatrix.gguf")]
+    out = tmp_path / f"{qtype}.gguf"
+    assert requantize_without_torch(small_gguf, qtype, out, *options) == {"code": 0, "loaded": []}
+    got = read_gguf(out)
+    for t in weights:
+        x = dequantize(src.raw(t), GGMLQuantizationType[t.type]).astype(np.float32)
+        x = x.reshape(-1, t.shape[-1])
+        expected = (quantize_weighted(x, qtype, imatrix.importance(t.name), t.name) if weighted
+                    else iquantize(x, qtype))
+        assert np.array_equal(got.raw(got[t.name]), expected.reshape(-1)), t.name
