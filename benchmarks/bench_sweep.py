@@ -1,6 +1,7 @@
 """`zeropoint sweep` against the single commands it replaces, whole processes, on the default
-model: (a) for every variant `zeropoint quantize --type T --method M` and then `zeropoint eval
---engine llama.cpp` of the file, plus one eval of the source, one after another; (b) one `zeropoint
+model: (a) one `zeropoint eval default --kld --save-base` of the source, then for every variant
+`zeropoint quantize --type T --method M` and `zeropoint eval FILE --kld --base-logits` (all with
+--engine llama.cpp, the sweep's scoring), one after another; (b) one `zeropoint
 sweep` of the same variants in the local pool; (c) the same sweep on a local Ray cluster
 (`--ray local`, which starts and stops the cluster inside the timing). Each sweep writes into a
 fresh folder, so nothing is resumed. Medians of alternated runs; ratios printed.
@@ -45,11 +46,13 @@ def main() -> None:
     def singles() -> None:
         out = fresh()
         out.mkdir()
-        _run(ZP + ["eval", "--engine", "llama.cpp", "default"] + scoring)
+        base = out / "base.kld"
+        kld = ["--kld", "--engine", "llama.cpp"] + scoring
+        _run(ZP + ["eval", "default", "--save-base", str(base)] + kld)
         for t, m in variants:
             f = out / f"{t}-{m}.gguf"
             _run(ZP + ["quantize", "--type", t, "--method", m, "-o", str(f), "--quiet"])
-            _run(ZP + ["eval", "--engine", "llama.cpp", str(f)] + scoring)
+            _run(ZP + ["eval", str(f), "--base-logits", str(base)] + kld)
 
     def sweep(*extra: str):
         def go() -> None:
@@ -67,7 +70,7 @@ def main() -> None:
     n = len(variants)
     print(f"{n} variants of the default model ({args.types} x {args.methods}), "
           f"{args.max_tokens} scored tokens, medians of {args.runs}")
-    print(f"  {n} quantize + {n + 1} eval commands   {t_single:8.1f} s")
+    print(f"  {n} quantize + {n + 1} eval --kld commands {t_single:6.1f} s")
     print(f"  zeropoint sweep (local pool)    {t_local:8.1f} s   {t_single / t_local:.2f}x "
           f"faster than the single commands (target >= 1)")
     print(f"  zeropoint sweep --ray local     {t_ray:8.1f} s   overhead over the pool "
