@@ -34,45 +34,6 @@ static void rotate(float *x, const float *cos, const float *sin_signed, int64_t 
   }
 }
 
-/* One position's attention. The cache holds, per position, a row of n_heads query heads, n_kv
- * key heads and n_kv value heads of d values each (the q/k/v matmul writes it whole); `rows` is
- * position 0's row of this layer. The query and key heads of position `pos` are rotated in place
- * (cos, sin_signed: that position's d values, see rotate), then every query head h attends over
- * positions 0..pos with key/value head h / (n_heads / n_kv): out[h] = softmax(q . k_t * scale)
- * @ v_t.
- * scores: room for pos + 1 floats. */
-void zp_llama_attend(float *rows, int64_t pos, int64_t n_heads, int64_t n_kv, int64_t d,
-                     const float *cos, const float *sin_signed, float scale, float *scores,
-                     float *out) {
-  const int64_t stride = (n_heads + 2 * n_kv) * d, group = n_heads / n_kv;
-  float *now = rows + pos * stride;
-  for (int64_t h = 0; h < n_heads + n_kv; h++) rotate(now + h * d, cos, sin_signed, d);
-  for (int64_t h = 0; h < n_heads; h++) {
-    const float *q = now + h * d;
-    const int64_t kv = h / group;
-    float top = -INFINITY;
-    for (int64_t t = 0; t <= pos; t++) {
-      const float *k = rows + t * stride + (n_heads + kv) * d;
-      float dot = 0.0f;
-      for (int64_t i = 0; i < d; i++) dot += q[i] * k[i];
-      scores[t] = dot * scale;
-      top = scores[t] > top ? scores[t] : top;
-    }
-    float total = 0.0f;
-    for (int64_t t = 0; t <= pos; t++) {
-      scores[t] = expf(scores[t] - top);
-      total += scores[t];
-    }
-    float *o = out + h * d;
-    for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-    for (int64_t t = 0; t <= pos; t++) {
-      const float p = scores[t] / total;
-      const float *v = rows + t * stride + (n_heads + n_kv + kv) * d;
-      for (int64_t i = 0; i < d; i++) o[i] += p * v[i];
-    }
-  }
-}
-
 /* g = silu(g) * u = g / (1 + exp(-g)) * u: LlamaMLP's act_fn(gate) * up. */
 void zp_silu_mul(float *g, const float *u, int64_t n) {
   for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];

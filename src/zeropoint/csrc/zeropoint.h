@@ -120,13 +120,10 @@ ZP_API void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale
                        const uint8_t *zp, float *y, int64_t in, int64_t gs, int64_t rows,
                        int threads, int portable);
 
-/* ---- token_ops.c: the compact runtime's per-token steps of a Llama layer ---- */
+/* ---- token_ops.c: the compact runtime's per-token steps of a decoder layer ---- */
 
 ZP_API void zp_add_rmsnorm(float *h, const float *delta, const float *w, float eps, int64_t n,
                            float *x);
-ZP_API void zp_llama_attend(float *rows, int64_t pos, int64_t n_heads, int64_t n_kv, int64_t d,
-                            const float *cos, const float *sin_signed, float scale,
-                            float *scores, float *out);
 ZP_API void zp_silu_mul(float *g, const float *u, int64_t n);
 ZP_API void zp_decoder_attend(float *qkv, float *k_cache, float *v_cache, int64_t pos,
                               int64_t n_heads, int64_t n_kv, int64_t d, int64_t rot,
