@@ -65,8 +65,7 @@ def train_tokenizer(kind: str):
     """A PreTrainedTokenizerFast trained on TEXT: 'llama3'/'qwen2' byte-level BPE with that
     split regex, 'spm' (Llama 2 / Mistral: a space put before the text) or 'gemma' (none)
     BPE with byte fallback."""
-    from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                            trainers)
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     # llama.cpp looks up <|endoftext|> in any model whose name says phi3, as Phi-3's has it

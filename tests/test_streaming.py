@@ -17,8 +17,8 @@ from zeropoint import core
 from zeropoint.modeldir import streaming
 from zeropoint.modeldir.format import INDEX, MANIFEST, read_manifest, read_tensors
 from zeropoint.modeldir.writer import CheckpointWriter
-from zeropoint.recipe import Recipe, Rule
 from zeropoint.qtensor import QTensor
+from zeropoint.recipe import Recipe, Rule
 from zeropoint.spec import QuantSpec
 
 G32 = QuantSpec(4, "symmetric", "per_group", group_size=32)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from zeropoint import ckernels
-from zeropoint.gguf import ggml_type, blocks, dequantize_blocks, quantize_blocks
+from zeropoint.gguf import blocks, dequantize_blocks, ggml_type, quantize_blocks
 
 TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 WITH_MIN = {"Q4_1", "Q5_1"}

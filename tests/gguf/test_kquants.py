@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 import zeropoint.gguf.kquants as kquants
 from zeropoint import ckernels
-from zeropoint.gguf import ggml_type, dequantize_blocks, quantize_blocks
+from zeropoint.gguf import dequantize_blocks, ggml_type, quantize_blocks
 from zeropoint.gguf.kquants_search import nearest_int
 
 llama_cpp = pytest.importorskip("llama_cpp")

@@ -10,6 +10,7 @@ import torch
 
 from zeropoint.cli import main
 from zeropoint.gguf import quantize_blocks
+from zeropoint.gguf.llama_cpp import llama_cpp_quantize
 from zeropoint.gguf.metadata import MetaValue
 from zeropoint.gguf.mixes import (
     MIXES,
@@ -19,7 +20,6 @@ from zeropoint.gguf.mixes import (
     parse_target,
     plan_types,
 )
-from zeropoint.gguf.llama_cpp import llama_cpp_quantize
 from zeropoint.gguf.reader import read_gguf
 from zeropoint.gguf.requantize import requantize
 from zeropoint.gguf.writer import TensorData, write_gguf

@@ -14,8 +14,15 @@ from zeropoint.gguf.blocks import BLOCK_TYPES, LEGACY_TYPES
 from zeropoint.gguf.gptq_grids import GRID_TYPES, GRIDS, block_grid
 from zeropoint.gguf.kquants import K_FORMATS
 from zeropoint.gguf.mixes import fallback_type
-from zeropoint.gguf.types import (FAMILIES, QK_K, TYPES, WRITABLE_TYPES, GGMLType, ggml_type,
-                                  is_quantized)
+from zeropoint.gguf.types import (
+    FAMILIES,
+    QK_K,
+    TYPES,
+    WRITABLE_TYPES,
+    GGMLType,
+    ggml_type,
+    is_quantized,
+)
 
 
 @pytest.mark.parametrize("name", list(TYPES))

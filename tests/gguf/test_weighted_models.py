@@ -4,7 +4,6 @@ matrix that llama-imatrix computed on a short text: the whole output file, byte 
 from __future__ import annotations
 
 import os
-
 import pydoc_data.topics
 
 import pytest

@@ -10,8 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from zeropoint.models.base_logits import (
-    BaseLogits, BaseLogitsHeader, BaseLogitsMismatch, CompactRows, check_compatible, compact_kld,
-    compact_rows, load_base_logits, save_base_logits, scored_per_chunk, text_sha256,
+    BaseLogits,
+    BaseLogitsHeader,
+    BaseLogitsMismatch,
+    CompactRows,
+    check_compatible,
+    compact_kld,
+    compact_rows,
+    load_base_logits,
+    save_base_logits,
+    scored_per_chunk,
+    text_sha256,
 )
 
 

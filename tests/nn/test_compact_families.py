@@ -24,8 +24,8 @@ the embedding unscaled, the wrong rope table for a layer, soft-capping skipped) 
 
 import pytest
 import torch
-
 from hf_reference import assert_logits_close, hf_logits
+
 from zeropoint import QuantSpec, Recipe, Rule, quantize_model
 from zeropoint.nn.compact_config import SUPPORTED_MODEL_TYPES
 from zeropoint.nn.compact_runtime import CompactDecoder, supports

@@ -15,10 +15,10 @@ for a query head, a missing bias or epsilon, a stale cache row) moves logits by 
 
 import pytest
 import torch
+from hf_reference import assert_logits_close, hf_logits
 
 from zeropoint import QuantSpec, Recipe, Rule, quantize_model
 from zeropoint.nn.compact_runtime import CompactLlama, supports
-from hf_reference import assert_logits_close, hf_logits
 from zeropoint.nn.generate import _cache_keyword, greedy_generate
 
 INT8 = QuantSpec(8, "symmetric", "per_channel")

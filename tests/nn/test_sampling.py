@@ -10,7 +10,9 @@ from zeropoint.nn.generate import Sampler, Sampling, sampling_probabilities
 def warped_by_transformers(logits, temperature, top_k, top_p):
     """The oracle: transformers' warpers in generate's order, then softmax."""
     from transformers.generation.logits_process import (
-        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     scores = logits.double().unsqueeze(0)

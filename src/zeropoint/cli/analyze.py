@@ -145,8 +145,15 @@ def run(args) -> None:
 
     from ..analysis.layerwise import analyze_layers
     from ..analysis.report import (
-        json_records, plot_layerwise, sensitivity_table, summary_line, worst_table, write_html,
-        write_json, write_png, plot_sensitivity,
+        json_records,
+        plot_layerwise,
+        plot_sensitivity,
+        sensitivity_table,
+        summary_line,
+        worst_table,
+        write_html,
+        write_json,
+        write_png,
     )
     from ..analysis.sensitivity import layer_sensitivity
 

@@ -113,7 +113,11 @@ def _model_figures(loaded) -> dict:
 
 def _run_llama_cpp(args) -> None:
     from ..gguf.llama_cpp import (
-        DEFAULT_PROMPT, gguf_size, llama_cpp_generate, llama_cpp_perplexity, open_llama,
+        DEFAULT_PROMPT,
+        gguf_size,
+        llama_cpp_generate,
+        llama_cpp_perplexity,
+        open_llama,
     )
 
     if args.quantized:

@@ -174,10 +174,10 @@ def _recipe_from_args(args):
 def _write_quantized(args, source, recipe, out: Path):
     """Quantize the model into `out` atomically. A Hugging Face checkpoint directory streams
     tensor by tensor (bounded memory); a GGUF file is loaded whole by transformers first."""
+    from ..modeldir.streaming import quantize_checkpoint
+    from ..modeldir.writer import save_quantized
     from ..models.source import DEFAULT_MODEL
     from ..nn.quantize_model import quantize_model
-    from ..modeldir.writer import save_quantized
-    from ..modeldir.streaming import quantize_checkpoint
 
     with atomic_path(out, directory=True) as tmp:
         try:

@@ -27,13 +27,20 @@ import torch
 from ..algorithms.gptq import GPTQOptions, gptq_columns
 from ..algorithms.sequential import MODEL_OPTIONS, peak_rss_bytes, run_sequential
 from .blocks import dequantize_blocks
-from .export import (check_architecture, export_metadata, extra_sources, gguf_name, hparams,
-                     model_params, tensor_transform)
+from .export import (
+    check_architecture,
+    export_metadata,
+    extra_sources,
+    gguf_name,
+    hparams,
+    model_params,
+    tensor_transform,
+)
 from .families import Family, family_of_arch
 from .gptq_grids import GRID_TYPES, block_grid
+from .metadata import MetaValue
 from .mixes import ModelParams, Target, parse_target, plan_types
 from .reader import read_gguf
-from .metadata import MetaValue
 from .requantize import (
     Importance,
     QuantizeReport,

@@ -35,8 +35,7 @@ from . import codecs
 from .constants import GGML_QUANT_VERSION
 from .layout import tensor_nbytes
 from .metadata import Metadata, MetaValue
-from .mixes import (NEED_IMATRIX, ModelParams, Plan, Target, needs_imatrix, parse_target,
-                    plan_types)
+from .mixes import NEED_IMATRIX, ModelParams, Plan, Target, needs_imatrix, parse_target, plan_types
 from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
 from .weighted import IGNORES_IMPORTANCE, check_importance, weighted_encoder

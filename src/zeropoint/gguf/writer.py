@@ -27,7 +27,6 @@ from .metadata import MetaValue, encode_value, gc_paused
 from .types import ggml_type
 
 
-
 @dataclass(frozen=True)
 class FileRange:
     """`nbytes` bytes at `offset` of the file at `path`, which the kernel copies into the output

@@ -24,8 +24,16 @@ import torch
 
 from ..metrics import KLDStatistics, kld_statistics
 from .base_logits import (
-    DEFAULT_TAIL_SAMPLES, DEFAULT_TOP_K, BaseLogits, BaseLogitsHeader, CompactRows,
-    check_compatible, compact_kld, compact_rows, scored_per_chunk, text_sha256,
+    DEFAULT_TAIL_SAMPLES,
+    DEFAULT_TOP_K,
+    BaseLogits,
+    BaseLogitsHeader,
+    CompactRows,
+    check_compatible,
+    compact_kld,
+    compact_rows,
+    scored_per_chunk,
+    text_sha256,
 )
 from .evaluate import _device_of
 
