@@ -19,13 +19,9 @@ The mix is not yet a clear win at this calibration size: better on news, worse o
 from __future__ import annotations
 
 import argparse
-import bz2
 import copy
 import gc
-import html
-import importlib.util
 import json
-import re
 import time
 from pathlib import Path
 
@@ -34,36 +30,8 @@ import torch
 from zeropoint import QuantSpec, Recipe, quantize_model
 from zeropoint.algorithms.sequential import calibration_ids, gptq_model
 from zeropoint.calibrate.texts import default_calibration_text
-from zeropoint.models.evaluate import default_text, lee_text, perplexity
+from zeropoint.models.evaluate import default_text, lee_text, perplexity, wikipedia_text
 from zeropoint.models.load import load_model
-
-WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-
-
-def wikipedia_text() -> str:
-    """The article text of gensim's Wikipedia extract, its wiki markup roughly stripped."""
-    spec = importlib.util.find_spec("gensim")
-    path = Path(spec.submodule_search_locations[0], "test", "test_data", WIKI_FILE)
-    xml = bz2.decompress(path.read_bytes()).decode("utf-8")
-    articles = []
-    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.DOTALL):
-        text = html.unescape(body)
-        if text.startswith("#REDIRECT"):
-            continue
-        for _ in range(3):  # nested templates
-            text = re.sub(r"\{\{[^{}]*\}\}", "", text)
-        text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.DOTALL)  # tables
-        text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", text, flags=re.DOTALL)
-        text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
-        text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)
-        text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
-        text = re.sub(r"<[^>]+>|'''?", "", text)
-        text = re.sub(r"^=+\s*(.*?)\s*=+$", r"\1", text, flags=re.MULTILINE)
-        lines = [ln for ln in text.splitlines()
-                 if ln.strip() and not ln.startswith(("|", "!", "*", ":"))]
-        if sum(map(len, lines)) > 2000:
-            articles.append("\n".join(lines))
-    return "\n\n".join(articles)
 
 
 def main() -> None:

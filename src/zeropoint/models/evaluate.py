@@ -1,13 +1,17 @@
 """What quantization costs a whole model: perplexity for causal LMs, embedding cosine for encoders.
 
 The texts are ones that install offline: Python's own pydoc topics (the default evaluation text)
-and gensim's Lee background corpus (clean news prose, held out from anything tuned on pydoc).
+gensim's Lee background corpus (news prose) and its Wikipedia extract (encyclopedic prose), both
+held out from every calibration text.
 """
 
 from __future__ import annotations
 
+import bz2
+import html
 import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +32,49 @@ def default_text() -> str:
     return TOPIC_SEPARATOR.join(topics[key] for key in sorted(topics))
 
 
-def lee_text() -> str:
-    """gensim's `test/test_data/lee_background.cor`, found without importing gensim."""
+WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def _gensim_test_file(name: str) -> Path:
+    """A file of gensim's `test/test_data`, found without importing gensim."""
     spec = importlib.util.find_spec("gensim")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("lee_text() needs the gensim package: pip install --no-deps gensim")
-    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / "lee_background.cor"
+        raise FileNotFoundError(f"{name} comes with the gensim package: "
+                                "pip install --no-deps gensim")
+    path = Path(spec.submodule_search_locations[0]) / "test" / "test_data" / name
     if not path.is_file():
         raise FileNotFoundError(f"gensim is installed but has no {path}")
-    return path.read_text(encoding="utf-8")
+    return path
+
+
+def lee_text() -> str:
+    """gensim's `lee_background.cor`: news prose."""
+    return _gensim_test_file("lee_background.cor").read_text(encoding="utf-8")
+
+
+def wikipedia_text() -> str:
+    """The articles of gensim's Wikipedia extract, wiki markup roughly stripped: encyclopedic
+    prose, a domain the default calibration mix (calibrate/texts.py) does not hold."""
+    xml = bz2.decompress(_gensim_test_file(WIKIPEDIA_FILE).read_bytes()).decode("utf-8")
+    articles = []
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.DOTALL):
+        text = html.unescape(body)
+        if text.startswith("#REDIRECT"):
+            continue
+        for _ in range(3):  # templates nest up to three deep in this extract
+            text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+        text = re.sub(r"\{\|.*?\|\}", "", text, flags=re.DOTALL)  # tables
+        text = re.sub(r"<ref[^>]*/>|<ref.*?</ref>|<!--.*?-->", "", text, flags=re.DOTALL)
+        text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
+        text = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]", r"\1", text)
+        text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+        text = re.sub(r"<[^>]+>|'''?", "", text)
+        text = re.sub(r"^=+\s*(.*?)\s*=+$", r"\1", text, flags=re.MULTILINE)
+        lines = [ln for ln in text.splitlines()
+                 if ln.strip() and not ln.startswith(("|", "!", "*", ":"))]
+        if sum(map(len, lines)) > 2000:
+            articles.append("\n".join(lines))
+    return "\n\n".join(articles)
 
 
 @dataclass(frozen=True)
