@@ -212,6 +212,28 @@ def gguf_name(hf_name: str, family: Family = LLAMA) -> str | None:
                      f"({family.name})")
 
 
+def hf_name(gguf: str, family: Family = LLAMA) -> str | None:
+    """The HF name of a GGUF tensor of `family`, by the same table as `gguf_name` read backwards;
+    None for a name the family's checkpoints do not hold (rope_freqs.weight, unknown names)."""
+    for hf, name in GLOBAL_NAMES.items():
+        if name == gguf:
+            return hf
+    parts = gguf.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in ("weight",
+                                                                                     "bias"):
+        for stem, name in family.layer_names.items():
+            if name == parts[2]:
+                return f"model.layers.{parts[1]}.{stem}.{parts[3]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute_qk`: ggml's interleaved rows back to transformers' rotate-half
+    order, (n_head * head_dim, ...) -> same shape."""
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .transpose(1, 2).reshape(w.shape))
+
+
 def tensor_transform(hf_name: str, gguf: str, hp: dict):
     """What the export does to a tensor's float values on the way out (None: nothing): q/k rows
     permuted (llama arch), norm offsets (Gemma)."""

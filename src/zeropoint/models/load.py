@@ -48,8 +48,9 @@ def load_model(path: str | os.PathLike | None = None, *, progress: bool = True) 
     - a Hugging Face checkpoint directory (config.json + safetensors + tokenizer files): a causal
       LM when its config's `architectures` names one AutoModelForCausalLM knows, else an encoder
       (AutoModel) for the model types in `ENCODER_MODEL_TYPES`.
-    - a `.gguf` file: dequantized to float32 by transformers' GGUF loader (causal LMs only), with
-      its GGUF state stripped (`strip_gguf_quantization`) so that `save_pretrained()` works.
+    - a `.gguf` file (causal LMs only): dequantized to float32 by zeropoint's kernels into the
+      model transformers' GGUF loader would build, bit for bit (models/gguf_load.py), in a
+      fraction of its time; `save_pretrained()` works on it.
 
     `progress=False` hides the per-tensor progress bars. Raises `ModelLoadError` for a missing
     path, a directory without config.json, a file that is not .gguf or an unsupported architecture.
@@ -134,10 +135,9 @@ def _load_checkpoint(directory: Path, progress: bool) -> LoadedModel:
 
 def _load_gguf(file: Path, progress: bool) -> LoadedModel:
     from ..gguf.reader import read_gguf
+    from . import gguf_load
 
-    # zeropoint's bounded reader sees the file first: transformers reads it with gguf-py's
-    # GGUFReader, which trusts its lengths (gguf 0.19 loops, eating memory without end, over an
-    # array that claims 2^63 elements).
+    # zeropoint's bounded reader parses the file once; transformers' tables say what it means.
     try:
         gguf = read_gguf(file)
     except ValueError as e:
@@ -145,36 +145,34 @@ def _load_gguf(file: Path, progress: bool) -> LoadedModel:
     transformers = _offline_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    folder, name = file.parent, file.name
-    with _wrap_errors(file):
-        config = transformers.AutoConfig.from_pretrained(
-            folder, gguf_file=name, local_files_only=True
-        )
+    arch = gguf.get("general.architecture")
+    config_dict = gguf_load.gguf_config_dict(gguf) if isinstance(arch, str) else {}
+    model_type = config_dict.get("model_type")
     # GGUF configs carry no `architectures`; the model type decides (t5 GGUFs exist, for one).
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelLoadError(
-            f"unsupported GGUF architecture {config.model_type!r} in {str(file)!r}; "
+            f"unsupported GGUF architecture {arch!r} in {str(file)!r}; "
             f"supported: GGUF files of causal language models of the families "
             f"{supported_families()}"
         )
-    if config.model_type == "mistral" and gguf.get("general.architecture") == "llama":
-        # transformers calls a llama file whose name says Mistral a Mistral model, then finds no
-        # tensor map for it; llama.cpp runs it as llama (no sliding window), and so does this.
+    with _wrap_errors(file):
+        config = gguf_load.hf_config(config_dict)
+    config._name_or_path = str(file.parent)  # as from_pretrained(folder, gguf_file=) sets it
+    if config.model_type == "mistral" and arch == "llama":
+        # transformers calls a llama file whose name says Mistral a Mistral model; llama.cpp runs
+        # it as llama (no sliding window), and so does this.
         config = transformers.LlamaConfig(**{k: v for k, v in config.to_dict().items()
                                              if k not in ("model_type", "sliding_window")})
     family = _family(config, file)
     arch_keys = {k: v.value for k, v in gguf.metadata.items() if k.startswith(family.arch + ".")}
     apply_overrides(config, gguf_config_overrides(arch_keys, family))
-    extra = {"attn_implementation": "eager"} if family.attn_softcap else {}
-    with _progress_bars(progress), _wrap_errors(file):
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, config=config, dtype=torch.float32, local_files_only=True,
-            **extra
-        )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            folder, gguf_file=name, local_files_only=True
-        )
-    model = strip_gguf_quantization(model).float().eval()
+    with _wrap_errors(file):
+        state = gguf_load.gguf_state_dict(gguf, family, config, progress=progress)
+        model = gguf_load.build_model(
+            config, state, attn_implementation="eager" if family.attn_softcap else None)
+        del state
+        with _progress_bars(progress):
+            tokenizer = gguf_load.gguf_tokenizer(file, config)
     _apply_rope_factors(model, gguf)
     return LoadedModel(model, tokenizer, "causal-lm", str(file), model.config)
 
@@ -209,23 +207,14 @@ def _offline_transformers():
 @contextmanager
 def _progress_bars(enabled: bool):
     """Hide transformers' progress bars while loading when `enabled` is False."""
-    from functools import partial
-
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
     if not enabled:
         hf_logging.disable_progress_bar()
-        # The GGUF dequantization bar is a bare tqdm that ignores transformers' switch.
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = partial(gguf_tqdm, disable=True)
     try:
         yield
     finally:
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
         if was_enabled:
             hf_logging.enable_progress_bar()
 
