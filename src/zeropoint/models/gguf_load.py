@@ -130,15 +130,36 @@ def build_model(config, state: Mapping, *, attn_implementation: str | None = Non
     return model.float().eval()
 
 
-def gguf_tokenizer(file, config):
-    """The tokenizer of a GGUF file, as `AutoTokenizer.from_pretrained(gguf_file=...)` makes it,
-    without its second reading of the config (a third of its time): the class is the one
-    AutoTokenizer picks for the config's type, built from the file's vocabulary by transformers'
-    GGUF tokenizer builders."""
+def gguf_tokenizer(gguf: GGUFFile, config):
+    """The tokenizer of a GGUF file, as `AutoTokenizer.from_pretrained(gguf_file=...)` makes it:
+    the class AutoTokenizer picks for the config's type, its vocabulary built by transformers'
+    GGUF tokenizer builders from the metadata this reader already holds (transformers' path
+    reads the file twice more, once for a config it has)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
     from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    # transformers' get_gguf_tokenizer, over zeropoint's metadata
+    groups = {group: {name: gguf.get(f"tokenizer.{key}") for key, name in renames.items()
+                      if f"tokenizer.{key}" in gguf.metadata}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocabulary, init = groups["tokenizer"], groups["tokenizer_config"]
+    kind = vocabulary.get("tokenizer_type")
+    if kind == "llama":  # llama.cpp adds BOS to a SentencePiece vocabulary unless told not to
+        init.setdefault("add_bos_token", True)
+    elif kind == "gemma4":
+        init["add_bos_token"] = False
+    tokens = vocabulary.get("tokens") or []
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = gguf.get(f"tokenizer.ggml.{key}")
+        init[name] = tokens[token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(gguf.get("general.architecture"), vocabulary)
 
     cls = TOKENIZER_MAPPING.get(type(config), TokenizersBackend) or TokenizersBackend
     if cls.__name__ == "MistralCommonBackend":  # it needs Mistral's own files, which GGUF lacks
         cls = TokenizersBackend
-    return cls.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    return cls(tokenizer_object=backend, name_or_path=str(gguf.path.parent), **init, **extra)
