@@ -115,3 +115,27 @@ def test_gemma3_loads_as_transformers_loads_it(gemma3_gguf):
     loaded = load_model(path, progress=False)
     ids = loaded.tokenizer(TEXT)["input_ids"][:32]
     assert_same_model(loaded.model, transformers_model(path, loaded.config), ids)
+
+
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_a_tensor_without_a_place_or_a_missing_one_is_refused_naming_it(change, tmp_path):
+    import numpy as np
+
+    from zeropoint.gguf.requantize import SourceTensor, gguf_sources, write_quantized
+    from zeropoint.models import ModelLoadError
+
+    path, bad = tmp_path / "f32.gguf", tmp_path / "bad.gguf"
+    export_hf(tiny_checkpoint("qwen2"), path, "F32")
+    src = read_gguf(path)
+    sources = gguf_sources(src)
+    if change == "extra":
+        ones = np.ones(64, dtype=np.float32)
+        sources.append(SourceTensor("blk.0.attn_gate.weight", "F32", (64,),
+                                    lambda: ones.view(np.uint8)))
+        expected = "blk.0.attn_gate.weight"
+    else:
+        sources = [s for s in sources if s.name != "blk.1.ffn_up.weight"]
+        expected = "model.layers.1.mlp.up_proj.weight"
+    write_quantized(sources, src.metadata, "F32", bad)
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model(bad, progress=False)
