@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..gguf.families import Family
 from ..gguf.reader import GGUFFile
 
 _GEMMA_TEXT = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}  # GGUF holds the text model
@@ -64,7 +65,8 @@ def hf_config(config_dict: Mapping[str, Any]):
     return CONFIG_MAPPING[config_dict["model_type"]].from_dict(dict(config_dict))
 
 
-def gguf_state_dict(gguf: GGUFFile, family, config, *, progress: bool = False) -> dict:
+def gguf_state_dict(gguf: GGUFFile, family: Family, config, *,
+                    progress: bool = False) -> dict:
     """HF name -> float32 tensor for every tensor of the file that the family's checkpoints hold
     (rope_freqs.weight is not one: see load._apply_rope_factors). ValueError naming a tensor of
     the file that the family has no name for: dropping it would compute another model."""

@@ -170,9 +170,7 @@ def _load_gguf(file: Path, progress: bool) -> LoadedModel:
         state = gguf_load.gguf_state_dict(gguf, family, config, progress=progress)
         model = gguf_load.build_model(
             config, state, attn_implementation="eager" if family.attn_softcap else None)
-        del state
-        with _progress_bars(progress):
-            tokenizer = gguf_load.gguf_tokenizer(gguf, config)
+        tokenizer = gguf_load.gguf_tokenizer(gguf, config)
     _apply_rope_factors(model, gguf)
     return LoadedModel(model, tokenizer, "causal-lm", str(file), model.config)
 
