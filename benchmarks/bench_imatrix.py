@@ -8,9 +8,11 @@ Target: zeropoint no slower (ratio <= 1).
     .venv/bin/python benchmarks/bench_imatrix.py [--tokens 8192] [--threads 2] [--repeat 3]
 
 Measured 2026-12-03 (2-vCPU VM at load ~20, --tokens 4096 --repeat 3): zeropoint 363.6 s,
-llama-imatrix 207.9 s, ratio 1.75: target not met. Most of zeropoint's time is loading the GGUF
-through transformers (it parses the file three times and dequantizes in numpy); the forward
-itself skips the output matrix that llama-imatrix computes for every token.
+llama-imatrix 207.9 s, ratio 1.75: target not met. Most of zeropoint's time was loading the GGUF
+through transformers (it parses the file three times and dequantizes in numpy).
+With zeropoint's own GGUF loader (models/gguf_load.py), same day, same arguments, load 7-12:
+zeropoint 79.9 s, llama-imatrix 102.8 s, ratio 0.78: target met. The forward skips the output
+matrix that llama-imatrix computes for every token.
 """
 
 from __future__ import annotations

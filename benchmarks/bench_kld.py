@@ -5,7 +5,8 @@ The peer is what a llama.cpp user runs: llama-perplexity over the base model wri
 base-logits file, then llama-perplexity over the quantized model reading it. zeropoint runs
 once, as a user would: both models in one process, the base kept compact in memory. Two
 zeropoint rows: --engine llama.cpp (llama.cpp's kernels through llama-cpp-python, the same GGUF
-files) and the default torch engine (transformers loads each GGUF dequantized to float32).
+files) and the default torch engine (models/gguf_load.py dequantizes each GGUF file to a
+float32 transformers model).
 SmolLM2-135M's default GGUF (Q4_1) is the base, llama-quantize's Q4_0 of it the quantized
 model, gensim's Lee corpus the text. Rows take turns, repeat after repeat; medians; the ratio is
 peer seconds / zeropoint seconds (above 1: zeropoint is faster).
