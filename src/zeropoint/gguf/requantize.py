@@ -370,7 +370,7 @@ def write_quantized(
 
     tensors = [TensorData(c.name, c.type, c.shape, produce(c)) for c in plan.choices]
     threads = max(1, threads or ckernels.default_threads())
-    with _torch_threads(1) if threads > 1 else nullcontext():
+    with torch_threads(1) if threads > 1 else nullcontext():
         size = write_gguf(out, output_metadata(metadata, target.file_type, extra_metadata),
                           tensors, progress=progress, progress_desc=f"quantizing to {target.name}",
                           threads=threads)
@@ -383,7 +383,7 @@ def write_quantized(
 
 
 @contextmanager
-def _torch_threads(n: int):
+def torch_threads(n: int):
     """torch.set_num_threads(n) inside the block (restored after), where torch is loaded: an
     encoder's torch ops must not start a team of their own on each tensor's thread."""
     torch = sys.modules.get("torch")
