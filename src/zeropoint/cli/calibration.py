@@ -39,3 +39,14 @@ def calibration_source(path: str | None) -> str:
     from ..calibrate.texts import DEFAULT_CALIBRATION_NAME
 
     return DEFAULT_CALIBRATION_NAME if path is None else str(path)
+
+
+def gptq_solver(args):
+    """Where GPTQ's solves run, as a context manager: here, or with --ray ADDRESS as tasks on a
+    Ray cluster (algorithms/solvers.py). CommandError when Ray is not installed."""
+    from ..algorithms.solvers import make_solver
+
+    try:
+        return make_solver(getattr(args, "ray", None))
+    except ImportError as e:
+        raise CommandError(str(e)) from None
