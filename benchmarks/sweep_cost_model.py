@@ -169,13 +169,15 @@ def ray_overhead(runs: int) -> None:
     ids = calibration_ids(loaded.tokenizer, default_calibration_text(), 4, 256)
     times = {"local": [], "ray": []}
     with RaySolver("local") as ray_solver:
-        for _ in range(runs):
+        for run in range(runs + 1):  # the first round warms up (kernels, Ray's workers)
             for kind, solver in (("local", LocalSolver()), ("ray", ray_solver)):
                 twin = copy.copy(loaded)
                 twin.model = copy.deepcopy(loaded.model)
                 r = gptq_gguf(twin, f"/tmp/sweep_cost_{kind}.gguf", "Q4_K_M", ids, solver=solver)
-                times[kind].append(r.gptq_seconds)
+                if run:
+                    times[kind].append(r.gptq_seconds)
         stats = ray_solver.stats
+        runs += 1
     local, ray = statistics.median(times["local"]), statistics.median(times["ray"])
     print(f"\nGPTQ pass, SmolLM2 first 2 blocks, Q4_K_M: local {local:.2f} s, Ray (local cluster, "
           f"1-CPU tasks) {ray:.2f} s: x{ray / local:.2f}; {stats.jobs // runs} tasks a run, "
@@ -187,8 +189,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ray", action="store_true", help="also measure the Ray GPTQ overhead")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray GPTQ overhead")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.ray_only:
+        return ray_overhead(args.runs)
     make = make_costs(args.runs)
     print("make, ns per weight (4096 x 4096 float32):")
     for method in make:

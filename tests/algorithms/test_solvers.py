@@ -11,7 +11,7 @@ import torch
 from zeropoint import QuantSpec, Recipe
 from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns, inverse_hessian
 from zeropoint.algorithms.sequential import MODEL_OPTIONS, gptq_model
-from zeropoint.algorithms.solvers import LocalSolver, RaySolver
+from zeropoint.algorithms.solvers import RaySolver
 from zeropoint.gguf.gptq_grids import block_grid
 
 

@@ -79,6 +79,31 @@ def test_ray_cluster_writes_the_local_bytes(tiny_checkpoint, ray_cluster, tmp_pa
 
 
 
+def _gguf_in_a_task(checkpoint: str, out: str) -> tuple[bytes, int]:
+    """Runs as a Ray task, as a sweep's make task does: its solver finds the task's cluster."""
+    from pathlib import Path
+
+    from zeropoint.algorithms.solvers import make_solver
+
+    with make_solver("auto") as solver:
+        assert isinstance(solver, RaySolver)
+        data = _gguf_bytes(checkpoint, Path(out), "Q4_0", solver)
+    return data, solver.stats.jobs
+
+
+def test_a_ray_task_solves_its_layers_as_tasks_of_its_own(tiny_checkpoint, ray_cluster,
+                                                          tmp_path):
+    """A sweep's GPTQ make task on the cluster (2 CPUs: the task holds one while it waits for
+    its solves, which Ray lets run on the other) writes the local bytes."""
+    from zeropoint.algorithms.solvers import ray_session
+
+    want = _gguf_bytes(tiny_checkpoint, tmp_path / "local.gguf", "Q4_0")
+    with ray_session(ray_cluster) as ray:
+        task = ray.remote(num_cpus=1, max_retries=0)(_gguf_in_a_task)
+        got, jobs = ray.get(task.remote(str(tiny_checkpoint), str(tmp_path / "ray.gguf")))
+    assert got == want and jobs == 14
+
+
 @pytest.mark.slow
 def test_smollm2_first_blocks_on_ray_are_the_local_bytes(ray_cluster, tmp_path):
     """SmolLM2's first 2 decoder blocks (576 wide, MLP 1536: Q4_K_M gives them Q5_0/Q4_0

@@ -146,8 +146,8 @@ def ray_session(address: str) -> Iterator:
         yield ray
         return
     options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address == "local":
-        ray.init(num_cpus=os.cpu_count() or 1, **options)
+    if address == "local":  # a new cluster even where another one runs on this machine
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, **options)
     else:
         ray.init(address=address, **options)
     try:

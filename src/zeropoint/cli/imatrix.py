@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .calibration import DEFAULT_CALIB_TOKENS, calibration_source, calibration_text
 from ..models.imatrix import DEFAULT_CTX
+from .calibration import DEFAULT_CALIB_TOKENS, calibration_source, calibration_text
 from .common import CommandError, open_model, resolve
 
 EPILOG = """examples:
