@@ -179,7 +179,8 @@ def ray_overhead(runs: int) -> None:
         stats = ray_solver.stats
         runs += 1
     local, ray = statistics.median(times["local"]), statistics.median(times["ray"])
-    print(f"\nGPTQ pass, SmolLM2 first 2 blocks, Q4_K_M: local {local:.2f} s, Ray (local cluster, "
+    print(f"\nGPTQ pass, SmolLM2 first 2 blocks, Q4_K_M: local ({torch.get_num_threads()} "
+          f"threads) {local:.2f} s, Ray (local cluster, "
           f"1-CPU tasks) {ray:.2f} s: x{ray / local:.2f}; {stats.jobs // runs} tasks a run, "
           f"{stats.sent_bytes / runs / 2**20:.1f} MiB sent, "
           f"{stats.returned_bytes / runs / 2**20:.2f} MiB back a run")
@@ -190,8 +191,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ray", action="store_true", help="also measure the Ray GPTQ overhead")
     ap.add_argument("--ray-only", action="store_true", help="only the Ray GPTQ overhead")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads here (default 2)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.ray_only:
         return ray_overhead(args.runs)
     make = make_costs(args.runs)

@@ -38,7 +38,7 @@ class SweepOptions:
     # An importance matrix file, as given (its path is recorded in the files it weights), for
     # the rtn and gptq variants; 'auto' until run.sweep computes one (sweep/importance.py)
     imatrix: str | None = None
-    extra: dict = field(default_factory=dict)  # room for options added later (imatrix, kld)
+    extra: dict = field(default_factory=dict)  # room for options added later (kld)
 
 
 def parse_variants(types: str, methods: str) -> list[Variant]:
@@ -68,7 +68,8 @@ def _split(text: str, what: str) -> list[str]:
 
 
 def make_key(options: SweepOptions, variant: Variant) -> str:
-    """What the variant's file depends on: source, type, method, calibration, version."""
+    """What the variant's file depends on: source, type, method, calibration, the importance
+    matrix it uses (path and content), version."""
     calib = ((options.calib and fingerprint(options.calib)), options.calib_tokens) \
         if variant.method == "gptq" else None
     from .importance import imatrix_key
