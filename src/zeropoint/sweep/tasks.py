@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,18 +58,20 @@ def make_variant(options: SweepOptions, variant: Variant, out_dir: str,
     [--imatrix FILE]` writes) and its record: file, bytes, bits per weight, fallbacks, seconds.
     `gptq_on_ray`: this task runs on a Ray cluster, and GPTQ solves each layer's Linears as
     tasks of their own there (the same bytes)."""
-    from ..algorithms.solvers import make_solver
     from ..gguf.mixes import parse_target
     from ..models.source import resolve_model
     from ..models.to_gguf import write_gguf
 
+    if gptq_on_ray:
+        from ..algorithms.solvers import make_solver
     out_dir = Path(out_dir)
     path = variant_path(out_dir, options, variant)
     source = resolve_model(options.source)
     if variant.method == "gptq":
         _set_torch_threads(options.threads)
     start = time.perf_counter()
-    with make_solver("auto" if gptq_on_ray else None) as solver:
+    # On Ray, the task's own cluster ('auto': this process is connected already).
+    with make_solver("auto") if gptq_on_ray else nullcontext(None) as solver:
         report = write_gguf(source, path, parse_target(variant.type), variant.method,
                             calibration=lambda loaded: _calibration(options, loaded),
                             threads=options.threads, solver=solver,
