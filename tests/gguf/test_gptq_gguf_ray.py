@@ -126,3 +126,23 @@ def test_smollm2_first_blocks_on_ray_are_the_local_bytes(ray_cluster, tmp_path):
         report = gptq_gguf(twin, tmp_path / "ray.gguf", "Q4_K_M", ids, solver=solver)
     assert report.gptq_tensors == 2 * 7 and solver.stats.jobs == 14
     assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+def test_quantize_command_with_ray_writes_the_same_file(tiny_checkpoint, ray_cluster, tmp_path):
+    from zeropoint.cli import main
+
+    def quantize(out, *extra):
+        return main(["quantize", str(tiny_checkpoint), "--type", "Q4_0", "--method", "gptq",
+                     "--calib-tokens", "512", "-o", str(out), "--quiet", *extra])
+
+    assert quantize(tmp_path / "local.gguf") == 0
+    assert quantize(tmp_path / "ray.gguf", "--ray", ray_cluster) == 0
+    assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+
+
+def test_quantize_ray_needs_gptq(tiny_checkpoint, tmp_path, capsys):
+    from zeropoint.cli import main
+
+    assert main(["quantize", str(tiny_checkpoint), "--type", "Q4_0", "--ray", "local", "-o",
+                 str(tmp_path / "x.gguf")]) == 2
+    assert "--ray runs GPTQ's per-layer solves" in capsys.readouterr().err
