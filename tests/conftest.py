@@ -57,3 +57,49 @@ def gemma3_gguf():
     from zeropoint.models.source import gemma3_model_path
 
     return gemma3_model_path()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The address of a Ray cluster of this test session's own: `ray start --head --block` on the
+    loopback address with 2 CPUs, token authentication off, ended (with the Ray processes it
+    started, and no other) when the session ends. Skipped where Ray is not installed."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the driver's side must agree with the cluster
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    head = subprocess.Popen(
+        [Path(sys.executable).parent / "ray", "start", "--head", "--block",
+         "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([Path(sys.executable).parent / "ray", "status",
+                              f"--address=127.0.0.1:{port}"], env=env,
+                             capture_output=True).returncode != 0:
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the test's Ray cluster did not start (exit {head.poll()})")
+            time.sleep(1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved

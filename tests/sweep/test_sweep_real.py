@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -70,25 +69,9 @@ def test_frontier_and_reports(local_sweep):
     assert again.ran == [] and again.rows == result.rows  # all done: nothing is redone
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_a_ray_cluster_makes_the_same_bytes(local_sweep, tmp_path, monkeypatch):
-    ray_bin = Path(sys.executable).parent / "ray"
-    port = _free_port()
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a loopback cluster of the test's own
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env)
-    try:
-        result = sweep(_options(), parse_variants(TYPES, METHODS), tmp_path,
-                       ray_address=f"127.0.0.1:{port}", log=lambda line: None)
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
+def test_a_ray_cluster_makes_the_same_bytes(local_sweep, tmp_path, ray_cluster):
+    result = sweep(_options(), parse_variants(TYPES, METHODS), tmp_path,
+                   ray_address=ray_cluster, log=lambda line: None)
     assert len(result.ran) == 13
     assert _digests(tmp_path) == _digests(local_sweep[0])
 

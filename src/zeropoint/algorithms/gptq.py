@@ -14,6 +14,7 @@ dequantizes to the very weights GPTQ worked with.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec,
 
 def gptq(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | InverseHessian,
     spec: QuantSpec,
     options: GPTQOptions = GPTQOptions(),
     *,
@@ -101,7 +102,8 @@ def gptq(
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
 ) -> GPTQResult:
-    """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in), onto `spec`'s grid.
+    """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in) or its InverseHessian,
+    onto `spec`'s grid.
 
     Scales: per-group along in_features (spec axis -1/1) fits each group's scale when GPTQ
     reaches the group's first column, from the weights as updated by every column before it (the
@@ -127,25 +129,63 @@ class ColumnsResult:
     loss: float  # GPTQ's proxy loss
 
 
+@dataclass(frozen=True)
+class InverseHessian:
+    """What GPTQ's column loop needs of a Hessian, computed once for every weight that reads the
+    same input (q/k/v; gate/up), whether they are solved here one after another or as tasks on
+    other machines (algorithms/solvers.py): the upper Cholesky factor of the damped inverse, in
+    the column order GPTQ rounds in."""
+
+    upper: torch.Tensor  # (in, in) upper triangular, rows and columns in `order`
+    perm: torch.Tensor | None  # (in,) column order (act-order), None for the natural order
+    dead: torch.Tensor  # (in,) bool: columns no input drives, which GPTQ zeroes
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.perm is None else self.perm.numel() * self.perm.element_size()
+        return self.upper.numel() * self.upper.element_size() + extra + self.dead.numel()
+
+
+def inverse_hessian(hessian: torch.Tensor, options: GPTQOptions = GPTQOptions(),
+                    dtype: torch.dtype = torch.float32) -> InverseHessian:
+    """The InverseHessian of `hessian` (in, in) for GPTQ's loop in `dtype`.
+
+    The Cholesky factorizations run on one thread: MKL's LAPACK gives other bits on other thread
+    counts, and those bits reach the codes (Q6_K on SmolLM2-sized rows, 1 vs 2 threads). Pinned,
+    every code is the same on any thread count, in this process or in a Ray task; the rest of
+    the loop (outer products, matrix products of a fixed row count) does not depend on threads.
+    """
+    H = hessian.detach().to(dtype).clone()  # (in, in)
+    # A column no input ever drives (zero diagonal) cannot change the output: GPTQ zeroes it and
+    # gives it a unit diagonal so that H stays invertible (GPTQ reference code, `dead`).
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True)
+            if options.act_order else None)
+    if perm is not None:
+        H = H[perm][:, perm]
+    with _torch_threads(1):
+        upper = _upper_cholesky_of_inverse(H, options.percdamp)
+    return InverseHessian(upper, perm, dead)
+
+
 def gptq_columns(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | InverseHessian,
     grid: ColumnGrid,
     options: GPTQOptions = GPTQOptions(),
 ) -> ColumnsResult:
     """GPTQ's column loop onto any grid (grids.py): `weight` (out, in) float32/64, `hessian`
-    (in, in). Groups are fitted when reached (dynamic), or all up front from the original
-    weights when `act_order` permutes the columns or one group spans them all (static)."""
+    (in, in) or its InverseHessian (shared by weights that read one input; made with the same
+    options and dtype). Groups are fitted when reached (dynamic), or all up front from the
+    original weights when `act_order` permutes the columns or one group spans them all (static).
+    Each row is rounded on its own: rows solved apart give the codes they get stacked."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    inverse = hessian if isinstance(hessian, InverseHessian) else \
+        inverse_hessian(hessian, options, dtype)
     W = weight.detach().to(dtype).clone()  # (out, in), updated in place as columns are rounded
-    H = hessian.detach().to(dtype).clone()  # (in, in)
     n_out, n_in = W.shape
-
-    # A column no input ever drives (zero diagonal) cannot change the output: zero it and give it
-    # a unit diagonal so that H stays invertible (GPTQ reference code, `dead`).
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W[:, inverse.dead] = 0.0
 
     group = grid.group_size(n_in)
     fits: list = [None] * -(-n_in // group)
@@ -159,14 +199,12 @@ def gptq_columns(
         # earlier column's update (the lazy update reaches later blocks only at the block's end).
         block_size = max(group, block_size // group * group)
 
-    perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True)
-            if options.act_order else None)
+    perm = inverse.perm
     order = perm.tolist() if perm is not None else range(n_in)  # original index of each column
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
 
-    Hinv = _upper_cholesky_of_inverse(H, options.percdamp)  # (in, in) upper triangular
-    del H
+    Hinv = inverse.upper.to(dtype)  # (in, in) upper triangular
     codes = torch.empty(n_out, n_in, dtype=dtype)
     losses = torch.zeros(n_in, dtype=dtype)  # (in,) each column's share of the proxy loss
     for i1 in range(0, n_in, block_size):
@@ -198,6 +236,18 @@ def gptq_columns(
     return ColumnsResult(codes, fits, float(losses.sum()))
 
 
+@contextmanager
+def _torch_threads(n: int):
+    saved = torch.get_num_threads()
+    if saved != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if saved != n:
+            torch.set_num_threads(saved)
+
+
 def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """U with U^T U = (H + damp I)^-1, damp = percdamp * mean(diag H) (GPTQ Sec. 4): the rows of U
     are the inverse Hessians of the remaining columns, each column's pivot on the diagonal."""
@@ -223,7 +273,12 @@ def _check_inputs(weight, hessian, spec, options) -> None:
         )
     raise_if_not_finite(weight, "weight")
     n_in = weight.shape[1]
-    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n_in, n_in):
+    if isinstance(hessian, InverseHessian):
+        if tuple(hessian.upper.shape) != (n_in, n_in):
+            raise ValueError(f"the inverse Hessian is for {hessian.upper.shape[0]} inputs, the "
+                             f"weight of shape {tuple(weight.shape)} has {n_in}")
+        hessian = hessian.upper  # finite by construction; checked below all the same
+    elif not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (n_in, n_in):
         got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
         raise ValueError(
             f"hessian must be ({n_in}, {n_in}) for a weight of shape {tuple(weight.shape)}, "

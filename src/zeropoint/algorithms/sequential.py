@@ -25,8 +25,8 @@ from ..nn.layers import linear_layers
 from ..nn.quantize_model import ModelReport, quantize_model
 from ..qtensor import QTensor
 from ..recipe import Recipe
-from ..spec import Granularity, QuantSpec
-from .gptq import GPTQOptions, HessianAccumulator, gptq
+from .gptq import GPTQOptions, HessianAccumulator, gptq, inverse_hessian
+from .solvers import SolveJob, run_jobs
 
 # Each group's scale from an MSE search of its range (1% steps), not plain min/max.
 DEFAULT_CLIP = MSESearch()
@@ -53,8 +53,7 @@ class SequentialReport:
     tokens: int
     seconds: float
     peak_rss_bytes: int  # VmHWM: the process's peak resident memory so far
-    # GPTQ's proxy loss of each GPTQ run: Linears stacked into one run are named together,
-    # 'model.layers.0.self_attn.q_proj,k_proj,v_proj'
+    # GPTQ's proxy loss of each Linear, by its full name ('model.layers.0.self_attn.q_proj')
     losses: dict[str, float]
 
 
@@ -103,6 +102,7 @@ def gptq_model(
     batch: int = BATCH_SEQUENCES,
     progress: bool = False,
     backend: str = "auto",
+    solver=None,
 ) -> SequentialReport:
     """Quantize `model` in place with GPTQ, layer by layer, calibrated on `calib_ids` (N, L).
 
@@ -115,16 +115,18 @@ def gptq_model(
     these defaults reach on SmolLM2.
     true_sequential: quantize q/k/v, then o, then gate/up, then down, each from inputs computed
     with the ones before already quantized (about 1.3x the forward work of one pass for all).
+    solver: where each Linear's GPTQ runs (algorithms/solvers.py; default here, one after
+    another); a RaySolver gives the same codes.
     """
     started = time.perf_counter()
     qtensors: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
 
     def solve(layer, prefix, members, H):
-        _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses)
+        return _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses)
 
     n_layers = run_sequential(model, calib_ids, solve, true_sequential=true_sequential,
-                              batch=batch, progress=progress)
+                              batch=batch, progress=progress, solver=solver)
 
     def supply(name, weight, spec):
         return qtensors[name] if name in qtensors else QTensor.quantize(weight, spec)
@@ -134,7 +136,7 @@ def gptq_model(
                             time.perf_counter() - started, peak_rss_bytes(), losses)
 
 
-SolveGroup = Callable[[nn.Module, str, list, torch.Tensor], None]
+SolveGroup = Callable[[nn.Module, str, list, torch.Tensor], list[SolveJob] | None]
 
 
 @torch.no_grad()
@@ -146,13 +148,17 @@ def run_sequential(
     true_sequential: bool = True,
     batch: int = BATCH_SEQUENCES,
     progress: bool = False,
+    solver=None,
 ) -> int:
     """The layer-by-layer driver behind every sequential GPTQ; returns the number of layers.
 
     For each group of Linears that read one tensor, `solve(layer, prefix, names, H)` gets the
     decoder layer, its name prefix ('model.layers.3.'), the Linears' names inside it and their
-    inputs' Hessian (in, in); it must leave each Linear's weight holding its quantized values,
-    so that the next Hessians and the next layer's inputs see them.
+    inputs' Hessian (in, in). It either quantizes them itself, or returns SolveJobs
+    (algorithms/solvers.py), which `solver` runs (default: here, one after another; a RaySolver:
+    a stage's jobs as parallel tasks) before their `apply` writes the results back. Either way
+    each Linear's weight must end up holding its quantized values before the next stage, so
+    that the next Hessians and the next layer's inputs see them.
     """
     if calib_ids.dim() != 2 or calib_ids.shape[1] < 2:
         raise ValueError(
@@ -173,10 +179,12 @@ def run_sequential(
         for stage in stages:
             shared = _shared_inputs(stage, groups)  # a fresh list: popped below
             hessians = _collect(layer, shared, inputs, kwargs)
+            jobs = []
             while hessians:
-                members, acc = shared.pop(0), hessians.pop(0)  # freed once its Linears are done
-                solve(layer, f"{prefix}{i}.", members, acc.hessian)
+                members, acc = shared.pop(0), hessians.pop(0)  # freed once its jobs are made
+                jobs += solve(layer, f"{prefix}{i}.", members, acc.hessian) or []
                 del acc
+            run_jobs(solver, jobs)  # the stage's Linears, in parallel on a RaySolver
         for b, x in enumerate(inputs):  # the quantized layer's outputs feed the next layer
             inputs[b] = _output(layer(x, **kwargs[x.shape[0]]))
     del inputs
@@ -291,35 +299,35 @@ def _collect(layer, shared, inputs, kwargs) -> list[HessianAccumulator]:
     return accs
 
 
-def _stackable(spec: QuantSpec) -> bool:
-    """Specs whose scales never span rows: weights that share a Hessian can then be stacked
-    along out_features and run through GPTQ once."""
-    if spec.granularity is Granularity.PER_GROUP:
-        return spec.resolved_axis(2) == 1
-    return spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
-
-
-def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> None:
-    """GPTQ for Linears sharing the Hessian H, into `qtensors` (full name -> QTensor) and
-    `losses`; each Linear's weight is left fake-quantized for the rest of the layer's passes."""
+def _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> list:
+    """One SolveJob per Linear of `members` that the recipe quantizes, all from one inverse of
+    their shared Hessian H; applying a job stores its QTensor in `qtensors` (full name ->
+    QTensor) and its loss in `losses`, and leaves the Linear's weight fake-quantized for the rest
+    of the layer's passes. Solved apart, each Linear gets the codes it got stacked with the
+    others (GPTQ rounds every row on its own)."""
     linears = linear_layers(layer)
-    by_spec: dict[QuantSpec, list[str]] = {}
+    inverses = {}  # dtype -> InverseHessian of H
+    jobs = []
     for name in members:
         spec = recipe.spec_for(prefix + name)
-        if spec is not None:
-            by_spec.setdefault(spec, []).append(name)
-    for spec, names in by_spec.items():
-        batches = [names] if _stackable(spec) else [[n] for n in names]
-        for batch in batches:
-            weights = [linears[n].weight for n in batch]
-            stacked = torch.cat([w.detach() for w in weights])  # (sum of out_features, in)
-            r = gptq(stacked, H, spec, options, clip=clip)
-            losses[prefix + ",".join(batch)] = r.loss
-            row = 0
-            for n, w in zip(batch, weights):
-                rows = slice(row, row + w.shape[0])
-                row += w.shape[0]
-                zp = None if r.zero_point is None else r.zero_point[rows]
-                q = QTensor.from_codes(r.codes[rows], spec, r.scale[rows], zp, w.dtype)
-                w.data.copy_(q.dequantize())
-                qtensors[prefix + n] = q
+        if spec is None:
+            continue
+        w = linears[name].weight
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        if dtype not in inverses:
+            inverses[dtype] = inverse_hessian(H, options, dtype)
+
+        def apply(r, w=w, full=prefix + name, spec=spec):
+            q = QTensor.from_codes(r.codes, spec, r.scale, r.zero_point, w.dtype)
+            w.data.copy_(q.dequantize())
+            qtensors[full] = q
+            losses[full] = r.loss
+
+        jobs.append(SolveJob(prefix + name, _solve_spec, w.detach(), inverses[dtype],
+                             (spec, options, clip), apply))
+    return jobs
+
+
+def _solve_spec(weight, inverse, spec, options, clip):
+    """A SolveJob's function: GPTQ of one Linear's weight onto a QuantSpec."""
+    return gptq(weight, inverse, spec, options, clip=clip)

@@ -39,3 +39,20 @@ def calibration_source(path: str | None) -> str:
     from ..calibrate.texts import DEFAULT_CALIBRATION_NAME
 
     return DEFAULT_CALIBRATION_NAME if path is None else str(path)
+
+
+def gptq_solver(args):
+    """Where GPTQ's solves run, as a context manager giving the solver: with --ray ADDRESS a
+    RaySolver (algorithms/solvers.py), else None (here). CommandError when Ray is missing;
+    without --ray nothing is imported (requantizing imports no torch)."""
+    from contextlib import nullcontext
+
+    address = getattr(args, "ray", None)
+    if address is None:
+        return nullcontext(None)
+    from ..algorithms.solvers import make_solver
+
+    try:
+        return make_solver(address)
+    except ImportError as e:
+        raise CommandError(str(e)) from None

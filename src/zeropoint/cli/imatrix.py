@@ -19,17 +19,15 @@ from __future__ import annotations
 import argparse
 import time
 
+from ..models.imatrix import DEFAULT_CTX
 from .calibration import DEFAULT_CALIB_TOKENS, calibration_source, calibration_text
 from .common import CommandError, open_model, resolve
-
-DEFAULT_CTX = 512
 
 EPILOG = """examples:
   zeropoint imatrix -o imatrix.gguf                         (the default model, calibration mix)
   zeropoint imatrix model.gguf --calib text.txt --calib-tokens 16384 -o imatrix.dat
   zeropoint quantize model.gguf --type IQ4_XS --imatrix imatrix.gguf -o model-iq4_xs.gguf
 """
-DEFAULT_BATCH_TOKENS = 2048  # tokens per forward pass, as llama-imatrix's default batch
 
 
 def add_parser(sub) -> None:
@@ -63,60 +61,30 @@ def add_parser(sub) -> None:
 def run(args) -> None:
     import torch
 
-    from ..calibrate.importance import collect_squared_inputs, imatrix_windows
-    from ..gguf.imatrix import ImportanceMatrix, write_imatrix
+    from ..gguf.imatrix import write_imatrix
+    from ..models.imatrix import compute_imatrix
 
-    if args.ctx < 16:
-        raise CommandError(f"--ctx must be at least 16 tokens (llama.cpp ignores products over "
-                           f"fewer), got {args.ctx}")
-    if args.calib_tokens < 2 * args.ctx:
-        raise CommandError(f"--calib-tokens must be at least two windows ({2 * args.ctx} tokens "
-                           f"for --ctx {args.ctx}), got {args.calib_tokens}")
     if args.threads is not None:
         if args.threads < 1:
             raise CommandError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     source = resolve(args.model)
+    text = calibration_text(args.calib)
     loaded = _open_float(args.model, source)
     loaded_at = time.perf_counter()
-    if loaded.kind != "causal-lm" or loaded.tokenizer is None:
-        raise CommandError("imatrix needs a causal language model with its tokenizer")
-    max_windows = args.calib_tokens // args.ctx
-    bos = _bos_to_add(loaded, source)
-    ids = _tokenize(loaded.tokenizer, calibration_text(args.calib), bos, max_windows * args.ctx)
     try:
-        windows = imatrix_windows(ids, args.ctx, bos, max_windows)  # (n, ctx)
-    except ValueError as e:
-        raise CommandError(str(e)) from None
-
-    modules = _weight_matrices(loaded.model, args.process_output)
-    model = loaded.model
-    forward = model if args.process_output else model.base_model
-
-    def run_forward(batch_ids):
-        forward(input_ids=batch_ids, use_cache=False)
-
-    batch = max(1, DEFAULT_BATCH_TOKENS // args.ctx)
-    forward_at = time.perf_counter()
-    acc = collect_squared_inputs(run_forward, modules, windows, batch, progress=not args.quiet)
-    imat = ImportanceMatrix(
-        {name: acc.sums[name].float().numpy() for name in modules if name in acc.sums},
-        {name: [acc.counts[name]] for name in modules if name in acc.sums},
-        datasets=[calibration_source(args.calib)],
-        chunk_count=windows.shape[0], chunk_size=args.ctx,
-    )
-    forward_s = time.perf_counter() - forward_at
-    if not len(imat):
-        raise CommandError("no weight matrix received any input; nothing to write")
-    try:
-        write_imatrix(args.output, imat, args.format)
+        result = compute_imatrix(loaded, source, text, calibration_source(args.calib),
+                                 args.calib_tokens, args.ctx, args.process_output,
+                                 progress=not args.quiet)
+        write_imatrix(args.output, result.imatrix, args.format)
     except ValueError as e:
         raise CommandError(str(e)) from None
     if not args.quiet:
-        print(f"{len(imat)} matrices, {windows.numel()} tokens in {windows.shape[0]} windows of "
-              f"{args.ctx} -> {args.output}; {time.perf_counter() - started:.1f} s in all "
-              f"(loading {loaded_at - started:.1f} s, forward {forward_s:.1f} s)")
+        print(f"{len(result.imatrix)} matrices, {result.tokens} tokens in {result.windows} "
+              f"windows of {args.ctx} -> {args.output}; {time.perf_counter() - started:.1f} s "
+              f"in all (loading {loaded_at - started:.1f} s, forward "
+              f"{result.forward_seconds:.1f} s)")
 
 
 def _open_float(path, source):
@@ -147,63 +115,3 @@ def _dequantize_linears(model) -> None:
             replace_module(model, name, linear)
 
 
-def _weight_matrices(model, process_output: bool) -> dict:
-    """GGUF name -> nn.Linear for the matrices llama-imatrix collects."""
-    from torch import nn
-
-    from ..gguf.export import gguf_name
-
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    found = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        try:
-            gname = gguf_name(name + ".weight")
-        except ValueError:
-            continue
-        # A tied output matrix is token_embd in llama.cpp, which it never collects.
-        if gname and (gname.startswith("blk.") or
-                      (process_output and gname == "output.weight" and not tied)):
-            found[gname] = module
-    if not found:
-        raise CommandError(f"{type(model).__name__} has no weight matrix with a GGUF name "
-                           "(llama-family decoder blocks: attn_q/k/v/output, ffn_gate/up/down)")
-    return found
-
-
-def _bos_to_add(loaded, source) -> int | None:
-    """The BOS id when llama.cpp would add one: a GGUF file's tokenizer.ggml.add_bos_token,
-    else whether the tokenizer itself puts BOS in front of a text."""
-    tok = loaded.tokenizer
-    bos = tok.bos_token_id
-    if bos is None:
-        return None
-    if source.is_gguf:
-        from ..gguf.reader import read_gguf
-
-        with read_gguf(source.path) as gf:
-            flag = gf.get("tokenizer.ggml.add_bos_token")
-            bos = gf.get("tokenizer.ggml.bos_token_id", bos)
-        if flag is not None:
-            return int(bos) if flag else None
-    ids = tok("a", add_special_tokens=True)["input_ids"]
-    return int(bos) if ids and ids[0] == bos else None
-
-
-def _tokenize(tokenizer, text: str, bos: int | None, needed: int):
-    """The text's ids (with BOS in front when `bos`), tokenizing only a prefix of a long text
-    that is sure to hold `needed` tokens: a cut at a line break changes no token before it."""
-    import torch
-
-    prefix_chars = 16 * needed  # tokens average 3-5 characters in prose and code
-    ids = None
-    if len(text) > prefix_chars:
-        cut = text.rfind("\n", 0, prefix_chars)
-        ids = tokenizer(text[: cut if cut > 0 else prefix_chars],
-                        add_special_tokens=False)["input_ids"]
-    if ids is None or len(ids) < needed:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if bos is not None:
-        ids = [bos, *ids]
-    return torch.tensor(ids, dtype=torch.long)

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..atomic import atomic_path
 from ..models.source import FLOAT_KINDS
 from . import quantize_gguf
-from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration
+from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration, gptq_solver
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
 
 EPILOG = """examples:
@@ -18,6 +18,7 @@ EPILOG = """examples:
   zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
   zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
+  zeropoint quantize model.gguf --type Q4_K_M --method gptq --ray HEAD_IP:6379 -o m-gptq.gguf
   zeropoint quantize default -o out/mixed --budget-bpw 4.5
 """
 
@@ -67,6 +68,10 @@ def add_parser(sub) -> None:
                         "gptq: the block scales GPTQ rounds onto)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    q.add_argument("--ray", metavar="ADDRESS",
+                   help="with --method gptq: solve each decoder layer's Linears as parallel "
+                        "tasks on a Ray cluster (HOST:PORT, 'auto', or 'local' to start one "
+                        "here); the same bytes as without")
     q.set_defaults(func=run)
 
 
@@ -97,6 +102,9 @@ _RULES = (
      "--calib-tokens is for --method gptq, not --method {args.method} (--budget-bpw calibrates "
      "on --budget-tokens)"),
     (("text", "max_tokens"), lambda a: a.eval, "{flag} is for --eval, which is not given"),
+    (("ray",), lambda a: a.method == "gptq",
+     "--ray runs GPTQ's per-layer solves on a Ray cluster: it needs --method gptq, not "
+     "--method {args.method}"),
     (("imatrix",), lambda a: a.type is not None and a.method in ("rtn", "gptq"),
      "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn or "
      "gptq"),
@@ -206,7 +214,8 @@ def _gptq(args, loaded, recipe) -> None:
 
     ids = gptq_calibration(args, loaded)
     length = ids.shape[1]
-    report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet)
+    with gptq_solver(args) as solver:
+        report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet, solver=solver)
     if not args.quiet:
         print(f"gptq: {report.layers} layers, {report.sequences} x {length} calibration tokens, "
               f"{report.seconds:.1f} s, peak memory (VmHWM) {mib(report.peak_rss_bytes)}")

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from .calibration import gptq_calibration
+from .calibration import gptq_calibration, gptq_solver
 from .common import CommandError, mib, read_text, threads
 
 
@@ -73,8 +73,10 @@ def _write(args, source, out: Path, target):
         shapes.append(tuple(ids.shape))
         return ids
 
-    report = write_gguf(source, out, target, args.method, progress=not args.quiet,
-                        threads=threads(), calibration=calibration, **_importance(args))
+    with gptq_solver(args) as solver:
+        report = write_gguf(source, out, target, args.method, progress=not args.quiet,
+                            threads=threads(), calibration=calibration, solver=solver,
+                            **_importance(args))
     if args.method != "gptq":
         return report
     report, gptq = report

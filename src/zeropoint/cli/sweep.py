@@ -12,6 +12,7 @@ from .common import CommandError, resolve
 EPILOG = """example:
   zeropoint sweep --types Q3_K_M,Q4_0,Q4_K_M,Q8_0 --methods rtn,hqq --budget 80MB,120MB -o sweeps/smollm2
   zeropoint sweep model.gguf --types Q4_0 --methods rtn,gptq --ray local -o sweeps/model
+  zeropoint sweep --types IQ4_XS,IQ3_M,Q4_K_M --methods rtn,gptq --imatrix auto -o sweeps/iq
 
 Writes DIR/<model>-<TYPE>-<method>.gguf for every variant, and sweep.csv, sweep.json,
 frontier.png and sweep.html. Rerun the same command to resume: finished variants are kept."""
@@ -34,6 +35,11 @@ def add_parser(sub) -> None:
     s.add_argument("--calib", metavar="FILE", help="gptq calibration text")
     s.add_argument("--calib-tokens", type=int, default=16384, metavar="N",
                    help="gptq calibration tokens (default 16384)")
+    s.add_argument("--imatrix", metavar="FILE|auto",
+                   help="an importance matrix for the rtn and gptq variants (weighted rounding, "
+                        "i-quants, GPTQ onto weighted block scales), as quantize --imatrix; "
+                        "'auto' computes one once from --calib (default: the calibration mix), "
+                        "as zeropoint imatrix --calib-tokens N does")
     s.add_argument("--budget", metavar="SIZES",
                    help="comma list of memory budgets (100MB, 1.5GiB): the best variant for each")
     s.add_argument("--jobs", type=int, metavar="N",
@@ -42,7 +48,8 @@ def add_parser(sub) -> None:
                    help="threads per task (default: all cores, one task at a time)")
     s.add_argument("--ray", metavar="ADDRESS",
                    help="run the tasks on a Ray cluster (HOST:PORT, 'auto', or 'local' to start "
-                        "one here); the model and DIR must be at paths every node sees")
+                        "one here), GPTQ variants with each layer's Linears as tasks too; the "
+                        "model and DIR must be at paths every node sees")
     s.add_argument("--quiet", action="store_true", help="no per-task lines")
     s.set_defaults(func=run)
 
@@ -61,7 +68,8 @@ def run(args) -> None:
             raise CommandError(f"{flag} must be at least 1, got {value}")
     if args.window < 2:
         raise CommandError(f"--window must be at least 2, got {args.window}")
-    for flag, path in (("--text", args.text), ("--calib", args.calib)):
+    imatrix = None if args.imatrix in (None, "auto") else args.imatrix
+    for flag, path in (("--text", args.text), ("--calib", args.calib), ("--imatrix", imatrix)):
         if path and not Path(path).is_file():
             raise CommandError(f"{flag} file {path!r} does not exist")
     try:
@@ -73,7 +81,7 @@ def run(args) -> None:
     cpus = os.cpu_count() or 1
     options = SweepOptions(
         source=str(source.path), text=args.text, window=args.window, max_tokens=args.max_tokens,
-        calib=args.calib, calib_tokens=args.calib_tokens,
+        calib=args.calib, calib_tokens=args.calib_tokens, imatrix=args.imatrix,
         threads=args.threads or max(1, cpus // (args.jobs or 1)),
     )
     try:

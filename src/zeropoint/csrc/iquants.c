@@ -30,6 +30,7 @@
 
 #include "common.h"
 #include "parallel.h"
+#include "weighted.h"
 #include "zeropoint.h"
 
 #define QK ZP_QK_K
@@ -37,15 +38,6 @@
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define MAX_LEVELS 8
 
-/* ggml's nearest_int: round half to even by the magic add. */
-static inline int nearest(float v) {
-  float t = v + 12582912.f;
-  int32_t i;
-  memcpy(&i, &t, 4);
-  return (i & 0x7fffff) - 0x400000;
-}
-
-static inline int clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 static inline float maxf(float a, float b) { return a > b ? a : b; } /* ggml's MAX(a, b) */
 
 static inline void put_u16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
@@ -266,7 +258,7 @@ ALWAYS_INLINE uint32_t round_groups(const lattice *g, int dim, int n, int kmax, 
     if (!(which >> k & 1)) continue;
     int key = 0;
     for (int i = 0; i < dim; i++) {
-      const int l = clampi(nearest(0.5f * (id * xval[dim * k + i] - 1)), 0, kmax - 1);
+      const int l = zp_clamp(zp_nearest_int(0.5f * (id * xval[dim * k + i] - 1)), 0, kmax - 1);
       L[dim * k + i] = (int8_t)l;
       key |= l << bits * i;
     }
@@ -289,63 +281,6 @@ static void odd_sums(int n, const float *weight, const float *xval, const int8_t
     q2 += w * q * q;
   }
   *sumqx = qx, *sumq2 = q2;
-}
-
-/* ggml's make_qp_quants: the weighted scale for n non-negative values on levels 0..nmax. */
-static float qp_scale(int n, int nmax, const float *x, uint8_t *L, const float *w) {
-  float max = 0;
-  for (int i = 0; i < n; i++) max = maxf(max, x[i]);
-  if (max < 1e-15f) {
-    memset(L, 0, n);
-    return 0.f;
-  }
-  float iscale = (float)nmax / max;
-  for (int i = 0; i < n; i++) L[i] = (uint8_t)nearest(iscale * x[i]);
-  float scale = 1 / iscale, best_mse = 0;
-  for (int i = 0; i < n; i++) {
-    const float diff = x[i] - scale * (float)L[i];
-    best_mse += w[i] * diff * diff;
-  }
-  for (int is = -4; is <= 4; is++) {
-    if (is == 0) continue;
-    const float iscale_is = (0.1f * (float)is + (float)nmax) / max, scale_is = 1 / iscale_is;
-    float mse = 0;
-    for (int i = 0; i < n; i++) {
-      int l = nearest(iscale_is * x[i]);
-      l = l < nmax ? l : nmax;
-      const float diff = x[i] - scale_is * (float)l;
-      mse += w[i] * diff * diff;
-    }
-    if (mse < best_mse) best_mse = mse, iscale = iscale_is;
-  }
-  float sumlx = 0, suml2 = 0;
-  for (int i = 0; i < n; i++) {
-    int l = nearest(iscale * x[i]);
-    l = l < nmax ? l : nmax;
-    L[i] = (uint8_t)l;
-    sumlx += w[i] * x[i] * (float)l;
-    suml2 += w[i] * (float)l * (float)l;
-  }
-  for (int itry = 0; itry < 5; itry++) {
-    int changed = 0;
-    for (int i = 0; i < n; i++) {
-      float slx = sumlx - w[i] * x[i] * (float)L[i];
-      float sl2 = suml2 - w[i] * (float)L[i] * (float)L[i];
-      if (slx > 0 && sl2 > 0) {
-        int l = nearest(x[i] * sl2 / slx);
-        l = l < nmax ? l : nmax;
-        if (l != L[i]) {
-          slx += w[i] * x[i] * (float)l;
-          sl2 += w[i] * (float)l * (float)l;
-          if (slx * slx * suml2 > sumlx * sumlx * sl2) {
-            L[i] = (uint8_t)l, sumlx = slx, suml2 = sl2, changed++;
-          }
-        }
-      }
-    }
-    if (!changed) break;
-  }
-  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
 /* ---- IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S: one search, five packings ---- */
@@ -433,7 +368,8 @@ ALWAYS_INLINE float lattice_block(const lattice *g, int dim, const lattice_param
   float scale, centre, best = 0;
   memset(L, 0, n);
   if (p->qp_start) {
-    scale = qp_scale(n, kmax + 1, xval, (uint8_t *)L, weight); /* levels 0..3: ggml's kMaxQ+1 */
+    /* levels 0..3: ggml's kMaxQ+1 */
+    scale = weighted_positive_search(n, kmax + 1, xval, weight, (uint8_t *)L);
     centre = scale * (float)kmax;
     if (centre <= 0) {
       memset(signs, 0, n / 8);
@@ -538,7 +474,7 @@ static void lattice_super(int type, const float *x, const float *qw, uint8_t *y)
   const float d = max_scale / 31, id = 1 / d;
   put_half(y, d * p->d_fudge);
   for (int ib = 0; ib < n_blocks; ib++) {
-    const uint32_t l = (uint32_t)clampi(nearest(0.5f * (id * scales[ib] - 1)), 0, 15);
+    const uint32_t l = (uint32_t)zp_clamp(zp_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 15);
     uint8_t *q = y + 2;
     switch (type) {
       case ZP_IQ2_XXS: put_u32(q + 8 * ib + 4, get_u32(q + 8 * ib + 4) | l << 28); break;
@@ -591,6 +527,34 @@ static int iq1_neighbour(const lattice *g, int key, const float *xval, const flo
   }
   for (int i = 0; i < 8; i++) L[i] = (int8_t)((g->coord[best * 8 + i] - 1) / 2);
   return best;
+}
+
+/* Each group of 8 codes L onto the codebook: its own point when the lattice has it, else the
+ * nearest neighbour (L rewritten). Groups take their levels from xx[k]. Returns the scale, refit
+ * by weighted least squares when a group moved, as the reference does. */
+static float iq1_snap(const lattice *g, int groups, const float *const *xx, const float *xb,
+                      const float *weight, float scale, int8_t *L, int *index) {
+  int all_on = 1;
+  for (int k = 0; k < groups; k++) {
+    int key = 0;
+    for (int j = 0; j < 8; j++) key |= L[8 * k + j] << 2 * j;
+    index[k] = g->map[key];
+    if (index[k] < 0) {
+      all_on = 0;
+      index[k] = iq1_neighbour(g, key, xb + 8 * k, weight + 8 * k, scale, xx[k], L + 8 * k);
+    }
+  }
+  if (all_on) return scale;
+  float sumqx = 0, sumq2 = 0;
+  for (int k = 0; k < groups; k++) {
+    const int8_t *pg = g->coord + index[k] * 8;
+    for (int j = 0; j < 8; j++) {
+      const float wj = weight[8 * k + j], q = xx[k][(pg[j] - 1) / 2];
+      sumqx += wj * q * xb[8 * k + j];
+      sumq2 += wj * q * q;
+    }
+  }
+  return sumqx > 0 && sumq2 > 0 ? sumqx / sumq2 : scale;
 }
 
 /* Sort the block's values; `order[j]` is the position of the j-th smallest. */
@@ -652,28 +616,10 @@ static void iq1s_super(const lattice *g, const float *x, const float *qw, uint8_
       scale = -scale, best_shift = -best_shift;
     }
     const float *xx = best_shift == 1 ? x_p : x_m;
-    int index[B / 8], all_on = 1;
-    for (int k = 0; k < B / 8; k++) {
-      int key = 0;
-      for (int j = 0; j < 8; j++) key |= L[8 * k + j] << 2 * j;
-      index[k] = g->map[key];
-      if (index[k] < 0) {
-        all_on = 0;
-        index[k] = iq1_neighbour(g, key, xb + 8 * k, weight + 8 * k, scale, xx, L + 8 * k);
-      }
-    }
-    if (!all_on) {
-      float sumqx = 0, sumq2 = 0;
-      for (int k = 0; k < B / 8; k++) {
-        const int8_t *pg = g->coord + index[k] * 8;
-        for (int j = 0; j < 8; j++) {
-          const float wj = weight[8 * k + j], q = xx[(pg[j] - 1) / 2];
-          sumqx += wj * q * xb[8 * k + j];
-          sumq2 += wj * q * q;
-        }
-      }
-      if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
-    }
+    const float *levels[B / 8];
+    for (int k = 0; k < B / 8; k++) levels[k] = xx;
+    int index[B / 8];
+    scale = iq1_snap(g, B / 8, levels, xb, weight, scale, L, index);
     uint16_t h = 0;
     for (int k = 0; k < B / 8; k++) {
       qs[(B / 8) * ib + k] = (uint8_t)index[k];
@@ -687,7 +633,7 @@ static void iq1s_super(const lattice *g, const float *x, const float *qw, uint8_
   const float d = max_scale / 15, id = 1 / d;
   put_half(y, d * 1.125f);
   for (int ib = 0; ib < QK / B; ib++) {
-    int l = clampi(nearest(0.5f * (id * scales[ib] - 1)), 0, 7);
+    int l = zp_clamp(zp_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
     if (shifts[ib] == -1) l |= 8;
     put_u16(qh + 2 * ib, (uint16_t)(get_u16(qh + 2 * ib) | l << 12));
   }
@@ -764,30 +710,9 @@ static void iq1m_super(const lattice *g, const float *x, const float *qw, uint8_
       for (int j = 0; j < B; j++) L[j] = (int8_t)(2 - L[j]);
       scale = -scale, best_k = 3 - best_k;
     }
-    int index[2], all_on = 1;
-    for (int k = 0; k < 2; k++) {
-      const float *xx = (k == 0 ? best_k < 2 : best_k % 2 == 0) ? x_p : x_m;
-      int key = 0;
-      for (int j = 0; j < 8; j++) key |= L[8 * k + j] << 2 * j;
-      index[k] = g->map[key];
-      if (index[k] < 0) {
-        all_on = 0;
-        index[k] = iq1_neighbour(g, key, xb + 8 * k, weight + 8 * k, scale, xx, L + 8 * k);
-      }
-    }
-    if (!all_on) {
-      float sumqx = 0, sumq2 = 0;
-      for (int k = 0; k < 2; k++) {
-        const float *xx = (k == 0 ? best_k < 2 : best_k % 2 == 0) ? x_p : x_m;
-        const int8_t *pg = g->coord + index[k] * 8;
-        for (int j = 0; j < 8; j++) {
-          const float wj = weight[8 * k + j], q = xx[(pg[j] - 1) / 2];
-          sumqx += wj * q * xb[8 * k + j];
-          sumq2 += wj * q * q;
-        }
-      }
-      if (sumqx > 0 && sumq2 > 0) scale = sumqx / sumq2;
-    }
+    const float *levels[2] = {best_k < 2 ? x_p : x_m, best_k % 2 == 0 ? x_p : x_m};
+    int index[2];
+    scale = iq1_snap(g, 2, levels, xb, weight, scale, L, index);
     qs[2 * ib] = (uint8_t)index[0], qs[2 * ib + 1] = (uint8_t)index[1];
     qh[ib] = (uint8_t)((index[0] >> 8) | ((index[1] >> 8) << 4));
     scales[ib] = scale, shifts[ib] = (int8_t)best_k;
@@ -798,7 +723,7 @@ static void iq1m_super(const lattice *g, const float *x, const float *qw, uint8_
   const float id = 1 / d;
   float sumqx = 0, sumq2 = 0;
   for (int ib = 0; ib < QK / B; ib++) {
-    const int l = clampi(nearest(0.5f * (id * scales[ib] - 1)), 0, 7);
+    const int l = zp_clamp(zp_nearest_int(0.5f * (id * scales[ib] - 1)), 0, 7);
     put_u16(sc + 2 * (ib / 4), (uint16_t)(get_u16(sc + 2 * (ib / 4)) | l << 3 * (ib % 4)));
     qh[ib] |= masks[shifts[ib]];
     const float *xb = x + B * ib;
@@ -918,7 +843,7 @@ static void iq4xs_super(const float *x, const float *qw, uint8_t *y) {
   put_half(y, d);
   uint16_t scales_h = 0;
   for (int ib = 0; ib < 8; ib++) {
-    int l = clampi(nearest(id * scales[ib]), -32, 31);
+    int l = zp_clamp(zp_nearest_int(id * scales[ib]), -32, 31);
     const float dl = d * (float)l, idl = dl ? 1 / dl : 0.f;
     nearest_levels(iq4_values, idl, x + 32 * ib, L + 32 * ib);
     l += 32;

@@ -1,6 +1,6 @@
 /* The scale searches of importance-weighted quantization (llama-quantize --imatrix), shared by
- * the weighted legacy blocks (legacy.c) and K-quant super-blocks (kquants.c). Internal: static
- * inline, nothing here is exported.
+ * the weighted legacy blocks (legacy.c), K-quant super-blocks (kquants.c) and the i-quants
+ * (iquants.c). Internal: static inline, nothing here is exported.
  *
  * Each search is one of ggml-quants.c's, with the weights it is handed (importance times a
  * magnitude term the caller forms), for one run of n values. Their float32 arithmetic is the

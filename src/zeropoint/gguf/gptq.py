@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..algorithms.gptq import GPTQOptions, gptq_columns
+from ..algorithms.gptq import GPTQOptions, InverseHessian, gptq_columns, inverse_hessian
 from ..algorithms.sequential import MODEL_OPTIONS, peak_rss_bytes, run_sequential
+from ..algorithms.solvers import SolveJob
 from .blocks import dequantize_blocks
 from .export import (
     check_architecture,
@@ -70,6 +71,7 @@ def gptq_gguf(
     threads: int | None = None,
     importance: Importance | None = None,
     extra_metadata: Mapping[str, MetaValue] | None = None,
+    solver=None,
 ) -> GPTQGGUFReport:
     """Write `loaded` (models.load.LoadedModel of a llama-architecture causal LM: the default
     model, a .gguf or a checkpoint directory) as a GGUF file of `target`, its decoder Linears
@@ -85,6 +87,8 @@ def gptq_gguf(
     block scales are llama-quantize --imatrix's (gptq_grids.block_grid),
     the mixes take llama.cpp's imatrix rules, and the tensors GPTQ does not write are
     quantized weighted; `extra_metadata` as for requantize.write_quantized.
+    `solver` (algorithms/solvers.py): where each Linear's GPTQ runs, here by default or as Ray
+    tasks (RaySolver), the same bytes either way.
     Raises ValueError when the target gives a decoder Linear a type GPTQ cannot write
     (gptq_grids.GRID_TYPES), naming it.
     """
@@ -108,25 +112,27 @@ def gptq_gguf(
             qtype = types[gguf_name(f"{prefix}{member}.weight", family)]
             if is_quantized(qtype):
                 by_type.setdefault(qtype, []).append(member)
+        inverse = inverse_hessian(H, options) if by_type else None  # shared by the members
+        jobs = []
         for qtype, batch in by_type.items():
-            linears = [layer.get_submodule(m) for m in batch]
-            stacked = torch.cat([lin.weight.detach() for lin in linears])  # (sum of out, in)
-            # One input, so one importance for the stacked members (q, k, v; gate, up).
+            # One input, so one importance for the members (q, k, v; gate, up): the first's.
             imp = tensor_importance(importance, gguf_name(f"{prefix}{batch[0]}.weight", family),
-                                    tuple(stacked.shape))
-            grid = block_grid(qtype, stacked, imp)
-            r = gptq_columns(stacked.to(torch.float32), H, grid, options)
-            data = grid.pack(r.fits, r.codes)  # (sum of out, row bytes)
-            row = 0
-            for member, lin in zip(batch, linears):
-                rows = data[row : row + lin.out_features]
-                row += lin.out_features
-                w_hat = dequantize_blocks(rows.contiguous().view(-1), qtype, lin.weight.shape)
-                lin.weight.data.copy_(w_hat)
-                written[gguf_name(f"{prefix}{member}.weight", family)] = (qtype, rows)
+                                    tuple(layer.get_submodule(batch[0]).weight.shape))
+            for member in batch:
+                lin = layer.get_submodule(member)
+                name = gguf_name(f"{prefix}{member}.weight", family)
+
+                def apply(rows, lin=lin, name=name, qtype=qtype):
+                    w_hat = dequantize_blocks(rows.contiguous().view(-1), qtype, lin.weight.shape)
+                    lin.weight.data.copy_(w_hat)
+                    written[name] = (qtype, rows)
+
+                jobs.append(SolveJob(name, gptq_block_rows, lin.weight.detach(), inverse,
+                                     (qtype, imp, options), apply))
+        return jobs
 
     started = time.perf_counter()
-    run_sequential(loaded.model, calib_ids, solve, progress=progress)
+    run_sequential(loaded.model, calib_ids, solve, progress=progress, solver=solver)
     gptq_seconds = time.perf_counter() - started
 
     sources = []
@@ -146,6 +152,15 @@ def gptq_gguf(
                              source_name=str(loaded.source), progress=progress, threads=threads,
                              importance=importance, extra_metadata=extra_metadata)
     return GPTQGGUFReport(report, len(written), gptq_seconds, peak_rss_bytes())
+
+
+def gptq_block_rows(weight: torch.Tensor, inverse: InverseHessian, qtype: str,
+                    importance: np.ndarray | None, options: GPTQOptions) -> torch.Tensor:
+    """A SolveJob's function: one Linear's GPTQ onto `qtype`'s blocks (with `importance`, onto
+    llama-quantize --imatrix's block scales); its ggml bytes, (out, row bytes) uint8."""
+    grid = block_grid(qtype, weight, importance)
+    r = gptq_columns(weight.to(torch.float32), inverse, grid, options)
+    return grid.pack(r.fits, r.codes)
 
 
 def _reader(t: torch.Tensor, change, raw: bool):

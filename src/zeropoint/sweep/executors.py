@@ -4,7 +4,6 @@ and return every task's result; the task functions are the same, so are the file
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -69,13 +68,10 @@ class RayCluster:
     on_done: Callable[[Task, object], None] = field(default=lambda task, result: None)
 
     def run(self, tasks: Sequence[Task]) -> dict[str, object]:
-        import ray
+        from ..algorithms.solvers import ray_session
 
         _check_graph(tasks)
-        started_here = not ray.is_initialized()
-        if started_here:
-            _init(ray, self.address)
-        try:
+        with ray_session(self.address) as ray:
             refs = {}
             for task in tasks:
                 remote = ray.remote(num_cpus=task.cpus, max_retries=0)(task.fn)
@@ -89,17 +85,6 @@ class RayCluster:
                 results[name] = ray.get(done[0])
                 self.on_done(next(t for t in tasks if t.name == name), results[name])
             return results
-        finally:
-            if started_here:
-                ray.shutdown()
-
-
-def _init(ray, address: str) -> None:
-    options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    if address == "local":
-        ray.init(num_cpus=os.cpu_count() or 1, **options)
-    else:
-        ray.init(address=address, **options)
 
 
 def _check_graph(tasks: Sequence[Task]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import report, tasks
 from .executors import LocalPool, Result, Task, ray_executor
 from .frontier import pareto_front, recommend
+from .importance import resolve_imatrix, unmakeable
 from .variants import SweepOptions, Variant, make_key, options_dict, score_key
 
 REFERENCE_TYPE = Variant("F16", "rtn")  # what a Hugging Face source is scored as
@@ -38,15 +39,21 @@ def sweep(
     """Make and score every variant of `options.source` not already done in `out_dir` (same
     key: source, options, zeropoint version), then report all of them. `jobs` tasks at once in a
     local process pool (default: one per options.threads CPUs), or on the Ray cluster at
-    `ray_address` ('local' starts one here)."""
+    `ray_address` ('local' starts one here), where GPTQ variants also solve each layer's Linears
+    as parallel tasks."""
     from ..models.source import FLOAT_KINDS, resolve_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     source = resolve_model(options.source, FLOAT_KINDS)
     options = replace(options, source=str(source.path))
+    options = resolve_imatrix(options, out / tasks.RECORDS, log)
+    refused = unmakeable(options, variants)
+    if refused:
+        raise ValueError("these variants cannot be made: " + "; ".join(refused) +
+                         ". Pass --imatrix FILE or --imatrix auto, or leave those types out")
     reference_made = None if source.is_gguf else REFERENCE_TYPE
-    graph, records = _plan(options, variants, out, reference_made)
+    graph, records = _plan(options, variants, out, reference_made, bool(ray_address))
     ran: list[str] = []
 
     def on_done(task: Task, record: dict) -> None:
@@ -62,8 +69,10 @@ def sweep(
 
 
 def _plan(options: SweepOptions, variants: Sequence[Variant], out: Path,
-          reference_made: Variant | None) -> tuple[list[Task], dict[str, dict]]:
-    """The tasks still to run, and the records of those already done (by task name)."""
+          reference_made: Variant | None, on_ray: bool = False
+          ) -> tuple[list[Task], dict[str, dict]]:
+    """The tasks still to run, and the records of those already done (by task name). On Ray,
+    a GPTQ variant's make task solves its layers' Linears as tasks of their own."""
     graph: list[Task] = []
     done: dict[str, dict] = {}
     cpus, out_s = options.threads, str(out)
@@ -86,7 +95,8 @@ def _plan(options: SweepOptions, variants: Sequence[Variant], out: Path,
                      tasks.score_reference, (options, out_s, made_ref))
     for v in variants:
         mkey = make_key(options, v)
-        made = need("make", v.name, mkey, tasks.make_variant, (options, v, out_s))
+        made = need("make", v.name, mkey, tasks.make_variant,
+                    (options, v, out_s, on_ray and v.method == "gptq"))
         need("score", v.name, score_key(options, mkey), tasks.score_variant,
              (options, v, out_s, made, reference))
     return graph, done

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_path
+from .importance import uses_imatrix
 from .variants import SweepOptions, Variant, make_key, score_key
 
 RECORDS = ".sweep"  # the folder of per-task records inside the output folder
@@ -50,22 +52,30 @@ def _write_record(out_dir: Path, name: str, stage: str, record: dict) -> dict:
     return record
 
 
-def make_variant(options: SweepOptions, variant: Variant, out_dir: str) -> dict:
-    """Write the variant's GGUF file (the bytes `zeropoint quantize --type T --method M` writes)
-    and its record: file, bytes, bits per weight, fallbacks, seconds."""
+def make_variant(options: SweepOptions, variant: Variant, out_dir: str,
+                 gptq_on_ray: bool = False) -> dict:
+    """Write the variant's GGUF file (the bytes `zeropoint quantize --type T --method M
+    [--imatrix FILE]` writes) and its record: file, bytes, bits per weight, fallbacks, seconds.
+    `gptq_on_ray`: this task runs on a Ray cluster, and GPTQ solves each layer's Linears as
+    tasks of their own there (the same bytes)."""
     from ..gguf.mixes import parse_target
     from ..models.source import resolve_model
     from ..models.to_gguf import write_gguf
 
+    if gptq_on_ray:
+        from ..algorithms.solvers import make_solver
     out_dir = Path(out_dir)
     path = variant_path(out_dir, options, variant)
     source = resolve_model(options.source)
     if variant.method == "gptq":
         _set_torch_threads(options.threads)
     start = time.perf_counter()
-    report = write_gguf(source, path, parse_target(variant.type), variant.method,
-                        calibration=lambda loaded: _calibration(options, loaded),
-                        threads=options.threads)
+    # On Ray, the task's own cluster ('auto': this process is connected already).
+    with make_solver("auto") if gptq_on_ray else nullcontext(None) as solver:
+        report = write_gguf(source, path, parse_target(variant.type), variant.method,
+                            calibration=lambda loaded: _calibration(options, loaded),
+                            threads=options.threads, solver=solver,
+                            **_importance(options, variant))
     if variant.method == "gptq":
         report = report[0]
     return _write_record(out_dir, variant.name, "make", {
@@ -129,6 +139,18 @@ def score_reference(options: SweepOptions, out_dir: str, made: dict | None) -> d
         "bits_per_weight": bpw, "perplexity": float(np.exp(base.rows.nll.mean())),
         "scored_tokens": int(base.rows.nll.size), "tokens_per_second": speed,
         "base_logits": str(base_path), "score_seconds": time.perf_counter() - start})
+
+
+def _importance(options: SweepOptions, variant: Variant) -> dict:
+    """write_gguf's importance and extra_metadata, as quantize --imatrix FILE gives them."""
+    if not uses_imatrix(options, variant):
+        return {}
+    from ..gguf.imatrix import read_imatrix
+    from ..gguf.weighted import imatrix_metadata
+
+    imatrix = read_imatrix(options.imatrix)
+    return {"importance": imatrix.importance,
+            "extra_metadata": imatrix_metadata(options.imatrix, imatrix)}
 
 
 def _decode_speed(llm, n: int) -> float:

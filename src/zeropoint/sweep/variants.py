@@ -35,7 +35,10 @@ class SweepOptions:
     calib_tokens: int = 16384  # GPTQ calibration tokens: a quarter of quantize's default, per variant
     decode_tokens: int = 64  # tokens generated greedily to time decoding
     threads: int = 1  # per task; the executor runs several tasks at once
-    extra: dict = field(default_factory=dict)  # room for options added later (imatrix, kld)
+    # An importance matrix file, as given (its path is recorded in the files it weights), for
+    # the rtn and gptq variants; 'auto' until run.sweep computes one (sweep/importance.py)
+    imatrix: str | None = None
+    extra: dict = field(default_factory=dict)  # room for options added later (kld)
 
 
 def parse_variants(types: str, methods: str) -> list[Variant]:
@@ -65,17 +68,21 @@ def _split(text: str, what: str) -> list[str]:
 
 
 def make_key(options: SweepOptions, variant: Variant) -> str:
-    """What the variant's file depends on: source, type, method, calibration, version."""
-    calib = ((options.calib and _fingerprint(options.calib)), options.calib_tokens) \
+    """What the variant's file depends on: source, type, method, calibration, the importance
+    matrix it uses (path and content), version."""
+    calib = ((options.calib and fingerprint(options.calib)), options.calib_tokens) \
         if variant.method == "gptq" else None
-    return _digest(["make", _fingerprint(options.source), variant.type, variant.method, calib,
-                    options.extra.get("make"), zeropoint_version()])
+    from .importance import imatrix_key
+
+    return _digest(["make", fingerprint(options.source), variant.type, variant.method, calib,
+                    imatrix_key(options, variant), options.extra.get("make"),
+                    zeropoint_version()])
 
 
 def score_key(options: SweepOptions, file_key: str) -> str:
     """What the variant's scores depend on: its file, the reference, the text and protocol."""
-    text = options.text and _fingerprint(options.text)
-    return _digest(["score", file_key, _fingerprint(options.source), text, options.window,
+    text = options.text and fingerprint(options.text)
+    return _digest(["score", file_key, fingerprint(options.source), text, options.window,
                     options.max_tokens, options.decode_tokens, options.extra.get("score"),
                     zeropoint_version()])
 
@@ -84,7 +91,7 @@ def _digest(parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fingerprint(path: str | os.PathLike) -> list:
+def fingerprint(path: str | os.PathLike) -> list:
     """A file's or directory's identity: path, and for every file size and modification time (a
     changed file changes it; hashing 100s of GB of weights on every resume would not pay)."""
     p = Path(path).resolve()
