@@ -14,7 +14,6 @@ dequantizes to the very weights GPTQ worked with.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +22,8 @@ from ..calibrate.search import MSESearch
 from ..core import check_float_tensor, raise_if_not_finite
 from ..qtensor import QTensor
 from ..spec import QuantSpec
+from ..threads import torch_threads
 from .grids import ColumnGrid, SpecGrid
-
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ def inverse_hessian(hessian: torch.Tensor, options: GPTQOptions = GPTQOptions(),
             if options.act_order else None)
     if perm is not None:
         H = H[perm][:, perm]
-    with _torch_threads(1):
+    with torch_threads(1):
         upper = _upper_cholesky_of_inverse(H, options.percdamp)
     return InverseHessian(upper, perm, dead)
 
@@ -234,18 +233,6 @@ def gptq_columns(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return ColumnsResult(codes, fits, float(losses.sum()))
-
-
-@contextmanager
-def _torch_threads(n: int):
-    saved = torch.get_num_threads()
-    if saved != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if saved != n:
-            torch.set_num_threads(saved)
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:

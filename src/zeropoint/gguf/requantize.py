@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import ckernels
+from ..threads import torch_threads
 from . import codecs
 from .constants import GGML_QUANT_VERSION
 from .layout import tensor_nbytes
@@ -380,22 +380,6 @@ def write_quantized(
         n_elements=sum(int(np.prod(c.shape)) for c in plan.choices),
         seconds=time.perf_counter() - started,
     )
-
-
-@contextmanager
-def torch_threads(n: int):
-    """torch.set_num_threads(n) inside the block (restored after), where torch is loaded: an
-    encoder's torch ops must not start a team of their own on each tensor's thread."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _missing_importance(choice, no_matrix: bool) -> str:

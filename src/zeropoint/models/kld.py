@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..metrics import KLDStatistics, kld_statistics
+from ..threads import torch_threads
 from .base_logits import (
     DEFAULT_TAIL_SAMPLES,
     DEFAULT_TOP_K,
@@ -98,7 +99,6 @@ class TorchLogits:
             return
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..gguf.requantize import torch_threads
 
         with torch_threads(1), ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(groups), workers):

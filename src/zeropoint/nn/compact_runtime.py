@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ckernels
+from ..threads import torch_threads
 from .compact_config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from .fuse import FusedSlice
 from .gemv import GemvKernel
@@ -386,12 +387,8 @@ class CompactDecoder:
         # One torch thread but for the matmuls that torch runs (float weights): the other ops
         # are too small to share, and their OpenMP fork and join (a few us each, far more when
         # another process holds the second core) costs more than it saves.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             return self._c_step(token)
-        finally:
-            torch.set_num_threads(threads)
 
     def _c_step(self, token: torch.Tensor) -> torch.Tensor:
         cfg, pos = self.config, self.pos
