@@ -28,15 +28,29 @@ class Rule:
     spec: QuantSpec | None  # None: keep this module in float
 
 
+# The default, chosen by measurement (benchmarks/choose_default.py, README "The default"):
+# linears in 4 bits, groups of 32, a float16 scale and float16 minimum per group (ggml's Q4_1
+# grid, 5 bits per weight); the embedding and the output head (one tensor when tied) in 8 bits
+# per row, which the compact decoder's int8 gemv reads in place.
+DEFAULT_LINEAR_SPEC = QuantSpec(4, "asymmetric", "per_group", group_size=32,
+                                scale_dtype="float16", zero_point="float")
+DEFAULT_TABLE_SPEC = QuantSpec(8, "symmetric", "per_channel")
+# Module names of token embeddings (Llama, Gemma, Qwen, Mistral, Phi: embed_tokens; GPT-2: wte).
+EMBEDDING_PATTERNS = ("*embed_tokens", "*wte")
+
+
+def _default_rules() -> tuple[Rule, ...]:
+    tables = ("lm_head",) + EMBEDDING_PATTERNS
+    return tuple(Rule(pattern, DEFAULT_TABLE_SPEC) for pattern in tables)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    # 4-bit group-128 is the common default of local LLM tools: ~4.3 bits per weight.
-    default: QuantSpec | None = field(
-        default_factory=lambda: QuantSpec(4, "symmetric", "per_group", group_size=128)
-    )
-    # The output head sees every token's full hidden state; it is the most sensitive layer.
-    rules: tuple[Rule, ...] = (Rule("lm_head", None),)
-    quantize_embeddings: bool = False  # embeddings are a lookup, not a matmul: no speed to gain
+    default: QuantSpec | None = DEFAULT_LINEAR_SPEC
+    # The output head and the embedding hold most of a small model's bytes and the head sees
+    # every token's full hidden state: 8 bits per row keeps them close to float.
+    rules: tuple[Rule, ...] = field(default_factory=_default_rules)
+    quantize_embeddings: bool = True  # the table's bytes count as much as a matmul's
     # "int8-dynamic": 8-bit weights with activations quantized to 8 bits at run time.
     activations: str | None = None
 

@@ -14,7 +14,7 @@ from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
 
 EPILOG = """examples:
-  zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model, default spec)
+  zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model and recipe)
   zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
   zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
@@ -70,6 +70,9 @@ def add_parser(sub) -> None:
     q.set_defaults(func=run)
 
 
+# Spec options given alone fill in the rest from here (a uniform spec, the head in float); none
+# given: the default recipe (recipe.Recipe: int4 g32 with a float16 scale and minimum, the
+# embedding and head in int8 per row).
 DEFAULTS = {
     "bits": 4, "scheme": "symmetric", "granularity": "per_group", "group_size": 128,
     "keep_float": ("lm_head",), "max_tokens": 2048, "calib_tokens": DEFAULT_CALIB_TOKENS,
@@ -115,6 +118,9 @@ def check_options(args) -> None:
 
 def run(args) -> None:
     check_options(args)
+    # No spec option given: the measured default recipe (recipe.Recipe), not a uniform spec.
+    args.default_recipe = args.recipe is None and all(
+        getattr(args, dest) is None for dest in _SPEC_OPTIONS)
     for dest, value in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -148,6 +154,8 @@ def run(args) -> None:
         rows.append(before_and_after(args.model, str(out), text, args.max_tokens))
     if not args.quiet:
         what = recipe.default.describe() if recipe.default else "float"
+        if args.default_recipe:
+            what = f"the default: {what}, embedding and head int8 per row"
         if args.budget_bpw is not None:
             what = f"a spec per layer under a budget of {args.budget_bpw} bits/weight"
         print(f"\nwrote {out} in {elapsed:.1f} s ({what})")
@@ -164,6 +172,8 @@ def _recipe_from_args(args):
     try:
         if args.recipe:
             return Recipe.load(args.recipe)
+        if getattr(args, "default_recipe", False):
+            return Recipe()
         group = args.group_size if args.granularity == "per_group" else None
         spec = QuantSpec(args.bits, args.scheme, args.granularity, group_size=group)
         return Recipe.uniform(spec, keep_float=tuple(args.keep_float), activations=args.activations)

@@ -35,7 +35,7 @@ def load_quantized(directory, backend: str = "auto", fuse: bool = True):
         module_name = name.removesuffix(".weight")
         module = model.get_submodule(module_name)
         if isinstance(module, nn.Embedding):
-            new = QEmbedding(q, module.padding_idx)
+            new = QEmbedding.replacing(module, q)
         else:
             new = QLinear(q, kept.get(module_name + ".bias"), recipe.activations, backend)
         replace_module(model, module_name, new)
