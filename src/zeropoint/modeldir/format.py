@@ -11,8 +11,8 @@ A quantized tensor `<module>.weight` is stored as `<module>.weight.packed` (uint
 `<module>.weight.scale` (one per block, in the spec's scale_dtype: float32 or float16) and, for
 the asymmetric scheme, `<module>.weight.zero_point` (uint8; with a float zero-point, the block
 minimum in the scale's dtype, as qtensor.py says). Every other tensor keeps its name and dtype.
-A quantized weight that two modules share (a tied embedding and output head) is stored once,
-under its first name; the manifest's "tied" maps the other name to it.
+A quantized embedding that is also the output head (tie_word_embeddings) is stored once, under
+the embedding's name; loading ties the head to it, as the architecture ties the float weights.
 """
 
 from __future__ import annotations
@@ -117,7 +117,5 @@ def read_tensors(directory) -> tuple[Manifest, dict[str, QTensor], dict[str, tor
         name: QTensor.from_state_dict(raw, meta, name + ".") for name, meta in manifest.quantized.items()
     }
     owned = {name + "." + part for name in quantized for part in ("packed", "scale", "zero_point")}
-    for alias, stored in manifest.extra.get("tied", {}).items():
-        quantized[alias] = quantized[stored]  # one QTensor for both modules
     kept = {k: v for k, v in raw.items() if k not in owned}
     return manifest, quantized, kept

@@ -142,17 +142,13 @@ def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, to
     """Write `model` into the (new, empty) `directory`. Tied tensors are written once."""
     directory = Path(directory)
     writer = CheckpointWriter(directory)
-    written: dict[int, str] = {}  # id of a QTensor -> the name it is stored under
-    tied: dict[str, str] = {}  # a module's weight -> the stored name it shares (format.py)
+    written = set()  # ids of the QTensors written: a tied table is shared, and stored once
     for name, module in quantized_layers(model):
         q = module.weight_q
         if id(q) in written:
-            tied[name + ".weight"] = written[id(q)]
-            continue
-        written[id(q)] = name + ".weight"
+            continue  # the loader ties it again, as the architecture does (models/quantized.py)
+        written.add(id(q))
         writer.add_quantized(name + ".weight", q, source_bytes=q.numel * torch.finfo(q.dtype).bits // 8)
-    if tied:
-        extra["tied"] = tied
     state = model.state_dict()
     # A tied weight is written under its first name; the architecture ties it again on load.
     for t in distinct_tensors(state.values()):
