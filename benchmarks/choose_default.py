@@ -119,16 +119,10 @@ def score(model, tokenizer, base, text, source):
     return stats.perplexity.value, stats.kld.value
 
 
-def gguf_weights(path: Path) -> tuple[int, int]:
-    from zeropoint.gguf.reader import read_gguf
-
-    f = read_gguf(path)
-    return sum(t.nbytes for t in f.tensors), sum(t.n_elements for t in f.tensors)
-
-
 def bench_model(name: str, args, work: Path) -> None:
     from zeropoint.gguf.llama_tools import run_tool
     from zeropoint.models.evaluate import wikipedia_text
+    from zeropoint.models.main_job import gguf_weights
     from zeropoint.models.kld import TorchLogits, compute_base_logits
     from zeropoint.models.load import load_model
     from zeropoint.nn.quantize_model import model_bytes

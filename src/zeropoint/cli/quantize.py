@@ -44,7 +44,9 @@ def add_parser(sub) -> None:
                    help="also quantize activations at run time (needs --bits 8 --granularity per_channel)")
     q.add_argument("--recipe", metavar="FILE", help="a recipe JSON file (instead of the spec options)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
-    q.add_argument("--eval", action="store_true", help="measure perplexity (or cosine) before and after")
+    q.add_argument("--eval", action="store_true",
+                   help="a table of size, perplexity and tokens/s: float, this output and "
+                        "llama.cpp's Q4_K_M of the same model (an encoder: cosine)")
     q.add_argument("--text", metavar="FILE", help="evaluation text (default: Python's pydoc topics)")
     q.add_argument("--max-tokens", type=int)
     q.add_argument("--quiet", action="store_true", help="no progress bar, no table")
@@ -148,7 +150,12 @@ def run(args) -> None:
         ("quantized tensors", "", f"{len(manifest.quantized)} at {manifest.quantized_bits_per_weight:.3f} bits/weight"),
         ("safetensors on disk", "", mib(on_disk)),
     ]
-    if args.eval:
+    job_rows = None
+    if args.eval and manifest.extra.get("kind", "causal-lm") == "causal-lm":
+        from ..models.main_job import main_job_rows
+
+        job_rows = main_job_rows(source, out, text, args.max_tokens)
+    elif args.eval:
         from .eval import before_and_after
 
         rows.append(before_and_after(args.model, str(out), text, args.max_tokens))
@@ -163,6 +170,13 @@ def run(args) -> None:
         print(f"{'':<{width}}{'before':>14}{'after':>26}")
         for name, a, b in rows:
             print(f"{name:<{width}}{a:>14}{b:>26}")
+    if job_rows is not None:
+        from ..models.main_job import PROMPT, format_rows
+
+        print(f"\nbeside llama.cpp: perplexity on {args.max_tokens} tokens of the --eval text "
+              f"in torch; tokens/s decoding after {PROMPT!r} at batch 1 as `zeropoint generate` "
+              "runs each (llama.cpp for the GGUF file)")
+        print(format_rows(job_rows))
 
 
 def _recipe_from_args(args):
