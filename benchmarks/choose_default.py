@@ -134,12 +134,12 @@ def bench_model(name: str, args, work: Path) -> None:
                                chunks=args.chunks)
     print(f"\n{name}: {src.name}; KLD from float and perplexity on wikipedia_text(), "
           f"{args.chunks} windows of 512 (llama-perplexity's protocol)")
-    print(f"{'method':<6}{'linears':<24}{'embedding+head':<26}{'weights':>12}{'bits/w':>8}"
+    print(f"{'method':<6}{'linears':<28}{'embedding+head':<28}{'weights':>12}{'bits/w':>8}"
           f"{'ppl':>9}{'KLD':>9}{'secs':>7}", flush=True)
 
     def row(method, linear, table, nbytes, params, p, kld, secs):
         s = f"{secs:7.1f}" if secs is not None else f"{'-':>7}"
-        print(f"{method:<6}{linear:<24}{table:<26}{nbytes / 2**20:>8.1f} MiB"
+        print(f"{method:<6}{linear:<28}{table:<28}{nbytes / 2**20:>8.1f} MiB"
               f"{8 * nbytes / params:>8.3f}{p:>9.3f}{kld:>9.4f}{s}", flush=True)
 
     nbytes, params = model_bytes(fl.model)
@@ -155,13 +155,16 @@ def bench_model(name: str, args, work: Path) -> None:
         p, kld = score(loaded.model, loaded.tokenizer, base, text, str(path))
         row("llama", f"llama.cpp {target}", "(its mix)", nbytes, params, p, kld, secs)
         del loaded
-    for method, linear, table, recipe in candidates(args.gptq and name == "smollm2"):
+    chosen = list(candidates(args.gptq and name == "smollm2"))
+    if args.pick:
+        chosen = [chosen[int(i)] for i in args.pick.split(",")]
+    for method, linear, table, recipe in chosen:
         model = copy.deepcopy(fl.model)
         started = time.perf_counter()
         try:
             quantize(model, recipe, method, fl.tokenizer)
         except (ValueError, TypeError) as e:
-            print(f"{method:<6}{linear:<24}{table or 'float32':<26} not measured: {e}", flush=True)
+            print(f"{method:<6}{linear:<28}{table or 'float32':<28} not measured: {e}", flush=True)
             continue
         secs = time.perf_counter() - started
         from zeropoint.nn.quantize_model import distinct_tensors, quantized_layers
@@ -178,6 +181,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--chunks", type=int, default=4, help="windows of 512 tokens scored")
     ap.add_argument("--gptq", action="store_true", help="also GPTQ on SmolLM2 (minutes)")
+    ap.add_argument("--pick", help="comma list of candidate indices (0-based) to measure only")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory(prefix="zeropoint-choose-default-") as tmp:
