@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
 
 
 # Spec options given alone fill in the rest from here (a uniform spec, the head in float); none
-# given: the default recipe (recipe.Recipe: int4 g32 with a float16 scale and minimum, the
+# given: the default recipe (recipe.Recipe.chosen: int4 g32 with a float16 scale and minimum, the
 # embedding and head in int8 per row).
 DEFAULTS = {
     "bits": 4, "scheme": "symmetric", "granularity": "per_group", "group_size": 128,
@@ -187,7 +187,7 @@ def _recipe_from_args(args):
         if args.recipe:
             return Recipe.load(args.recipe)
         if getattr(args, "default_recipe", False):
-            return Recipe()
+            return Recipe.chosen()
         group = args.group_size if args.granularity == "per_group" else None
         spec = QuantSpec(args.bits, args.scheme, args.granularity, group_size=group)
         return Recipe.uniform(spec, keep_float=tuple(args.keep_float), activations=args.activations)

@@ -84,7 +84,7 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
     the default is round-to-nearest with min/max scales. fuse: give sibling layers that read the
     same input (q/k/v, gate/up) one matmul, with bit-identical outputs (see fuse.py).
     """
-    recipe = recipe or Recipe()
+    recipe = recipe or Recipe.chosen()
     params = sum(t.numel() for t in distinct_tensors(model.parameters()))
     report = ModelReport(params=params, float_bytes=model_bytes(model)[0])
     targets = list(_targets(model, recipe))
