@@ -122,7 +122,8 @@ def run(args) -> None:
     check_options(args)
     # No spec option given: the measured default recipe (recipe.Recipe.chosen), not a uniform
     # spec; --budget-bpw allocates from the uniform base, with the head in float.
-    args.default_recipe = args.recipe is None and args.budget_bpw is None and all(
+    # HQQ and GPTQ fit integer zero-points: they keep the uniform base too.
+    args.default_recipe = args.recipe is None and args.budget_bpw is None and args.method == "rtn" and all(
         getattr(args, dest) is None for dest in _SPEC_OPTIONS)
     for dest, value in DEFAULTS.items():
         if getattr(args, dest) is None:
