@@ -112,3 +112,13 @@ def test_describe_and_dict_round_trip():
     assert QuantSpec.from_dict(Q4_1_FORM.to_dict()) == Q4_1_FORM
     old = {k: v for k, v in Q8_0_FORM.to_dict().items() if k not in ("scale_dtype", "zero_point")}
     assert QuantSpec.from_dict(old).scale_dtype == "float32"  # manifests written before
+
+
+def test_hqq_and_gptq_name_float_zero_points_as_rtn_only():
+    from zeropoint.algorithms.grids import SpecGrid
+    from zeropoint.algorithms.hqq import hqq_quantize
+
+    with pytest.raises(ValueError, match="HQQ fits integer zero-points"):
+        hqq_quantize(torch.randn(4, 64), Q4_1_FORM)
+    with pytest.raises(ValueError, match="GPTQ rounds onto integer zero-point grids"):
+        SpecGrid(Q4_1_FORM, (4, 64), torch.float32)
