@@ -40,7 +40,7 @@ import torch
 
 from timing import interleaved_medians  # benchmarks/timing.py
 
-PROMPT = "The history of the city begins"
+from zeropoint.models.main_job import PROMPT, gguf_weights
 
 
 def source_of(name: str) -> Path:
@@ -63,14 +63,6 @@ def llama_quantize(src: Path, out: Path, target: str) -> float:
     started = time.perf_counter()
     run_tool("llama-quantize", "--allow-requantize", src, out, target, "2")
     return time.perf_counter() - started
-
-
-def gguf_weights(path: Path) -> tuple[int, int]:
-    """(tensor bytes, weights) of a GGUF file."""
-    from zeropoint.gguf.reader import read_gguf
-
-    f = read_gguf(path)
-    return sum(t.nbytes for t in f.tensors), sum(t.n_elements for t in f.tensors)
 
 
 def float_weights(model) -> tuple[int, int]:

@@ -145,6 +145,8 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
     dequantizes to exactly 0.0. A block whose range is all zero gets scale 1: any positive
     scale reproduces it exactly, and none divides by zero.
     """
+    if spec.float_zero_point:
+        return _float_zero_point_qparams(lo.to(torch.float64), hi.to(torch.float64), spec)
     lo = torch.clamp(lo.to(torch.float64), max=0.0)
     hi = torch.clamp(hi.to(torch.float64), min=0.0)
     if spec.symmetric:
@@ -152,7 +154,7 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
         scale = torch.maximum(-lo, hi) / spec.qmax
     else:
         scale = (hi - lo) / (spec.qmax - spec.qmin)
-    scale = scale.to(torch.float32)
+    scale = stored_scale(scale, spec)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.symmetric:
         zero_point = torch.zeros(scale.shape, dtype=torch.int32)
@@ -160,6 +162,36 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
         zero_point = torch.round(spec.qmin - lo / scale.to(torch.float64))
         zero_point = zero_point.clamp(spec.qmin, spec.qmax).to(torch.int32)
     return scale, zero_point
+
+
+def stored_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`scale` (or a block minimum) as float32 holding only values the spec's scale_dtype
+    stores exactly, so that codes are computed with the very numbers that are saved."""
+    if spec.scale_dtype == "float16":
+        scale = scale.to(torch.float16)
+    return scale.to(torch.float32)
+
+
+def _float_zero_point_qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+    """[lo, hi] onto [qmin, qmax] with no widening to hold 0: scale (hi - lo) / (qmax - qmin)
+    and the minimum lo itself, both as stored (ggml's Q4_1: x = d * q + m). The zero-point is
+    the real number -lo / scale, float32: (q - z) * s = q * s + lo up to float32 rounding. A
+    constant block gets scale 1 and is exact."""
+    minimum = stored_scale(lo, spec)
+    scale = stored_scale((hi - minimum.to(torch.float64)) / (spec.qmax - spec.qmin), spec)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = spec.qmin - minimum / scale
+    return scale, zero_point
+
+
+def zero_point_from_minimum(minimum: torch.Tensor, scale: torch.Tensor, spec: QuantSpec):
+    """The float zero-point of a stored block minimum (see _float_zero_point_qparams)."""
+    return spec.qmin - minimum.to(torch.float32) / scale.to(torch.float32)
+
+
+def minimum_from_zero_point(zero_point: torch.Tensor, scale: torch.Tensor, spec: QuantSpec):
+    """The block minimum s * (qmin - z) that a float zero-point stands for, as stored."""
+    return stored_scale((spec.qmin - zero_point.to(torch.float64)) * scale.to(torch.float64), spec)
 
 
 def block_min_max(x: torch.Tensor, spec: QuantSpec):
@@ -227,7 +259,8 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
     compute = _compute_dtype(x.dtype)
     xv, view, full = _blocked(x, spec)
     s, z = _prepare(view, x.shape, spec, scale, zero_point, compute)
-    lib = _fast_path(x.dtype, view)
+    # The C loops add an integer zero-point after rounding; a float one is added before.
+    lib = None if spec.float_zero_point else _fast_path(x.dtype, view)
     if lib is not None:
         codes = ckernels.host_empty(view.shape, spec.code_dtype)
         # Half inputs are divided in float32 on the eager path too: same values, same codes.
@@ -242,8 +275,10 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point=N
     for rows in view.chunks():
         y = torch.div(xv[rows], _rows(s, view, rows), out=buf[: rows.stop - rows.start])
         sums.append(y.sum())  # NaN/Inf show up here; checked once at the end, no sync per chunk
+        if spec.float_zero_point:
+            y.add_(_rows(z, view, rows))
         y.round_()  # half to even, as torch's own quantize kernels
-        if z is not None:
+        if z is not None and not spec.float_zero_point:
             y.add_(_rows(z, view, rows))
         y.clamp_(spec.qmin, spec.qmax)
         codes[rows].copy_(y)
@@ -299,7 +334,7 @@ class _FakeQuantize(torch.autograd.Function):
         xv, view, full = _blocked(x.detach(), spec)
         s = scale.reshape(view.scale_shape)
         z = zero_point.reshape(view.scale_shape) if zero_point.dim() else zero_point
-        q = torch.round(xv / s) + z
+        q = torch.round(xv / s + z) if spec.float_zero_point else torch.round(xv / s) + z
         inside = _crop((q >= spec.qmin) & (q <= spec.qmax), full, x.shape)
         return grad * inside, None, None, None
 

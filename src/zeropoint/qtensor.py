@@ -1,8 +1,12 @@
 """QTensor: a quantized tensor that really occupies the memory it claims.
 
-It holds the codes packed into bytes (see packing.py), one float32 scale per block, one uint8
+It holds the codes packed into bytes (see packing.py), one scale per block, one uint8
 zero-point per block for the asymmetric scheme (none for symmetric, whose zero-point is 0),
 and the spec, shape and float dtype needed to rebuild the tensor.
+
+In memory scales are float32 (holding only values of the spec's scale_dtype) and a float
+zero-point is float32; stored, scales take the spec's scale_dtype and a float zero-point is
+stored as the block minimum in that dtype (ggml's Q4_1 form), which is what `nbytes` counts.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ FORMAT_VERSION = 1
 class QTensor:
     packed: torch.Tensor  # (ceil(numel * bits / 8),) uint8
     scale: torch.Tensor  # grid shape, float32: ceil(shape / spec.block_size(shape))
-    zero_point: torch.Tensor | None  # grid shape, uint8; None for symmetric
+    zero_point: torch.Tensor | None  # grid shape, uint8 (float32 if float); None for symmetric
     spec: QuantSpec
     shape: tuple[int, ...]
     dtype: torch.dtype  # the float dtype it was quantized from and dequantizes to
@@ -43,10 +47,10 @@ class QTensor:
     def from_codes(cls, codes, spec: QuantSpec, scale, zero_point, dtype) -> "QTensor":
         grid = core.grid_shape(tuple(codes.shape), spec)
         unsigned = _to_unsigned(codes, spec)
-        zp = None if spec.symmetric else zero_point.reshape(grid).to(torch.uint8)
+        zp = None if spec.symmetric else zero_point.reshape(grid).to(_zero_point_dtype(spec))
         return cls(
             packing.pack(unsigned, spec.bits),
-            scale.reshape(grid).to(torch.float32).contiguous(),
+            core.stored_scale(scale.reshape(grid), spec).contiguous(),
             zp,
             spec,
             tuple(codes.shape),
@@ -79,8 +83,7 @@ class QTensor:
     @property
     def nbytes(self) -> int:
         """Bytes of codes plus scales plus zero-points: what storing this tensor costs."""
-        total = self.packed.nbytes + self.scale.nbytes
-        return total + (self.zero_point.nbytes if self.zero_point is not None else 0)
+        return sum(t.nbytes for t in self.state_dict().values())
 
     @property
     def row_nbytes(self) -> int | None:
@@ -95,9 +98,16 @@ class QTensor:
     # -- safetensors --------------------------------------------------------------------------
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        tensors = {prefix + "packed": self.packed, prefix + "scale": self.scale}
+        """The stored tensors: scales in the spec's scale_dtype, a float zero-point as the block
+        minimum in that dtype (from_state_dict turns them back)."""
+        spec = self.spec
+        tensors = {prefix + "packed": self.packed,
+                   prefix + "scale": self.scale.to(getattr(torch, spec.scale_dtype))}
         if self.zero_point is not None:
-            tensors[prefix + "zero_point"] = self.zero_point
+            zp = self.zero_point
+            if spec.float_zero_point:
+                zp = core.minimum_from_zero_point(zp, self.scale, spec).to(tensors[prefix + "scale"].dtype)
+            tensors[prefix + "zero_point"] = zp
         return tensors
 
     def metadata(self) -> dict:
@@ -105,11 +115,16 @@ class QTensor:
 
     @classmethod
     def from_state_dict(cls, tensors: dict, meta: dict, prefix: str = "") -> "QTensor":
+        spec = QuantSpec.from_dict(meta["spec"])
+        scale = tensors[prefix + "scale"].to(torch.float32)
+        zero_point = tensors.get(prefix + "zero_point")
+        if zero_point is not None and spec.float_zero_point:
+            zero_point = core.zero_point_from_minimum(zero_point, scale, spec)
         return cls(
             tensors[prefix + "packed"],
-            tensors[prefix + "scale"],
-            tensors.get(prefix + "zero_point"),
-            QuantSpec.from_dict(meta["spec"]),
+            scale,
+            zero_point,
+            spec,
             tuple(meta["shape"]),
             getattr(torch, meta["dtype"]),
         )
@@ -134,6 +149,10 @@ class QTensor:
                 f"up to {FORMAT_VERSION}"
             )
         return cls.from_state_dict(load_file(str(path)), json.loads(header["qtensor"]))
+
+
+def _zero_point_dtype(spec: QuantSpec) -> torch.dtype:
+    return torch.float32 if spec.float_zero_point else torch.uint8
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -2,15 +2,16 @@
 
 A default spec plus rules by module-name pattern (fnmatch: `lm_head`, `*.down_proj`,
 `model.layers.0.*`). The last rule that matches a name wins, so a general rule can come first and
-exceptions after it. A rule with spec None keeps the layer in float. Only Linear layers, and
-Embedding tables when `quantize_embeddings` says so, are ever quantized (see `Recipe.spec_for`).
+exceptions after it. A rule with spec None keeps the layer in float. Only Linear layers and
+Embedding tables are ever quantized; a table takes the default spec when `quantize_embeddings`
+says so, and a rule that names it either way (see `Recipe.spec_for`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -28,15 +29,31 @@ class Rule:
     spec: QuantSpec | None  # None: keep this module in float
 
 
+# The default, chosen by measurement (benchmarks/choose_default.py, README "The default, chosen
+# by measurement"), which Recipe.chosen() puts together:
+# linears in 4 bits, groups of 32, a float16 scale and float16 minimum per group (ggml's Q4_1
+# grid, 5 bits per weight); the embedding and the output head (one tensor when tied) in 8 bits
+# per row, which the compact decoder's int8 gemv reads in place.
+DEFAULT_LINEAR_SPEC = QuantSpec(4, "asymmetric", "per_group", group_size=32,
+                                scale_dtype="float16", zero_point="float")
+DEFAULT_TABLE_SPEC = QuantSpec(8, "symmetric", "per_channel")
+# Module names of token embeddings (Llama, Gemma, Qwen, Mistral, Phi: embed_tokens; GPT-2: wte).
+EMBEDDING_PATTERNS = ("*embed_tokens", "*wte")
+
+
+def _default_rules() -> tuple[Rule, ...]:
+    tables = ("lm_head",) + EMBEDDING_PATTERNS
+    return tuple(Rule(pattern, DEFAULT_TABLE_SPEC) for pattern in tables)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    # 4-bit group-128 is the common default of local LLM tools: ~4.3 bits per weight.
-    default: QuantSpec | None = field(
-        default_factory=lambda: QuantSpec(4, "symmetric", "per_group", group_size=128)
-    )
+    default: QuantSpec | None = DEFAULT_LINEAR_SPEC
     # The output head sees every token's full hidden state; it is the most sensitive layer.
+    # (Recipe.chosen() quantizes it, and the embedding, in 8 bits per row instead.)
     rules: tuple[Rule, ...] = (Rule("lm_head", None),)
-    quantize_embeddings: bool = False  # embeddings are a lookup, not a matmul: no speed to gain
+    # Embedding tables take the default spec too (else only a rule naming them quantizes them).
+    quantize_embeddings: bool = False
     # "int8-dynamic": 8-bit weights with activations quantized to 8 bits at run time.
     activations: str | None = None
 
@@ -50,17 +67,25 @@ class Recipe:
     def spec_for(self, name: str, kind: str | None = "linear") -> QuantSpec | None:
         """The spec for the module called `name`, or None to keep it in float.
 
-        kind: "linear" (the rules decide), "embedding" (float unless `quantize_embeddings`),
-        or None for any other module, which always stays float."""
+        kind: "linear" (the default spec, then the rules), "embedding" (the default spec only
+        with `quantize_embeddings`; a rule that matches its name applies either way), or None
+        for any other module, which always stays float."""
         if kind is not None and kind not in MODULE_KINDS:
             raise ValueError(f"unknown module kind {kind!r}; accepted: 'linear', 'embedding', None")
-        if kind is None or (kind == "embedding" and not self.quantize_embeddings):
+        if kind is None:
             return None
-        spec = self.default
+        spec = self.default if kind == "linear" or self.quantize_embeddings else None
         for rule in self.rules:
             if fnmatchcase(name, rule.pattern):
                 spec = rule.spec
         return spec
+
+    @classmethod
+    def chosen(cls) -> "Recipe":
+        """The default of `zeropoint quantize` and `quantize_model`, chosen by measurement:
+        DEFAULT_LINEAR_SPEC on every Linear; the embedding and the output head hold most of a
+        small model's bytes, and 8 bits per row (DEFAULT_TABLE_SPEC) keeps them close to float."""
+        return cls(DEFAULT_LINEAR_SPEC, _default_rules())
 
     def with_rules(self, rules: Iterable[Rule]) -> "Recipe":
         """This recipe with `rules` after its own, so that they win where they match."""

@@ -111,3 +111,40 @@ def test_an_interrupted_run_leaves_no_partial_output(tiny_checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_prints_the_main_job_table_beside_llama_cpp(tmp_path, capsys):
+    """The default recipe with --eval: float, this output and llama.cpp's Q4_K_M of the same
+    model, sizes checked against the files themselves (safetensors and gguf-py's reader)."""
+    from family_checkpoints import TEXT, tiny_checkpoint
+    from gguf import GGUFReader
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny = tiny_checkpoint("llama")  # a byte-level BPE tokenizer, which the GGUF export takes
+    out, text = tmp_path / "q", tmp_path / "text.txt"
+    text.write_text(TEXT)
+    assert main(["quantize", str(tiny), "-o", str(out), "--eval", "--text", str(text),
+                 "--max-tokens", "256"]) == 0
+    table = capsys.readouterr().out
+    lines = table[table.index("beside llama.cpp"):].splitlines()[2:5]
+    rows = {ln[:26].strip(): ln[26:].split() for ln in lines}
+    assert list(rows) == ["float32", "zeropoint (this output)", "llama.cpp Q4_K_M"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert rows["zeropoint (this output)"][0] == f"{stored / 2**20:.1f}"
+    peer = tmp_path / "peer.gguf"
+    assert main(["quantize", str(tiny), "--type", "Q4_K_M", "-o", str(peer),
+                 "--quiet"]) == 0
+    reader = GGUFReader(peer)
+    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
+    weights = sum(int(t.n_elements) for t in reader.tensors)
+    assert rows["llama.cpp Q4_K_M"][0] == f"{nbytes / 2**20:.1f}"
+    assert rows["llama.cpp Q4_K_M"][2] == f"{8 * nbytes / weights:.2f}"
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    ppl = perplexity(model, AutoTokenizer.from_pretrained(tiny), text.read_text(),
+                     max_tokens=256).perplexity
+    assert rows["float32"][3] == f"{ppl:.3f}"
+    for row in rows.values():
+        assert float(row[4]) > 0  # tokens/s
+    assert rows["llama.cpp Q4_K_M"][5] == "1.00"

@@ -58,6 +58,10 @@ INT4_SPECS = [
     QuantSpec(4, "asymmetric", "per_group", group_size=48),  # not whole 32-code chunks
     QuantSpec(4, "symmetric", "per_group", group_size=17),  # groups start mid-byte
     QuantSpec(4, "asymmetric", "per_channel"),
+    # float zero-points (the default's Q4_1 form): real offsets in the 16-entry table
+    QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16",
+              zero_point="float"),
+    QuantSpec(4, "asymmetric", "per_group", group_size=48, zero_point="float"),
 ]
 SHAPES = [(64, 576), (37, 100), (19, 1100), (3, 2)]
 
@@ -111,7 +115,7 @@ def test_rows_split_across_threads_give_the_same_bits(gen, spec):
 
 
 @needs_c
-@pytest.mark.parametrize("spec", [INT8, INT4_SPECS[0]], ids=lambda s: s.describe())
+@pytest.mark.parametrize("spec", [INT8, INT4_SPECS[0], INT4_SPECS[-2]], ids=lambda s: s.describe())
 def test_other_inputs_take_the_batch_kernel(gen, spec):
     q = weights(gen, (32, 64), spec)
     layer = QLinear(q, None)

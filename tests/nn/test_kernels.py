@@ -211,7 +211,7 @@ def test_int4_fast_refused_for_unsupported_shape(gen):
         (dict(scale=torch.ones(64, 3)), r"scale must have shape .* \(64, 2\)"),
         (dict(scale=torch.zeros(64, 2)), "finite and positive"),
         (dict(zero_point=torch.full((64, 2), 16)), "zero_point must hold integers 0..15"),
-        (dict(zero_point=torch.full((64, 2), 1.5)), "zero_point must hold integers 0..15"),
+        (dict(zero_point=torch.full((64, 2), float("nan"))), "float zero_point must be finite"),
         (dict(group_size=100), "positive divisor of in_features=128"),
         (dict(backend="gpu"), "backend must be one of auto, fast, fallback"),
     ],

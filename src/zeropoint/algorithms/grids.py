@@ -66,6 +66,9 @@ class SpecGrid:
                  zero_point: torch.Tensor | None = None):
         if clip is not None and not isinstance(clip, MSESearch):
             raise TypeError(f"clip must be an MSESearch or None, got {type(clip).__name__}")
+        if spec.float_zero_point:
+            raise ValueError("GPTQ rounds onto integer zero-point grids here; zero_point "
+                             "'float' is for round-to-nearest (method rtn)")
         self.spec, self.shape, self.dtype, self.clip = spec, tuple(shape), dtype, clip
         self.given = None
         if scale is not None:

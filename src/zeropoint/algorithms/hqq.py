@@ -57,6 +57,9 @@ def hqq_qparams(
     """
     check_float_tensor(x, "x")
     raise_if_not_finite(x, "x")
+    if spec.float_zero_point:
+        raise ValueError("HQQ fits integer zero-points here; zero_point 'float' is for "
+                         "round-to-nearest (method rtn)")
     if not 0 < lp_norm <= 1:
         raise ValueError(f"lp_norm must be in (0, 1], got {lp_norm!r}")
     if not (beta > 0 and kappa >= 1):

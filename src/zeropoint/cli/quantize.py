@@ -14,7 +14,7 @@ from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration, gptq_solver
 from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
 
 EPILOG = """examples:
-  zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model, default spec)
+  zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model and recipe)
   zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
   zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
@@ -45,7 +45,9 @@ def add_parser(sub) -> None:
                    help="also quantize activations at run time (needs --bits 8 --granularity per_channel)")
     q.add_argument("--recipe", metavar="FILE", help="a recipe JSON file (instead of the spec options)")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
-    q.add_argument("--eval", action="store_true", help="measure perplexity (or cosine) before and after")
+    q.add_argument("--eval", action="store_true",
+                   help="a table of size, perplexity and tokens/s: float, this output and "
+                        "llama.cpp's Q4_K_M of the same model (an encoder: cosine)")
     q.add_argument("--text", metavar="FILE", help="evaluation text (default: Python's pydoc topics)")
     q.add_argument("--max-tokens", type=int)
     q.add_argument("--quiet", action="store_true", help="no progress bar, no table")
@@ -75,6 +77,9 @@ def add_parser(sub) -> None:
     q.set_defaults(func=run)
 
 
+# Spec options given alone fill in the rest from here (a uniform spec, the head in float); none
+# given: the default recipe (recipe.Recipe.chosen: int4 g32 with a float16 scale and minimum, the
+# embedding and head in int8 per row).
 DEFAULTS = {
     "bits": 4, "scheme": "symmetric", "granularity": "per_group", "group_size": 128,
     "keep_float": ("lm_head",), "max_tokens": 2048, "calib_tokens": DEFAULT_CALIB_TOKENS,
@@ -123,6 +128,11 @@ def check_options(args) -> None:
 
 def run(args) -> None:
     check_options(args)
+    # No spec option given: the measured default recipe (recipe.Recipe.chosen), not a uniform
+    # spec; --budget-bpw allocates from the uniform base, with the head in float.
+    # HQQ and GPTQ fit integer zero-points: they keep the uniform base too.
+    args.default_recipe = args.recipe is None and args.budget_bpw is None and args.method == "rtn" and all(
+        getattr(args, dest) is None for dest in _SPEC_OPTIONS)
     for dest, value in DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -150,12 +160,19 @@ def run(args) -> None:
         ("quantized tensors", "", f"{len(manifest.quantized)} at {manifest.quantized_bits_per_weight:.3f} bits/weight"),
         ("safetensors on disk", "", mib(on_disk)),
     ]
-    if args.eval:
+    job_rows = None
+    if args.eval and manifest.extra.get("kind", "causal-lm") == "causal-lm":
+        from ..models.main_job import main_job_rows
+
+        job_rows = main_job_rows(source, out, text, args.max_tokens)
+    elif args.eval:
         from .eval import before_and_after
 
         rows.append(before_and_after(args.model, str(out), text, args.max_tokens))
     if not args.quiet:
         what = recipe.default.describe() if recipe.default else "float"
+        if args.default_recipe:
+            what = f"the default: {what}, embedding and head int8 per row"
         if args.budget_bpw is not None:
             what = f"a spec per layer under a budget of {args.budget_bpw} bits/weight"
         print(f"\nwrote {out} in {elapsed:.1f} s ({what})")
@@ -163,6 +180,13 @@ def run(args) -> None:
         print(f"{'':<{width}}{'before':>14}{'after':>26}")
         for name, a, b in rows:
             print(f"{name:<{width}}{a:>14}{b:>26}")
+    if job_rows is not None:
+        from ..models.main_job import PROMPT, format_rows
+
+        print(f"\nbeside llama.cpp: perplexity on {args.max_tokens} tokens of the --eval text "
+              f"in torch; tokens/s decoding after {PROMPT!r} at batch 1 as `zeropoint generate` "
+              "runs each (llama.cpp for the GGUF file)")
+        print(format_rows(job_rows))
 
 
 def _recipe_from_args(args):
@@ -172,6 +196,8 @@ def _recipe_from_args(args):
     try:
         if args.recipe:
             return Recipe.load(args.recipe)
+        if getattr(args, "default_recipe", False):
+            return Recipe.chosen()
         group = args.group_size if args.granularity == "per_group" else None
         spec = QuantSpec(args.bits, args.scheme, args.granularity, group_size=group)
         return Recipe.uniform(spec, keep_float=tuple(args.keep_float), activations=args.activations)

@@ -4,8 +4,9 @@
  * int8: codes are int8 bytes (row-major, one float32 scale per output row):
  *   y[o] = s[o] * sum_i x[i] * q[o,i].
  * int4: codes are two per byte, low nibble first, each row its own in/2 bytes (even in); one
- *   float32 scale and one zero-point per group of `gs` codes along the row, the last group
- *   possibly shorter (zero-point 8 for the symmetric scheme, whose codes are stored +8):
+ *   float32 scale and one float32 zero-point per group of `gs` codes along the row (an integer
+ *   one converted, or a real one), the last group possibly shorter (zp NULL: zero-point 8, the
+ *   symmetric scheme, whose codes are stored +8):
  *   y[o] = sum_i x[i] * w[o,i], w[o,i] = (u[o,i] - z[o,g]) * s[o,g] rounded once to float32,
  *   which is the very weight core.dequantize makes. The AVX-512 path looks w up in a 16-entry
  *   table per group (vpermps on the nibble), so decoding a code costs no int->float conversion.
@@ -157,7 +158,7 @@ static float dot_q4_scalar(const float *x, const uint8_t *row, const float *tab,
 }
 
 static void gemv_q4_portable(const float *x, const uint8_t *packed, const float *scale,
-                             const uint8_t *zp, float *y, int64_t in, int64_t gs, int64_t r0,
+                             const float *zp, float *y, int64_t in, int64_t gs, int64_t r0,
                              int64_t r1) {
   const int64_t groups = (in + gs - 1) / gs;
   float tab[16];
@@ -166,7 +167,7 @@ static void gemv_q4_portable(const float *x, const uint8_t *packed, const float 
     float total = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
       const int64_t i0 = g * gs, n = (in - i0 < gs) ? in - i0 : gs;
-      group_table(tab, scale[o * groups + g], zp ? (float)zp[o * groups + g] : 8.0f);
+      group_table(tab, scale[o * groups + g], zp ? zp[o * groups + g] : 8.0f);
       total += dot_q4_scalar(x, row, tab, i0, n);
     }
     y[o] = total;
@@ -185,7 +186,7 @@ static void deinterleave(const float *x, float *xd, int64_t chunks) {
 }
 
 static void gemv_q4_avx512(const float *x, const float *xd, const uint8_t *packed,
-                           const float *scale, const uint8_t *zp, float *y, int64_t in, int64_t gs,
+                           const float *scale, const float *zp, float *y, int64_t in, int64_t gs,
                            int64_t r0, int64_t r1) {
   const int64_t groups = (in + gs - 1) / gs;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -197,7 +198,7 @@ static void gemv_q4_avx512(const float *x, const float *xd, const uint8_t *packe
     if (o + 1 < r1) prefetch_row(row, in / 2);
     for (int64_t g = 0; g < groups; g++) {
       const int64_t i0 = g * gs, n = (in - i0 < gs) ? in - i0 : gs;
-      const float s = scale[o * groups + g], z = zp ? (float)zp[o * groups + g] : 8.0f;
+      const float s = scale[o * groups + g], z = zp ? zp[o * groups + g] : 8.0f;
       const __m512 t = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(z)), _mm512_set1_ps(s));
       const int64_t whole = n / CHUNK * CHUNK;
       int64_t i = i0;
@@ -234,7 +235,7 @@ typedef struct {
   const float *x, *xd; /* xd: x deinterleaved for the AVX-512 int4 loop, or NULL */
   const void *w;
   const float *scale;
-  const uint8_t *zp;
+  const float *zp;
   float *y;
   int64_t in, gs;
 } job_t;
@@ -264,7 +265,7 @@ void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, i
   zp_parallel(threads, rows, BLOCK_ROWS, run_rows, &j);
 }
 
-void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale, const uint8_t *zp,
+void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale, const float *zp,
                 float *y, int64_t in, int64_t gs, int64_t rows, int threads, int portable) {
   job_t j = {4, portable, x, NULL, packed, scale, zp, y, in, gs};
 #if defined(__AVX512F__)

@@ -117,7 +117,7 @@ ZP_API int64_t zp_skip_strings(const uint8_t *buf, int64_t size, int64_t pos, in
 ZP_API void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, int64_t in,
                        int64_t rows, int threads, int portable);
 ZP_API void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale,
-                       const uint8_t *zp, float *y, int64_t in, int64_t gs, int64_t rows,
+                       const float *zp, float *y, int64_t in, int64_t gs, int64_t rows,
                        int threads, int portable);
 
 /* ---- token_ops.c: the compact runtime's per-token steps of a decoder layer ---- */

@@ -8,8 +8,11 @@ Layout of a directory that `zeropoint quantize` writes (writer.py):
     config.json, tokenizer files   copied from the source model
 
 A quantized tensor `<module>.weight` is stored as `<module>.weight.packed` (uint8 bit stream),
-`<module>.weight.scale` (float32, one per block) and, for the asymmetric scheme,
-`<module>.weight.zero_point` (uint8). Every other tensor keeps its name and dtype.
+`<module>.weight.scale` (one per block, in the spec's scale_dtype: float32 or float16) and, for
+the asymmetric scheme, `<module>.weight.zero_point` (uint8; with a float zero-point, the block
+minimum in the scale's dtype, as qtensor.py says). Every other tensor keeps its name and dtype.
+A quantized embedding that is also the output head (tie_word_embeddings) is stored once, under
+the embedding's name; loading ties the head to it, as the architecture ties the float weights.
 """
 
 from __future__ import annotations

@@ -219,7 +219,8 @@ def _quantize_independent(fd, t: SourceTensor, spec: QuantSpec, rows: int, heigh
     # group shorter than group_size still has its own scale
     packed = torch.empty(packed_nbytes(t.numel, spec.bits), dtype=torch.uint8)
     scale = torch.empty(grid, dtype=torch.float32)
-    zero_point = None if spec.symmetric else torch.empty(grid, dtype=torch.uint8)
+    zero_point = None if spec.symmetric else torch.empty(
+        grid, dtype=torch.float32 if spec.float_zero_point else torch.uint8)
     for start, stop in _blocks(t, rows):
         with _rows_named(start, stop):
             q = QTensor.quantize(read_rows(fd, t, start, stop).float(), spec)

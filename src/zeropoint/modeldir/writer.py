@@ -142,8 +142,12 @@ def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, to
     """Write `model` into the (new, empty) `directory`. Tied tensors are written once."""
     directory = Path(directory)
     writer = CheckpointWriter(directory)
+    written = set()  # ids of the QTensors written: a tied table is shared, and stored once
     for name, module in quantized_layers(model):
         q = module.weight_q
+        if id(q) in written:
+            continue  # the loader ties it again, as the architecture does (models/quantized.py)
+        written.add(id(q))
         writer.add_quantized(name + ".weight", q, source_bytes=q.numel * torch.finfo(q.dtype).bits // 8)
     state = model.state_dict()
     # A tied weight is written under its first name; the architecture ties it again on load.

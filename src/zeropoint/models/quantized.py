@@ -35,10 +35,11 @@ def load_quantized(directory, backend: str = "auto", fuse: bool = True):
         module_name = name.removesuffix(".weight")
         module = model.get_submodule(module_name)
         if isinstance(module, nn.Embedding):
-            new = QEmbedding(q, module.padding_idx)
+            new = QEmbedding.replacing(module, q)
         else:
             new = QLinear(q, kept.get(module_name + ".bias"), recipe.activations, backend)
         replace_module(model, module_name, new)
+    _tie_quantized_head(model, config, quantized, kept, recipe, backend)
     missing, unexpected = model.load_state_dict(kept, strict=False)
     if unexpected:
         raise ValueError(f"{directory} holds tensors the architecture does not have: {unexpected[:5]}")
@@ -54,3 +55,17 @@ def load_quantized(directory, backend: str = "auto", fuse: bool = True):
     tokenizer = AutoTokenizer.from_pretrained(directory) if has_tokenizer else None
     return LoadedModel(model, tokenizer, kind, str(directory), config)
 
+
+
+def _tie_quantized_head(model, config, quantized, kept, recipe, backend) -> None:
+    """A tied output head whose embedding was stored quantized (once: modeldir/writer.py)
+    becomes a QLinear over the embedding's very QTensor, as transformers ties the float ones."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embed, QEmbedding) or not isinstance(head, nn.Linear):
+        return
+    head_name = next(n for n, m in model.named_modules() if m is head)
+    if head_name + ".weight" in kept or head_name + ".weight" in quantized:
+        return
+    replace_module(model, head_name, QLinear(embed.weight_q, head.bias, recipe.activations, backend))

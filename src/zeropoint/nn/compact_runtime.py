@@ -225,8 +225,8 @@ class CompactDecoder:
         if isinstance(embed, nn.Embedding):  # Gemma's scaled embedding too: the scale is ours
             table = embed.weight
             self.embed = lambda ids: F.embedding(ids, table)
-        else:
-            self.embed = embed
+        else:  # a QEmbedding: its unscaled rows, as the scale is ours
+            self.embed = embed.lookup
         self.embed_scale = (None if cfg.embed_scale is None
                             else torch.tensor(cfg.embed_scale).to(self.dtype))
         self.act = F.silu if cfg.activation == "silu" else (

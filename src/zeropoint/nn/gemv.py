@@ -79,9 +79,10 @@ class GemvKernel:
         self._args = (lib, threads, portable, split_rows)  # for __deepcopy__
         self.q, self.fallback, self.decode_backend = q, fallback, f"gemv-{kind}"
         self.out_features, self.in_features = q.shape
-        # Scales are (out, groups) float32, contiguous already; zero-points None when symmetric.
+        # Scales are (out, groups) float32, contiguous already; zero-points None when symmetric,
+        # else float32 for the C loop (integer ones converted: a copy of 4 bytes per group).
         scale = q.scale.contiguous()
-        zp = None if q.zero_point is None else q.zero_point.contiguous()
+        zp = None if q.zero_point is None else q.zero_point.to(torch.float32).contiguous()
         self._keep = (scale, zp)  # the pointers below must outlive this object
         n_in, n_out, scalar = self.in_features, self.out_features, int(portable)
         split_rows = PARALLEL_MIN_ROWS if split_rows is None else split_rows

@@ -306,7 +306,8 @@ class Int4Weight:
         # path holds nothing but the kernel's packed half-byte weight.
         self.codes = codes
         self.scale = scale  # (out_features, in_features // group_size) float32
-        self.zero_point = zero_point  # (out_features, in_features // group_size) uint8, 0..15
+        # (out_features, in_features // group_size) uint8 0..15, or float32 real offsets
+        self.zero_point = zero_point
         self.group_size = group_size
         self._packed = packed  # (out_features, in_features // 2) uint8, kernel's layout; or None
         self._scales_and_zeros = scales_and_zeros  # (in // group, out, 2) bfloat16; or None
@@ -423,9 +424,16 @@ def _check_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _check_zero_point(zero_point: torch.Tensor) -> torch.Tensor:
+    """uint8 for integer zero-points 0..15; a float32 tensor that holds other (finite) reals
+    stays float32: a float zero-point (QuantSpec zero_point 'float') is any real offset."""
     zp = zero_point.to(torch.float64)
+    if zero_point.is_floating_point() and not torch.equal(zp, zp.round()):
+        if not torch.isfinite(zp).all():
+            raise ValueError("a float zero_point must be finite everywhere")
+        return zero_point.to(torch.float32).contiguous()
     if not torch.equal(zp, zp.round()) or (zp < 0).any() or (zp > 15).any():
-        raise ValueError("zero_point must hold integers 0..15 (the 4-bit code of real zero)")
+        raise ValueError("zero_point must hold integers 0..15 (the 4-bit code of real zero), "
+                         "or be a float tensor of real offsets")
     return zero_point.to(torch.uint8).contiguous()
 
 

@@ -190,8 +190,27 @@ class QEmbedding(nn.Module):
         self.weight_q = weight
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = padding_idx
+        self.embed_scale = None  # a factor on every looked-up row (Gemma's sqrt(hidden))
+
+    @classmethod
+    def replacing(cls, module: nn.Embedding, weight: QTensor) -> "QEmbedding":
+        """A QEmbedding in place of `module`, keeping what its forward adds to a lookup: the
+        padding index, and the scale of a scaled embedding (transformers' Gemma multiplies
+        every row by embed_scale in its own forward, which a plain lookup would drop)."""
+        new = cls(weight, module.padding_idx)
+        scale = getattr(module, "embed_scale", None)
+        if scale is not None:
+            new.embed_scale = torch.as_tensor(scale).detach().clone()
+        return new
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.lookup(ids)
+        if self.embed_scale is not None:  # as transformers: the scale in the table's dtype
+            rows = rows * self.embed_scale.to(rows.dtype)
+        return rows
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The dequantized rows of `ids`, (*ids.shape, embedding_dim), without embed_scale."""
         q, dim = self.weight_q, self.embedding_dim
         flat = ids.reshape(-1)
         codes = q.row_codes(flat).float()  # (n, dim)

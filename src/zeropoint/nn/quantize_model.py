@@ -38,11 +38,16 @@ class ModelReport:
         return 8.0 * self.stored_bytes / max(1, self.params)
 
 
+def _storage_key(t) -> tuple:
+    """Equal for tensors that are views of the same memory (tied weights)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+
+
 def distinct_tensors(tensors):
     """Each tensor once, however many names share it (tied weights)."""
     seen = set()
     for t in tensors:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        key = _storage_key(t)
         if key not in seen:
             seen.add(key)
             yield t
@@ -79,24 +84,34 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
     the default is round-to-nearest with min/max scales. fuse: give sibling layers that read the
     same input (q/k/v, gate/up) one matmul, with bit-identical outputs (see fuse.py).
     """
-    recipe = recipe or Recipe()
+    recipe = recipe or Recipe.chosen()
     params = sum(t.numel() for t in distinct_tensors(model.parameters()))
     report = ModelReport(params=params, float_bytes=model_bytes(model)[0])
     targets = list(_targets(model, recipe))
+    # A weight tied between modules (an embedding that is also the output head) with one spec
+    # is quantized once and shared, so that it is stored once (modeldir/writer.py).
+    done: dict[tuple, QTensor] = {}
     for name, module, spec in tqdm(targets, desc="quantize", unit="tensor", disable=not progress):
         w = module.weight.detach()
+        key = (*_storage_key(w), spec)
+        tied = key in done
         try:
-            q = quantize_fn(name, w, spec) if quantize_fn else QTensor.quantize(w, spec)
+            if tied:
+                q = done[key]
+            else:
+                q = quantize_fn(name, w, spec) if quantize_fn else QTensor.quantize(w, spec)
         except ValueError as e:
             raise ValueError(f"{name}.weight {tuple(w.shape)}: {e}") from None
+        done[key] = q
         if isinstance(module, nn.Linear):
             new = QLinear(q, module.bias, recipe.activations, backend)
             kernel = new.kernel.backend
         else:
-            new = QEmbedding(q, module.padding_idx)
+            new = QEmbedding.replacing(module, q)
             kernel = "lookup"
         replace_module(model, name, new)
-        report.layers.append(LayerReport(name, q.shape, spec.describe(), q.nbytes, q.bits_per_weight, kernel))
+        report.layers.append(LayerReport(name, q.shape, spec.describe(), 0 if tied else q.nbytes,
+                                         q.bits_per_weight, kernel))
     if fuse:
         fuse_shared_inputs(model, backend)
     report.resident_bytes, _ = model_bytes(model)
