@@ -37,7 +37,7 @@ from .export import (
     tensor_transform,
 )
 from .families import Family, family_of_arch
-from .gptq_grids import GRID_TYPES, block_grid
+from .gptq_grids import GPTQ_TYPES, block_grid
 from .metadata import MetaValue
 from .mixes import ModelParams, Target, parse_target, plan_types
 from .reader import read_gguf
@@ -86,7 +86,7 @@ def gptq_gguf(
     the mixes take llama.cpp's imatrix rules, and the tensors GPTQ does not write are
     quantized weighted; `extra_metadata` as for requantize.write_quantized.
     Raises ValueError when the target gives a decoder Linear a type GPTQ cannot write
-    (gptq_grids.GRID_TYPES), naming it.
+    (gptq_grids.GPTQ_TYPES), naming it.
     """
     target = parse_target(target) if isinstance(target, str) else target
     metadata, params, hp = _metadata(loaded)
@@ -195,10 +195,10 @@ def _check_gptq_types(model: torch.nn.Module, names: dict[str, str], types: dict
     for module_name, module in model.named_modules():
         name = names.get(f"{module_name}.weight")
         if (isinstance(module, torch.nn.Linear) and name is not None and name.startswith("blk.")
-                and is_quantized(types[name]) and types[name] not in GRID_TYPES):
+                and is_quantized(types[name]) and types[name] not in GPTQ_TYPES):
             bad.setdefault(types[name], []).append(name)
     if bad:
         detail = "; ".join(f"{t} for {len(n)} tensor(s), e.g. {n[0]}" for t, n in bad.items())
         raise ValueError(f"GPTQ cannot write {', '.join(bad)} yet ({detail}); GPTQ writes "
-                         f"{', '.join(GRID_TYPES)}: use a target whose decoder tensors get those")
+                         f"{', '.join(GPTQ_TYPES)}: use a target whose decoder tensors get those")
 
