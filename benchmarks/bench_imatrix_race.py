@@ -9,7 +9,9 @@ Rows (methods), each a GGUF file quantized from the model's source GGUF:
 - zp-hqq:           zeropoint quantize --method hqq
 - zp-rtn-imatrix:   zeropoint imatrix on the same text, then zeropoint quantize --imatrix
 - zp-gptq:          zeropoint quantize --method gptq
-- zp-gptq-imatrix:  GPTQ onto llama's importance-weighted block scales (zeropoint's imatrix)
+- zp-gptq-imatrix:  GPTQ onto llama's importance-weighted block scales (zeropoint's imatrix),
+                    the Hessian shrunk towards its diagonal by gptq_gguf's default; a suffix
+                    @S (zp-gptq-imatrix@0) passes --diagonal-shrink S
 
 Calibration: the first --calib-tokens tokens of zeropoint's default mix
 (calibrate.texts.default_calibration_text) for both imatrix tools (windows of 512, llama-imatrix
@@ -116,6 +118,9 @@ class Race:
                      self.threads)
             return
         args = ["quantize", src, "--type", qtype, "-o", out, "--quiet", "--force"]
+        method, _, shrink = method.partition("@")
+        if shrink:
+            args += ["--diagonal-shrink", shrink]
         zp_method = method.split("-")[1]
         args += ["--method", zp_method]
         if zp_method == "gptq":
@@ -167,13 +172,17 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["smollm2", "gemma3"],
                    choices=["smollm2", "gemma3"])
     p.add_argument("--types", nargs="+", default=["Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K", "IQ4_XS"])
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help=f"of {', '.join(METHODS)} (default: %(default)s)")
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--chunks", type=int, default=24, help="scored windows of 512 tokens")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--report-only", action="store_true", help="print the cached rows only")
     p.add_argument("--json", type=Path, help="write every row as JSON")
     args = p.parse_args(argv)
+    unknown = [m for m in args.methods if m.partition("@")[0] not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; accepted: {', '.join(METHODS)} (gptq ones +@S)")
     race = Race(args.work, args.calib_tokens, args.chunks, args.threads)
     rows = []
     for model in args.models:

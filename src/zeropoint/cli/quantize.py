@@ -67,6 +67,9 @@ def add_parser(sub) -> None:
                         "gptq: the block scales GPTQ rounds onto)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens (default {DEFAULT_CALIB_TOKENS})")
+    q.add_argument("--diagonal-shrink", type=float, metavar="S",
+                   help="gptq into GGUF: shrink the Hessian's correlations towards its diagonal, "
+                        "0 (full GPTQ) .. 1 (nearest rounding); default 0, 0.5 with --imatrix")
     q.set_defaults(func=run)
 
 
@@ -96,6 +99,8 @@ _RULES = (
     (("calib_tokens",), lambda a: a.method == "gptq",
      "--calib-tokens is for --method gptq, not --method {args.method} (--budget-bpw calibrates "
      "on --budget-tokens)"),
+    (("diagonal_shrink",), lambda a: a.method == "gptq" and a.type is not None,
+     "--diagonal-shrink is for --method gptq with --type"),
     (("text", "max_tokens"), lambda a: a.eval, "{flag} is for --eval, which is not given"),
     (("imatrix",), lambda a: a.type is not None and a.method in ("rtn", "gptq"),
      "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn or "

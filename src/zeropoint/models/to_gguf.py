@@ -25,18 +25,21 @@ def write_gguf(
     threads: int = 1,
     importance=None,
     extra_metadata=None,
+    gptq_options=None,
 ):
     """Write `source` (a GGUF file, a Hugging Face directory or the default model) to `out` in
     `target` (a gguf.mixes.Target) by `method`. GPTQ needs `calibration(loaded) -> ids`
     (sequences, length) from the loaded float model. Returns the gguf QuantizeReport, and for
     GPTQ also its GPTQGGUFReport as (report, gptq_report). `importance` (an importance matrix's
     lookup by GGUF name) weights the rounding as llama-quantize --imatrix does, and
-    `extra_metadata` holds the keys it records about the matrix (gguf.weighted.imatrix_metadata)."""
+    `extra_metadata` holds the keys it records about the matrix (gguf.weighted.imatrix_metadata).
+    `gptq_options` (algorithms.gptq.GPTQOptions): GPTQ's, else gguf.gptq.gptq_gguf's default."""
     weighting = {"importance": importance, "extra_metadata": extra_metadata}
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "gptq":
-        return _gptq(source, out, target, calibration, progress, threads, weighting)
+        return _gptq(source, out, target, calibration, progress, threads, weighting,
+                     gptq_options)
     encoder = None
     if method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
@@ -52,7 +55,7 @@ def write_gguf(
 
 
 def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads: int,
-          weighting: dict):
+          weighting: dict, options=None):
     from ..gguf.gptq import gptq_gguf
     from .load import load_model
 
@@ -60,6 +63,6 @@ def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads
         raise ValueError("method gptq needs calibration: a function from the loaded model to ids")
     loaded = load_model(source.path, progress=progress)
     ids = calibration(loaded)
-    report = gptq_gguf(loaded, Path(out), target, ids, progress=progress, threads=threads,
-                       **weighting)
+    report = gptq_gguf(loaded, Path(out), target, ids, options, progress=progress,
+                       threads=threads, **weighting)
     return report.write, report
