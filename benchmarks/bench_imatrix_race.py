@@ -65,8 +65,10 @@ def zeropoint(*args) -> float:
 
 
 class Race:
-    def __init__(self, work: Path, calib_tokens: int, chunks: int, threads: int):
+    def __init__(self, work: Path, calib_tokens: int, chunks: int, threads: int,
+                 imatrix_from: str = "zeropoint"):
         self.work, self.calib_tokens, self.chunks = work, calib_tokens, chunks
+        self.imatrix_from = imatrix_from
         self.threads = str(threads)
         work.mkdir(parents=True, exist_ok=True)
         self.calib = work / "calibration-mix.txt"
@@ -126,12 +128,14 @@ class Race:
         if zp_method == "gptq":
             args += ["--calib", self.calib, "--calib-tokens", self.calib_tokens]
         if method.endswith("-imatrix"):
-            args += ["--imatrix", self.zp_imatrix(model)]
+            use_llamas = self.imatrix_from == "llama"
+            args += ["--imatrix", self.llama_imatrix(model) if use_llamas else
+                     self.zp_imatrix(model)]
         zeropoint(*args)
 
     def row(self, model: str, method: str, qtype: str) -> dict:
         folder = self.folder(model)
-        result = folder / f"{method}_{qtype}.json"
+        result = folder / f"{method}_{qtype}.json"  # the imatrix's maker is in the row
         if result.exists():
             return json.loads(result.read_text())
         out = folder / f"{method}_{qtype}.gguf"
@@ -151,7 +155,9 @@ class Race:
                "ppl": s["perplexity"]["value"], "ppl_pm": s["perplexity"]["uncertainty"],
                "ppl_base": s["perplexity_base"]["value"],
                "mib": out.stat().st_size / 2**20, "quantize_seconds": round(seconds, 1),
-               "calib_tokens": self.calib_tokens, "chunks": s["chunks"], "window": s["window"]}
+               "calib_tokens": self.calib_tokens, "chunks": s["chunks"], "window": s["window"],
+               "imatrix": None if "imatrix" not in method else
+               "llama" if method.startswith("llama") else self.imatrix_from}
         result.write_text(json.dumps(row, indent=1))
         out.unlink()  # the figures are kept; the files are large (rerun to remake them)
         return row
@@ -177,13 +183,16 @@ def main(argv=None) -> None:
     p.add_argument("--calib-tokens", type=int, default=32768)
     p.add_argument("--chunks", type=int, default=24, help="scored windows of 512 tokens")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--imatrix-from", choices=["zeropoint", "llama"], default="zeropoint",
+                   help="whose importance matrix zeropoint's rows use (the same text either way; "
+                        "llama: the very matrix llama-quantize gets, so only the method differs)")
     p.add_argument("--report-only", action="store_true", help="print the cached rows only")
     p.add_argument("--json", type=Path, help="write every row as JSON")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m.partition("@")[0] not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; accepted: {', '.join(METHODS)} (gptq ones +@S)")
-    race = Race(args.work, args.calib_tokens, args.chunks, args.threads)
+    race = Race(args.work, args.calib_tokens, args.chunks, args.threads, args.imatrix_from)
     rows = []
     for model in args.models:
         for qtype in args.types:
@@ -203,7 +212,8 @@ def main(argv=None) -> None:
                       f"PPL {r['ppl']:.2f}, {r['mib']:.2f} MiB ({r['quantize_seconds']} s)",
                       flush=True)
     print(f"\nmean KLD against the source GGUF on wikipedia_text(), {args.chunks} x {WINDOW} "
-          f"tokens; calibration: {args.calib_tokens} tokens of the default mix")
+          f"tokens; calibration: {args.calib_tokens} tokens of the default mix; zeropoint's rows "
+          f"use {args.imatrix_from}'s importance matrix")
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
