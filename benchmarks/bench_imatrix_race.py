@@ -172,6 +172,18 @@ def print_table(rows: list[dict]) -> None:
               f"{r['ppl']:7.2f} ± {r['ppl_pm']:.2f} {r['mib']:7.2f}")
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as the README's table: per type, llama.cpp plain / imatrix / zeropoint."""
+    names = {"llama": "llama.cpp", "llama-imatrix": "llama.cpp --imatrix"}
+    lines = ["| model | type | method | mean KLD | same top % | perplexity | MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['type']} | {names.get(r['method'], r['method'])} | "
+                     f"{r['kld']:.4f} ± {r['kld_pm']:.4f} | {100 * r['same_top']:.2f} | "
+                     f"{r['ppl']:.2f} | {r['mib']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="cache folder (resumable)")
@@ -188,6 +200,7 @@ def main(argv=None) -> None:
                         "llama: the very matrix llama-quantize gets, so only the method differs)")
     p.add_argument("--report-only", action="store_true", help="print the cached rows only")
     p.add_argument("--json", type=Path, help="write every row as JSON")
+    p.add_argument("--markdown", action="store_true", help="also print the rows as a table")
     args = p.parse_args(argv)
     unknown = [m for m in args.methods if m.partition("@")[0] not in METHODS]
     if unknown:
@@ -215,6 +228,8 @@ def main(argv=None) -> None:
           f"tokens; calibration: {args.calib_tokens} tokens of the default mix; zeropoint's rows "
           f"use {args.imatrix_from}'s importance matrix")
     print_table(rows)
+    if args.markdown:
+        print("\n" + markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
