@@ -21,6 +21,11 @@ them in equal shares). Scoring: models.evaluate.wikipedia_text() (held out; not 
 --chunks windows of --window tokens, llama-perplexity's protocol (eval --kld --engine
 llama.cpp), the source's distributions computed once per model (--save-base).
 
+Measured 2026-12-03 on the shared 2-core sandbox (load 7-15), SmolLM2 Q4_0, 32,768 calibration
+tokens, --imatrix-from llama: llama.cpp 0.3292 ± 0.0052 (PPL 28.43), llama.cpp --imatrix
+0.2005 ± 0.0034 (25.10), zeropoint GPTQ --imatrix (diagonal shrink 0.5) 0.1425 ± 0.0028
+(24.34), 87.64 MiB both; the GPTQ pass took 39 minutes under that load.
+
 Everything is cached under --work (files, imatrices, one JSON per row): rerunning skips what is
 done, so a long run can be stopped and resumed. It runs on 2 cores for hours; run it in the
 background:
