@@ -74,3 +74,16 @@ def test_options_nothing_reads_are_errors(tmp_path, monkeypatch, capsys, args, m
 ])
 def test_options_that_are_read_pass(args):
     check_options(parse(*args))
+
+
+@pytest.mark.parametrize("args", [["--type", "Q4_0"], ["--method", "gptq"]],
+                         ids=["rtn", "gptq-directory"])
+def test_diagonal_shrink_needs_gptq_into_gguf(tmp_path, monkeypatch, capsys, args):
+    err = refused(tmp_path, monkeypatch, capsys, *args, "--diagonal-shrink", "0.5")
+    assert "--diagonal-shrink is for --method gptq with --type" in err
+
+
+def test_diagonal_shrink_out_of_range_is_refused(tmp_path, monkeypatch, capsys):
+    err = refused(tmp_path, monkeypatch, capsys, "--type", "Q4_0", "--method", "gptq",
+                  "--diagonal-shrink", "2")
+    assert "--diagonal-shrink must be in 0..1, got 2.0" in err

@@ -124,3 +124,35 @@ def test_q4_k_m_file_mixes_k_and_legacy_grids_and_runs_in_llama_cpp(tiny_dir, tm
         types.add(qtype)
     assert {"Q4_K", "Q6_K"} <= types and types & {"Q5_0", "Q5_1", "Q8_0", "Q4_0", "Q4_1"}
     assert_llama_cpp_agrees(out, loaded, tensors)
+
+
+def test_iq4_xs_file_holds_the_gptq_weights_and_runs_in_llama_cpp(tiny_dir, tmp_path):
+    # IQ4_XS with an importance matrix: ffn_down (256-wide rows) IQ4_XS, the 64-wide rows fall
+    # back to IQ4_NL; GPTQ writes both on llama.cpp's steps, and gguf-py reads back the very
+    # weights GPTQ left in the model.
+    out = tmp_path / "gptq_iq4_xs.gguf"
+    loaded = load_model(tiny_dir, progress=False)
+    ids = torch.randint(0, 300, (8, 48), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(2)
+    columns = {}
+
+    def importance(name):
+        if not name.startswith("blk."):
+            return None
+        n = 256 if name.endswith("ffn_down.weight") else 64
+        return columns.setdefault(n, (torch.rand(n, generator=gen) + 0.1).numpy())
+
+    report = gptq_gguf(loaded, out, "IQ4_XS", ids, importance=importance)
+    assert report.gptq_tensors == 2 * 7
+    tensors = read_tensors(out)
+    heads = {"attn_q": 4, "attn_k": 2}
+    for i in range(2):
+        for hf, gg, want in (("self_attn.q_proj", "attn_q", "IQ4_NL"),
+                             ("mlp.gate_proj", "ffn_gate", "IQ4_NL"),
+                             ("mlp.down_proj", "ffn_down", "IQ4_XS")):
+            qtype, values = tensors[f"blk.{i}.{gg}.weight"]
+            w = loaded.model.get_submodule(f"model.layers.{i}.{hf}").weight.detach()
+            n_head = heads.get(gg, 0)
+            assert qtype == want
+            assert torch.equal(values, permute_qk(w, n_head) if n_head else w)
+    assert_llama_cpp_agrees(out, loaded, tensors)

@@ -71,5 +71,5 @@ def test_correlated_inputs_beat_the_types_own_quantization(qtype, act_order, gen
 
 
 def test_unknown_type_is_named():
-    with pytest.raises(ValueError, match="IQ4_NL.*accepted: Q8_0, Q4_0, .*Q6_K"):
-        block_grid("IQ4_NL")
+    with pytest.raises(ValueError, match="IQ3_S.*accepted: Q8_0, Q4_0, .*Q6_K, IQ4_NL, IQ4_XS"):
+        block_grid("IQ3_S")

@@ -36,6 +36,12 @@ class GPTQOptions:
     # with the largest input energy are rounded while most columns are still free to absorb
     # their error. Off as in the paper; on for whole models (sequential.MODEL_OPTIONS).
     act_order: bool = False
+    # H <- (1 - s) H + s diag(H) before damping: the input correlations shrunk towards none.
+    # At 1 GPTQ spreads no error and rounds every weight to its nearest level: the diagonal
+    # weighting of an importance matrix (llama-quantize --imatrix) on the same grid. The
+    # calibration text's correlations fit a held-out text's worse than its diagonal does (see
+    # gguf/gptq.py IMATRIX_SHRINK), so shrinking trades fit on the one for fit on the other.
+    diagonal_shrink: float = 0.0
 
     def __post_init__(self):
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
@@ -43,6 +49,8 @@ class GPTQOptions:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if not self.percdamp >= 0:
             raise ValueError(f"percdamp must be >= 0, got {self.percdamp!r}")
+        if not 0.0 <= self.diagonal_shrink <= 1.0:
+            raise ValueError(f"diagonal_shrink must be in [0, 1], got {self.diagonal_shrink!r}")
 
 
 class HessianAccumulator:
@@ -159,6 +167,10 @@ def inverse_hessian(hessian: torch.Tensor, options: GPTQOptions = GPTQOptions(),
     # gives it a unit diagonal so that H stays invertible (GPTQ reference code, `dead`).
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
+    if options.diagonal_shrink:
+        diag = torch.diagonal(H).clone()
+        H.mul_(1.0 - options.diagonal_shrink)
+        H.diagonal().copy_(diag)
     perm = (torch.argsort(torch.diagonal(H), descending=True, stable=True)
             if options.act_order else None)
     if perm is not None:

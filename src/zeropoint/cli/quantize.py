@@ -74,6 +74,9 @@ def add_parser(sub) -> None:
                    help="with --method gptq: solve each decoder layer's Linears as parallel "
                         "tasks on a Ray cluster (HOST:PORT, 'auto', or 'local' to start one "
                         "here); the same bytes as without")
+    q.add_argument("--diagonal-shrink", type=float, metavar="S",
+                   help="gptq into GGUF: shrink the Hessian's correlations towards its diagonal, "
+                        "0 (full GPTQ) .. 1 (nearest rounding); default 0, 0.5 with --imatrix")
     q.set_defaults(func=run)
 
 
@@ -106,6 +109,8 @@ _RULES = (
     (("calib_tokens",), lambda a: a.method == "gptq",
      "--calib-tokens is for --method gptq, not --method {args.method} (--budget-bpw calibrates "
      "on --budget-tokens)"),
+    (("diagonal_shrink",), lambda a: a.method == "gptq" and a.type is not None,
+     "--diagonal-shrink is for --method gptq with --type"),
     (("text", "max_tokens"), lambda a: a.eval, "{flag} is for --eval, which is not given"),
     (("ray",), lambda a: a.method == "gptq",
      "--ray runs GPTQ's per-layer solves on a Ray cluster: it needs --method gptq, not "

@@ -76,7 +76,7 @@ def _write(args, source, out: Path, target):
     with gptq_solver(args) as solver:
         report = write_gguf(source, out, target, args.method, progress=not args.quiet,
                             threads=threads(), calibration=calibration, solver=solver,
-                            **_importance(args))
+                            gptq_options=_gptq_options(args), **_importance(args))
     if args.method != "gptq":
         return report
     report, gptq = report
@@ -85,6 +85,20 @@ def _write(args, source, out: Path, target):
         print(f"gptq: {gptq.gptq_tensors} tensors, {sequences} x {length} calibration tokens, "
               f"{gptq.gptq_seconds:.1f} s, peak memory (VmHWM) {mib(gptq.peak_rss_bytes)}")
     return report
+
+
+def _gptq_options(args):
+    """GPTQ's options with --diagonal-shrink; None (gptq_gguf's default) without it."""
+    shrink = getattr(args, "diagonal_shrink", None)
+    if shrink is None:
+        return None
+    from dataclasses import replace
+
+    from ..algorithms.sequential import MODEL_OPTIONS
+
+    if not 0.0 <= shrink <= 1.0:
+        raise CommandError(f"--diagonal-shrink must be in 0..1, got {shrink}")
+    return replace(MODEL_OPTIONS, diagonal_shrink=shrink)
 
 
 def _importance(args) -> dict:

@@ -20,11 +20,15 @@ import numpy as np
 import torch
 
 from .blocks import legacy_codes, legacy_params, legacy_values, pack_legacy
+from .iq4_grids import IQ4_TYPES, IQ4Grid
 from .kquant_grids import KGrid, WeightedKGrid
 from .types import TYPES, GGMLType
 from .weighted import K_WEIGHTED, LEGACY_WEIGHTED, quantize_weighted
 
-GRID_TYPES = tuple(name for name, t in TYPES.items() if t.grid)
+GRID_TYPES = tuple(name for name, t in TYPES.items() if t.grid)  # each with HQQ's refit too
+# What GPTQ writes: the grids above, and the 16-level i-quants, whose steps are llama.cpp's
+# quantizer's for the original weights (iq4_grids).
+GPTQ_TYPES = GRID_TYPES + IQ4_TYPES
 
 
 @dataclass(frozen=True)
@@ -127,13 +131,18 @@ GRIDS = {"legacy": LegacyGrid, "k": KGrid}
 
 def block_grid(qtype: str, weights: torch.Tensor | None = None,
                importance: np.ndarray | None = None):
-    """The GPTQ grid of ggml type `qtype` (one of GRID_TYPES). With the tensor's original
+    """The GPTQ grid of ggml type `qtype` (one of GPTQ_TYPES). With the tensor's original
     `weights` (out, in) and an `importance` (in,), the types that read an importance get
     llama-quantize --imatrix's block scales (WeightedLegacyGrid, WeightedKGrid); Q8_0 its plain
-    grid."""
-    if qtype not in GRID_TYPES:
+    grid. IQ4_NL and IQ4_XS need `weights` (their steps are llama.cpp's quantizer's for them,
+    with `importance` when given)."""
+    if qtype not in GPTQ_TYPES:
         raise ValueError(f"GPTQ cannot write ggml type {qtype} yet; accepted: "
-                         f"{', '.join(GRID_TYPES)}")
+                         f"{', '.join(GPTQ_TYPES)}")
+    if qtype in IQ4_TYPES:
+        if weights is None:
+            raise ValueError(f"{qtype}'s GPTQ grid is fitted to the tensor: pass its weights")
+        return IQ4Grid(qtype, weights, importance)
     if importance is not None and weights is not None and qtype in LEGACY_WEIGHTED:
         return WeightedLegacyGrid(qtype, weights, importance)
     if importance is not None and weights is not None and qtype in K_WEIGHTED:

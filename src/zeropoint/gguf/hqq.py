@@ -32,6 +32,8 @@ def hqq_blocks(w: torch.Tensor, qtype: str, *, lp_norm: float = 0.7, beta: float
     """(rows, n) floats -> (rows, n / block * type_size) uint8 bytes of `qtype` (one of
     GRID_TYPES), n a multiple of the type's block size. HQQ's defaults (p = 0.7, beta = 10,
     kappa = 1.01, 20 iterations) as in algorithms/hqq.py."""
+    if qtype not in GRID_TYPES:  # GPTQ's IQ4 grids have no parameter step to refit
+        raise ValueError(f"HQQ cannot write ggml type {qtype}; accepted: {', '.join(GRID_TYPES)}")
     grid = block_grid(qtype)
     block = TYPES[qtype].block_size
     if w.dim() != 2 or w.shape[1] % block:

@@ -26,6 +26,7 @@ def write_gguf(
     importance=None,
     extra_metadata=None,
     solver=None,
+    gptq_options=None,
 ):
     """Write `source` (a GGUF file, a Hugging Face directory or the default model) to `out` in
     `target` (a gguf.mixes.Target) by `method`. GPTQ needs `calibration(loaded) -> ids`
@@ -34,12 +35,14 @@ def write_gguf(
     lookup by GGUF name) weights the rounding as llama-quantize --imatrix does, and
     `extra_metadata` holds the keys it records about the matrix (gguf.weighted.imatrix_metadata).
     `solver` (algorithms/solvers.py): where GPTQ's per-Linear solves run (a RaySolver: tasks on
-    a cluster); the same bytes wherever they run."""
+    a cluster); the same bytes wherever they run. `gptq_options` (algorithms.gptq.GPTQOptions):
+    GPTQ's, else gguf.gptq.gptq_gguf's default."""
     weighting = {"importance": importance, "extra_metadata": extra_metadata}
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method == "gptq":
-        return _gptq(source, out, target, calibration, progress, threads, weighting, solver)
+        return _gptq(source, out, target, calibration, progress, threads, weighting, solver,
+                     gptq_options)
     encoder = None
     if method == "hqq":
         from ..gguf.hqq import hqq_encode as encoder
@@ -55,7 +58,7 @@ def write_gguf(
 
 
 def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads: int,
-          weighting: dict, solver):
+          weighting: dict, solver, options=None):
     from ..gguf.gptq import gptq_gguf
     from .load import load_model
 
@@ -63,6 +66,6 @@ def _gptq(source: ModelSource, out, target, calibration, progress: bool, threads
         raise ValueError("method gptq needs calibration: a function from the loaded model to ids")
     loaded = load_model(source.path, progress=progress)
     ids = calibration(loaded)
-    report = gptq_gguf(loaded, Path(out), target, ids, progress=progress, threads=threads,
-                       solver=solver, **weighting)
+    report = gptq_gguf(loaded, Path(out), target, ids, options, progress=progress,
+                       threads=threads, solver=solver, **weighting)
     return report.write, report
