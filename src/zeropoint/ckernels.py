@@ -36,8 +36,6 @@ from contextlib import contextmanager
 from math import prod
 from pathlib import Path
 
-import numpy as np
-
 try:
     import fcntl
 except ImportError:  # not POSIX: builds go unlocked
@@ -319,6 +317,7 @@ def host_empty(shape: tuple[int, ...], dtype):
     the kernel for huge pages on large buffers and keeps freed ones for reuse; torch's fresh 4 KiB
     pages made the first write to a 17 MiB output cost 8 ms, half as long as quantizing 64 MiB
     into it."""
+    import numpy as np
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -338,18 +337,22 @@ def block_quantize(fn, type_id: int, src, n_blocks: int, out):
     return None if i < 0 else (i, why.value)
 
 
+# numpy is not imported here (a GGUF copy loads these kernels without it): a numpy array is
+# told from a tensor by what it has, a tensor's data_ptr() and numel().
+
+
 def _ptr(a):
     """The address of a contiguous numpy array's or CPU tensor's data (None for None)."""
     if a is None:
         return None
-    if isinstance(a, np.ndarray):
-        return a.ctypes.data
-    return a.data_ptr()
+    if hasattr(a, "data_ptr"):
+        return a.data_ptr()
+    return a.ctypes.data
 
 
 def _size(a) -> int:
     """Elements of a numpy array or a tensor."""
-    return a.size if isinstance(a, np.ndarray) else a.numel()
+    return a.numel() if hasattr(a, "numel") else a.size
 
 
 def default_threads() -> int:
