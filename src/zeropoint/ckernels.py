@@ -26,9 +26,7 @@ import hashlib
 import importlib.util
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -206,6 +204,9 @@ def _compile(cache: Path, source: bytes, cc: str, extra: list[str]) -> Path:
 
 def _run_compiler(command: list[str], extra: list[str], cache: Path, target: Path) -> None:
     """Compile SOURCES into target (atomically: no process sees a half-written library)."""
+    import subprocess  # only for a build: a process that loads the cached library never needs
+    import tempfile  # these two (a GGUF copy imports little more than this module)
+
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
