@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..calibrate.search import MSESearch
 from ..nn.layers import linear_layers
-from ..nn.quantize_model import ModelReport, quantize_model
+from ..nn.quantize_model import ModelReport, importance_quantize_fn, quantize_model
 from ..qtensor import QTensor
 from ..recipe import Recipe
 from ..spec import Granularity, QuantSpec
@@ -103,6 +103,7 @@ def gptq_model(
     batch: int = BATCH_SEQUENCES,
     progress: bool = False,
     backend: str = "auto",
+    importance: Callable[[str], object] | None = None,
 ) -> SequentialReport:
     """Quantize `model` in place with GPTQ, layer by layer, calibrated on `calib_ids` (N, L).
 
@@ -115,19 +116,27 @@ def gptq_model(
     these defaults reach on SmolLM2.
     true_sequential: quantize q/k/v, then o, then gate/up, then down, each from inputs computed
     with the ones before already quantized (about 1.3x the forward work of one pass for all).
+    importance(module name) -> its weight per input column (an importance matrix's entry) or
+    None: each group's clip search weighs its columns' errors by it (nn.importance_quantize_fn
+    for the targets GPTQ does not take).
     """
     started = time.perf_counter()
     qtensors: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
 
     def solve(layer, prefix, members, H):
-        _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses)
+        _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses,
+                        importance)
 
     n_layers = run_sequential(model, calib_ids, solve, true_sequential=true_sequential,
                               batch=batch, progress=progress)
 
+    rtn = importance_quantize_fn(importance) if importance is not None else None
+
     def supply(name, weight, spec):
-        return qtensors[name] if name in qtensors else QTensor.quantize(weight, spec)
+        if name in qtensors:
+            return qtensors[name]
+        return rtn(name, weight, spec) if rtn else QTensor.quantize(weight, spec)
 
     report = quantize_model(model, recipe, progress=False, backend=backend, quantize_fn=supply)
     return SequentialReport(report, n_layers, calib_ids.shape[0], calib_ids.numel(),
@@ -299,7 +308,8 @@ def _stackable(spec: QuantSpec) -> bool:
     return spec.granularity is Granularity.PER_CHANNEL and spec.resolved_axis(2) == 0
 
 
-def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> None:
+def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, losses,
+                    importance=None) -> None:
     """GPTQ for Linears sharing the Hessian H, into `qtensors` (full name -> QTensor) and
     `losses`; each Linear's weight is left fake-quantized for the rest of the layer's passes."""
     linears = linear_layers(layer)
@@ -313,7 +323,9 @@ def _quantize_group(layer, members, H, recipe, prefix, options, clip, qtensors, 
         for batch in batches:
             weights = [linears[n].weight for n in batch]
             stacked = torch.cat([w.detach() for w in weights])  # (sum of out_features, in)
-            r = gptq(stacked, H, spec, options, clip=clip)
+            # One input, so one importance for the stacked members (q, k, v; gate, up).
+            imp = importance(prefix + batch[0]) if importance is not None else None
+            r = gptq(stacked, H, spec, options, clip=clip, importance=imp)
             losses[prefix + ",".join(batch)] = r.loss
             row = 0
             for n, w in zip(batch, weights):
