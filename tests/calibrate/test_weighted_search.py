@@ -133,3 +133,19 @@ def test_gptq_groups_take_the_weighted_search(scheme):
         assert torch.equal(r.zero_point, zp.reshape(r.zero_point.shape))
     plain = gptq(x, torch.eye(128), spec, clip=MSESearch())
     assert not torch.equal(plain.scale, r.scale)  # the importance changed something
+
+
+def test_a_short_last_group_is_searched_as_zero_padded():
+    """576 columns in groups of 128 (SmolLM2's attention): the last group holds 64. It is
+    searched as core quantizes it, padded with zeros of no weight."""
+    group = 32
+    spec = QuantSpec(4, "asymmetric", "per_group", group_size=group)
+    x = _heavy_tailed((3, 80), 11)
+    w = _importance(80, 12)
+    scale, zp = mse_qparams(x, spec, EXHAUSTIVE, importance=w)
+    assert scale.shape == (3, 3)
+    padded_x = torch.nn.functional.pad(x, (0, 16))
+    padded_w = np.r_[w, np.zeros(16, np.float32)]
+    got = _group_errors(padded_x, padded_w, scale, zp, spec, group)
+    np.testing.assert_allclose(got, _ratio_grid_minimum(padded_x, padded_w, spec, group),
+                               rtol=1e-6, atol=1e-12)

@@ -17,7 +17,13 @@ from math import prod
 
 import torch
 
-from ..core import BlockView, check_float_tensor, qparams_from_range, raise_if_not_finite
+from ..core import (
+    BlockView,
+    check_float_tensor,
+    padded_shape,
+    qparams_from_range,
+    raise_if_not_finite,
+)
 from ..spec import QuantSpec, parse_enum
 from .search import EntropySearch, MSESearch, entropy_levels, kl_best_bins, mse_best_ratio
 
@@ -120,12 +126,26 @@ def mse_qparams(x: torch.Tensor, spec: QuantSpec, search: MSESearch = MSESearch(
     diagonal of the Hessian GPTQ uses in full). Scale and zero-point follow from the clipped
     range. A uniform importance carries no information: the unweighted search, bit for bit."""
     weights = check_importance(importance, x)
+    # A group size that does not divide its axis: the last group is searched as if padded with
+    # zeros (as core quantizes it), which add no error at any ratio, since 0 is always exact.
+    x = _zero_padded(x, spec)
     view, rows, lo, hi = blocked(x, spec)
     if weights is not None:
         # The columns' weights laid out as the blocks are: (blocks, block_len), like rows.
-        _, weights, _, _ = blocked(weights.expand(x.shape), spec, "importance")
+        w = torch.nn.functional.pad(weights, (0, x.shape[-1] - weights.numel()))
+        _, weights, _, _ = blocked(w.expand(x.shape), spec, "importance")
     r = mse_best_ratio(rows, lo, hi, spec, search, weights=weights)
     return _grid_qparams(lo * r, hi * r, spec, view)
+
+
+def _zero_padded(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    full = padded_shape(tuple(x.shape), spec)
+    if full == tuple(x.shape):
+        return x
+    pads = []
+    for have, want in zip(reversed(x.shape), reversed(full)):
+        pads += [0, want - have]
+    return torch.nn.functional.pad(x, pads)
 
 
 def check_importance(importance, x: torch.Tensor) -> torch.Tensor | None:
