@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,8 +36,6 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
         yield tmp
         os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
         if directory and final.exists():
-            import shutil  # only here and in _remove: its import (bz2, lzma) is not free
-
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
@@ -69,8 +68,6 @@ def _running(pid: int) -> bool:
 
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
-        import shutil
-
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
