@@ -26,17 +26,13 @@ import hashlib
 import importlib.util
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from contextlib import contextmanager
 from math import prod
 from pathlib import Path
-
-import numpy as np
 
 try:
     import fcntl
@@ -208,6 +204,9 @@ def _compile(cache: Path, source: bytes, cc: str, extra: list[str]) -> Path:
 
 def _run_compiler(command: list[str], extra: list[str], cache: Path, target: Path) -> None:
     """Compile SOURCES into target (atomically: no process sees a half-written library)."""
+    import subprocess  # only for a build: a process that loads the cached library never needs
+    import tempfile  # these two (a GGUF copy imports little more than this module)
+
     fd, tmp = tempfile.mkstemp(prefix=".kernels-", suffix=".so", dir=cache)
     os.close(fd)
     try:
@@ -319,6 +318,7 @@ def host_empty(shape: tuple[int, ...], dtype):
     the kernel for huge pages on large buffers and keeps freed ones for reuse; torch's fresh 4 KiB
     pages made the first write to a 17 MiB output cost 8 ms, half as long as quantizing 64 MiB
     into it."""
+    import numpy as np
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -338,18 +338,22 @@ def block_quantize(fn, type_id: int, src, n_blocks: int, out):
     return None if i < 0 else (i, why.value)
 
 
+# numpy is not imported here (a GGUF copy loads these kernels without it): a numpy array is
+# told from a tensor by what it has, a tensor's data_ptr() and numel().
+
+
 def _ptr(a):
     """The address of a contiguous numpy array's or CPU tensor's data (None for None)."""
     if a is None:
         return None
-    if isinstance(a, np.ndarray):
-        return a.ctypes.data
-    return a.data_ptr()
+    if hasattr(a, "data_ptr"):
+        return a.data_ptr()
+    return a.ctypes.data
 
 
 def _size(a) -> int:
     """Elements of a numpy array or a tensor."""
-    return a.size if isinstance(a, np.ndarray) else a.numel()
+    return a.numel() if hasattr(a, "numel") else a.size
 
 
 def default_threads() -> int:

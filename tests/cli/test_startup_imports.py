@@ -66,3 +66,32 @@ def test_argument_errors_import_no_torch(argv, complaint):
     assert r["code"] == 2, r["said"]
     assert complaint in r["said"]
     assert r["loaded"] == [], f"{argv} imported {r['loaded']}"
+
+
+_OTHER_COMMANDS_PROBE = """
+import contextlib, io, json, sys
+import zeropoint.cli as cli
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    try:
+        cli.main(json.loads(sys.argv[1]))
+    except SystemExit:
+        pass
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("zeropoint.cli."))))
+"""
+
+
+@pytest.mark.parametrize("command", ["quantize", "inspect", "exercise"])
+def test_a_command_imports_no_other_command(command):
+    """`zeropoint CMD ...` builds CMD's parser alone: the other commands' modules (and what their
+    options need, e.g. eval's KLD defaults from models.base_logits) stay unloaded."""
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", _OTHER_COMMANDS_PROBE,
+                           json.dumps([command, "--help"])],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = set(json.loads(done.stdout.strip().splitlines()[-1]))
+    others = {f"zeropoint.cli.{c}" for c in ("analyze", "eval", "eval_kld", "generate",
+                                             "imatrix", "inspect", "sweep", "exercise",
+                                             "quantize")} - {f"zeropoint.cli.{command}"}
+    assert not loaded & others, f"{command} --help loaded {sorted(loaded & others)}"
+    assert f"zeropoint.cli.{command}" in loaded

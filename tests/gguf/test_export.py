@@ -174,7 +174,7 @@ def test_real_smollm2_exports_to_a_gguf_with_transformers_perplexity(tmp_path):
     """The default model, loaded by transformers and saved as a checkpoint, comes back as a GGUF
     whose tensors are the original GGUF's (q/k permuted back) and whose llama.cpp perplexity is
     transformers' float perplexity."""
-    from zeropoint.gguf.requantize import dequantize_tensor
+    from zeropoint.gguf.convert import dequantize_tensor
     from zeropoint.models.evaluate import default_text, perplexity
     from zeropoint.models.load import load_model, strip_gguf_quantization
     from zeropoint.models.source import default_model_path

@@ -19,7 +19,8 @@ from zeropoint.gguf import blocks, iquants
 from zeropoint.gguf.layout import tensor_nbytes
 from zeropoint.gguf.metadata import MetaValue
 from zeropoint.gguf.reader import read_gguf
-from zeropoint.gguf.requantize import dequantize_tensor, quantize_tensor, requantize
+from zeropoint.gguf.convert import dequantize_tensor, quantize_tensor
+from zeropoint.gguf.requantize import requantize
 from zeropoint.gguf.types import TYPES
 from zeropoint.gguf.writer import TensorData, write_gguf
 

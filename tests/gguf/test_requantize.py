@@ -195,7 +195,7 @@ def test_convert_generators_taken_in_turns_on_one_thread():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from zeropoint.gguf.requantize import convert
+    from zeropoint.gguf.convert import convert
 
     rows = 3 * (1 << 20) // 64  # 3 pieces each
     a, b = (quantize_blocks(torch.randn(rows, 64, generator=torch.Generator().manual_seed(s)),

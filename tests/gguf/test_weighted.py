@@ -363,8 +363,8 @@ def test_importance_and_a_custom_encoder_do_not_mix(tmp_path):
 
 def test_cli_imatrix_option_rules(tmp_path, capsys):
     out = str(tmp_path / "o")
-    assert main(["quantize", "--imatrix", "x.gguf", "-o", out]) == 2
-    assert "--imatrix weights llama.cpp's block quantization" in capsys.readouterr().err
+    assert main(["quantize", "--method", "hqq", "--imatrix", "x.gguf", "-o", out]) == 2
+    assert "--imatrix weights the rounding of --method rtn or gptq" in capsys.readouterr().err
     assert main(["quantize", "--type", "Q4_0", "--method", "hqq", "--imatrix", "x.gguf",
                  "-o", out + ".gguf"]) == 2
     assert "--method rtn or gptq" in capsys.readouterr().err

@@ -108,6 +108,7 @@ def gptq(
     clip: MSESearch | None = None,
     scale: torch.Tensor | None = None,
     zero_point: torch.Tensor | None = None,
+    importance=None,
 ) -> GPTQResult:
     """Quantize `weight` (out, in) with GPTQ against `hessian` (in, in) or its InverseHessian,
     onto `spec`'s grid.
@@ -118,12 +119,13 @@ def gptq(
     error (calibrate.mse_qparams). Every other granularity, and every group when
     `options.act_order` is set, is fitted up front from the original weights ("static groups": a
     QTensor stores groups by column position, so they must not follow the permuted order). Given
-    `scale` (and `zero_point`, grid-shaped), those are used as they are.
+    `scale` (and `zero_point`, grid-shaped), those are used as they are. `importance` (in,):
+    the clip search weighs each column's error by it (SpecGrid).
     """
     _check_inputs(weight, hessian, spec, options)
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     grid = SpecGrid(spec, tuple(weight.shape), dtype, clip=clip, scale=scale,
-                    zero_point=zero_point)
+                    zero_point=zero_point, importance=importance)
     result = gptq_columns(weight, hessian, grid, options)
     scale, zero_point = grid.qparams(result.fits)
     return GPTQResult(result.codes.to(spec.code_dtype), scale, zero_point, result.loss)

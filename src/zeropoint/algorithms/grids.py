@@ -59,17 +59,26 @@ class SpecGrid:
     least squared error when `clip` is given: calibrate.mse_qparams). Every other granularity
     spans all columns, so it is fitted once, from the whole weight. Given `scale` (and
     `zero_point`, grid-shaped for `shape`), those are used as they are, whatever the weights.
+    `importance` (in,), one weight per input column: the clip search (`clip`, or the default
+    MSESearch if none is given) minimises the importance-weighted squared error.
     """
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, int], dtype: torch.dtype, *,
                  clip: MSESearch | None = None, scale: torch.Tensor | None = None,
-                 zero_point: torch.Tensor | None = None):
+                 zero_point: torch.Tensor | None = None, importance=None):
         if clip is not None and not isinstance(clip, MSESearch):
             raise TypeError(f"clip must be an MSESearch or None, got {type(clip).__name__}")
         if spec.float_zero_point:
             raise ValueError("GPTQ rounds onto integer zero-point grids here; zero_point "
                              "'float' is for round-to-nearest (method rtn)")
+        if importance is not None:
+            importance = torch.as_tensor(importance).to(torch.float32).reshape(-1)
+            if importance.numel() != shape[1]:
+                raise ValueError(f"the importance has {importance.numel()} values for "
+                                 f"{shape[1]} input columns")
+            clip = clip or MSESearch()
         self.spec, self.shape, self.dtype, self.clip = spec, tuple(shape), dtype, clip
+        self.importance = importance
         self.given = None
         if scale is not None:
             scale, zero_point = _check_qparams(scale, zero_point, spec, self.shape)
@@ -91,7 +100,10 @@ class SpecGrid:
             spec = self.spec
             if self.group_size(self.shape[1]) > cols.shape[1]:  # a shorter last group: the
                 spec = replace(spec, group_size=cols.shape[1])  # search takes whole groups only
-            scale, zero_point = mse_qparams(cols, spec, self.clip)
+            imp = None
+            if self.importance is not None:
+                imp = self.importance[start : start + cols.shape[1]]
+            scale, zero_point = mse_qparams(cols, spec, self.clip, importance=imp)
         if zero_point is None:
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
         return self._fit_from(scale, zero_point, tuple(cols.shape))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..calibrate.search import MSESearch
 from ..nn.layers import linear_layers
-from ..nn.quantize_model import ModelReport, quantize_model
+from ..nn.quantize_model import ModelReport, importance_quantize_fn, quantize_model
 from ..qtensor import QTensor
 from ..recipe import Recipe
 from .gptq import GPTQOptions, HessianAccumulator, gptq, inverse_hessian
@@ -103,6 +103,7 @@ def gptq_model(
     progress: bool = False,
     backend: str = "auto",
     solver=None,
+    importance: Callable[[str], object] | None = None,
 ) -> SequentialReport:
     """Quantize `model` in place with GPTQ, layer by layer, calibrated on `calib_ids` (N, L).
 
@@ -117,19 +118,27 @@ def gptq_model(
     with the ones before already quantized (about 1.3x the forward work of one pass for all).
     solver: where each Linear's GPTQ runs (algorithms/solvers.py; default here, one after
     another); a RaySolver gives the same codes.
+    importance(module name) -> its weight per input column (an importance matrix's entry) or
+    None: each group's clip search weighs its columns' errors by it (nn.importance_quantize_fn
+    for the targets GPTQ does not take).
     """
     started = time.perf_counter()
     qtensors: dict[str, QTensor] = {}
     losses: dict[str, float] = {}
 
     def solve(layer, prefix, members, H):
-        return _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses)
+        return _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses,
+                           importance)
 
     n_layers = run_sequential(model, calib_ids, solve, true_sequential=true_sequential,
                               batch=batch, progress=progress, solver=solver)
 
+    rtn = importance_quantize_fn(importance) if importance is not None else None
+
     def supply(name, weight, spec):
-        return qtensors[name] if name in qtensors else QTensor.quantize(weight, spec)
+        if name in qtensors:
+            return qtensors[name]
+        return rtn(name, weight, spec) if rtn else QTensor.quantize(weight, spec)
 
     report = quantize_model(model, recipe, progress=False, backend=backend, quantize_fn=supply)
     return SequentialReport(report, n_layers, calib_ids.shape[0], calib_ids.numel(),
@@ -299,14 +308,17 @@ def _collect(layer, shared, inputs, kwargs) -> list[HessianAccumulator]:
     return accs
 
 
-def _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses) -> list:
+def _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, losses,
+                importance=None) -> list:
     """One SolveJob per Linear of `members` that the recipe quantizes, all from one inverse of
     their shared Hessian H; applying a job stores its QTensor in `qtensors` (full name ->
     QTensor) and its loss in `losses`, and leaves the Linear's weight fake-quantized for the rest
     of the layer's passes. Solved apart, each Linear gets the codes it got stacked with the
-    others (GPTQ rounds every row on its own)."""
+    others (GPTQ rounds every row on its own). One input, so one importance for the members
+    (q, k, v; gate, up): the first's."""
     linears = linear_layers(layer)
     inverses = {}  # dtype -> InverseHessian of H
+    imp = importance(prefix + members[0]) if importance is not None else None
     jobs = []
     for name in members:
         spec = recipe.spec_for(prefix + name)
@@ -324,10 +336,10 @@ def _group_jobs(layer, members, H, recipe, prefix, options, clip, qtensors, loss
             losses[full] = r.loss
 
         jobs.append(SolveJob(prefix + name, _solve_spec, w.detach(), inverses[dtype],
-                             (spec, options, clip), apply))
+                             (spec, options, clip, imp), apply))
     return jobs
 
 
-def _solve_spec(weight, inverse, spec, options, clip):
+def _solve_spec(weight, inverse, spec, options, clip, importance):
     """A SolveJob's function: GPTQ of one Linear's weight onto a QuantSpec."""
-    return gptq(weight, inverse, spec, options, clip=clip)
+    return gptq(weight, inverse, spec, options, clip=clip, importance=importance)

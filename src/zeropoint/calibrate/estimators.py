@@ -17,7 +17,13 @@ from math import prod
 
 import torch
 
-from ..core import BlockView, check_float_tensor, qparams_from_range, raise_if_not_finite
+from ..core import (
+    BlockView,
+    check_float_tensor,
+    padded_shape,
+    qparams_from_range,
+    raise_if_not_finite,
+)
 from ..spec import QuantSpec, parse_enum
 from .search import EntropySearch, MSESearch, entropy_levels, kl_best_bins, mse_best_ratio
 
@@ -108,13 +114,56 @@ def percentile_qparams(x: torch.Tensor, spec: QuantSpec, percentile: float = DEF
     return _grid_qparams(lo_q, hi_q, spec, view)
 
 
-def mse_qparams(x: torch.Tensor, spec: QuantSpec, search: MSESearch = MSESearch()):
+def mse_qparams(x: torch.Tensor, spec: QuantSpec, search: MSESearch = MSESearch(),
+                importance=None):
     """Clip each block's min/max range by the ratio (on a grid in (0, 1]) that minimises the
     block's quantization MSE; both ends shrink by the same ratio. Ratio 1.0 is on the grid, so
-    no block does worse than min/max (up to float rounding of the error sums)."""
+    no block does worse than min/max (up to float rounding of the error sums).
+
+    `importance` (x.shape[-1],), one weight per input column (an importance matrix's mean x^2,
+    gguf.imatrix): each block's error is then sum_i w_i (x_i - q_i)^2, which for a weight matrix
+    is the expected squared error of its output under inputs of those second moments (the
+    diagonal of the Hessian GPTQ uses in full). Scale and zero-point follow from the clipped
+    range. A uniform importance carries no information: the unweighted search, bit for bit."""
+    weights = check_importance(importance, x)
+    # A group size that does not divide its axis: the last group is searched as if padded with
+    # zeros (as core quantizes it), which add no error at any ratio, since 0 is always exact.
+    x = _zero_padded(x, spec)
     view, rows, lo, hi = blocked(x, spec)
-    r = mse_best_ratio(rows, lo, hi, spec, search)
+    if weights is not None:
+        # The columns' weights laid out as the blocks are: (blocks, block_len), like rows.
+        w = torch.nn.functional.pad(weights, (0, x.shape[-1] - weights.numel()))
+        _, weights, _, _ = blocked(w.expand(x.shape), spec, "importance")
+    r = mse_best_ratio(rows, lo, hi, spec, search, weights=weights)
     return _grid_qparams(lo * r, hi * r, spec, view)
+
+
+def _zero_padded(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    full = padded_shape(tuple(x.shape), spec)
+    if full == tuple(x.shape):
+        return x
+    pads = []
+    for have, want in zip(reversed(x.shape), reversed(full)):
+        pads += [0, want - have]
+    return torch.nn.functional.pad(x, pads)
+
+
+def check_importance(importance, x: torch.Tensor) -> torch.Tensor | None:
+    """`importance` as a float32 tensor (x.shape[-1],) of finite values >= 0, or None where it
+    is None or uniform (every block's weighted search is then the unweighted one); ValueError
+    naming what is wrong otherwise."""
+    if importance is None:
+        return None
+    w = torch.as_tensor(importance).detach().to(torch.float32).reshape(-1)
+    n = x.shape[-1]
+    if w.numel() != n:
+        raise ValueError(f"the importance has {w.numel()} values for rows of {n}; it needs one "
+                         "per input column")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("the importance must be finite and >= 0 (a mean of x^2 per column)")
+    if bool((w == w[0]).all()):
+        return None
+    return w.to(x.dtype if x.dtype == torch.float64 else torch.float32)
 
 
 def abs_histogram(rows: torch.Tensor, amax: torch.Tensor, bins: int) -> torch.Tensor:

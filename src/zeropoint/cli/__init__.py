@@ -8,12 +8,16 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from . import analyze, exercise, generate, imatrix, quantize, sweep
-from . import eval as eval_command  # the module name would hide the builtin here
-from . import inspect as inspect_command  # and this one the standard library's inspect
 from .common import CommandError
+
+# Command -> its module here, in the order --help lists them. A module is imported only when its
+# parser is built (see build_parser).
+COMMANDS = {"exercise": "exercise", "quantize": "quantize", "generate": "generate",
+            "inspect": "inspect", "eval": "eval", "analyze": "analyze", "imatrix": "imatrix",
+            "sweep": "sweep"}
 
 EPILOG = """the user's path, one command each (zeropoint COMMAND --help shows its examples):
   zeropoint exercise                              learn: symmetric vs asymmetric, by MSE
@@ -28,18 +32,25 @@ EPILOG = """the user's path, one command each (zeropoint COMMAND --help shows it
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with `only` (one of COMMANDS), of that command alone: a
+    command's run then imports neither the modules of the others nor what their options'
+    defaults and help need (e.g. a requantization never loads the analysis or KLD code)."""
     p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (exercise, quantize, generate, inspect_command, eval_command, analyze,
-                    imatrix, sweep):
-        command.add_parser(sub)
+    for command, module in COMMANDS.items():
+        if only is None or command == only:
+            importlib.import_module(f".{module}", __name__).add_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Where argv names a command, its parser alone parses it; anything else (--help, a wrong
+    # command name) gets the full parser, which lists or suggests every command.
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     try:
         args.func(args)
     except CommandError as e:

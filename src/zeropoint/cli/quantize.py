@@ -20,6 +20,7 @@ EPILOG = """examples:
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
   zeropoint quantize model.gguf --type Q4_K_M --method gptq --ray HEAD_IP:6379 -o m-gptq.gguf
   zeropoint quantize default -o out/mixed --budget-bpw 4.5
+  zeropoint quantize default -o out/int4-imatrix --imatrix imatrix.gguf  (weighted scales)
 """
 
 
@@ -65,9 +66,11 @@ def add_parser(sub) -> None:
     q.add_argument("--calib", metavar="FILE",
                    help="gptq calibration text (default: zeropoint's calibration mix)")
     q.add_argument("--imatrix", metavar="FILE",
-                   help="with --type: an importance matrix (llama-imatrix's .gguf or .dat) that "
-                        "weights each block's rounding, as llama-quantize --imatrix (with --method "
-                        "gptq: the block scales GPTQ rounds onto)")
+                   help="an importance matrix (llama-imatrix's or zeropoint imatrix's .gguf or "
+                        ".dat) that weights each block's rounding: with --type as llama-quantize "
+                        "--imatrix; with --bits each group's scale (and zero-point) minimises the "
+                        "importance-weighted error (with --method gptq: the scales GPTQ rounds "
+                        "onto)")
     q.add_argument("--calib-tokens", type=int, metavar="N",
                    help=f"gptq calibration tokens (default {DEFAULT_CALIB_TOKENS})")
     q.add_argument("--ray", metavar="ADDRESS",
@@ -115,9 +118,9 @@ _RULES = (
     (("ray",), lambda a: a.method == "gptq",
      "--ray runs GPTQ's per-layer solves on a Ray cluster: it needs --method gptq, not "
      "--method {args.method}"),
-    (("imatrix",), lambda a: a.type is not None and a.method in ("rtn", "gptq"),
-     "--imatrix weights llama.cpp's block quantization: it needs --type with --method rtn or "
-     "gptq"),
+    (("imatrix",), lambda a: a.method in ("rtn", "gptq"),
+     "--imatrix weights the rounding of --method rtn or gptq; HQQ fits its scales by a loss of "
+     "its own, unweighted"),
 )
 
 
@@ -220,11 +223,22 @@ def _write_quantized(args, source, recipe, out: Path):
 
     with atomic_path(out, directory=True) as tmp:
         try:
-            if args.method == "rtn" and source.kind == "hf":
+            # The streaming path reads no module names: a weighted run loads the model.
+            if args.method == "rtn" and source.kind == "hf" and args.imatrix is None:
                 return quantize_checkpoint(source.path, tmp, recipe, progress=not args.quiet)
             loaded = open_model(args.model, progress=not args.quiet)
+            importance = None
+            if args.imatrix is not None:
+                from .importance import module_importance
+
+                importance = module_importance(args.imatrix, loaded.model, recipe, args.quiet)
             if args.method == "gptq":  # error-correcting methods need the whole model in memory
-                _gptq(args, loaded, recipe)
+                _gptq(args, loaded, recipe, importance)
+            elif importance is not None:
+                from ..nn.quantize_model import importance_quantize_fn
+
+                quantize_model(loaded.model, recipe, progress=not args.quiet,
+                               quantize_fn=importance_quantize_fn(importance))
             elif args.method == "hqq":
                 from ..algorithms.hqq import hqq_quantize
 
@@ -240,13 +254,14 @@ def _write_quantized(args, source, recipe, out: Path):
         )
 
 
-def _gptq(args, loaded, recipe) -> None:
+def _gptq(args, loaded, recipe, importance=None) -> None:
     from ..algorithms.sequential import gptq_model
 
     ids = gptq_calibration(args, loaded)
     length = ids.shape[1]
     with gptq_solver(args) as solver:
-        report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet, solver=solver)
+        report = gptq_model(loaded.model, recipe, ids, progress=not args.quiet, solver=solver,
+                            importance=importance)
     if not args.quiet:
         print(f"gptq: {report.layers} layers, {report.sequences} x {length} calibration tokens, "
               f"{report.seconds:.1f} s, peak memory (VmHWM) {mib(report.peak_rss_bytes)}")

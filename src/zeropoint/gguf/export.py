@@ -36,7 +36,8 @@ from .families import GLOBAL_NAMES, LLAMA, Family, UnknownFamilyError, family_of
 from .hf_tokenizer import LLAMA3_REGEX, TOKENIZER_PRE, add_tokenizer, detect_pre  # noqa: F401
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Target
-from .requantize import Encoder, Importance, QuantizeReport, SourceTensor, write_quantized
+from .convert import Encoder
+from .requantize import Importance, QuantizeReport, SourceTensor, write_quantized
 
 ARCH = LLAMA.arch  # the llama family's; every family's is in gguf.families
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # recomputed by every runtime
@@ -57,7 +58,7 @@ def export_hf(
     """Write the checkpoint in `model_dir` as a GGUF file in `target` (a mix such as F32, Q8_0,
     Q4_K_M, a single type, or a recipe; see mixes). `tokenizer_pre` names llama.cpp's
     pre-tokenizer when zeropoint cannot tell it from tokenizer.json. `encoder`: as for
-    requantize.convert (gguf.hqq.hqq_encode writes HQQ's blocks); `importance`: an importance
+    convert.convert (gguf.hqq.hqq_encode writes HQQ's blocks); `importance`: an importance
     matrix's lookup, and `extra_metadata`, as for requantize.write_quantized.
 
     Raises ValueError for a model family zeropoint does not support (naming it and listing

@@ -16,11 +16,10 @@ and the byte, never an overflow, a hang or an allocation the file's size does no
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import struct
 from typing import NoReturn
-
-import numpy as np
 
 from .. import ckernels
 from .constants import GGUF_MAGIC, GGUFValueType
@@ -128,6 +127,8 @@ class HeaderParser:
             self.pos += count * _MIN_SIZE[sub]
             if not build:
                 return sub, None
+            import numpy as np  # only where a value is asked for: copying a header needs none
+
             arr = np.frombuffer(self.buf, ARRAY_DTYPE[sub], count, start)
             return sub, (arr.astype(bool) if sub == GGUFValueType.BOOL else arr).tolist()
         if sub == GGUFValueType.STRING:
@@ -171,8 +172,15 @@ class HeaderParser:
         lib = ckernels.library()
         if lib is None:
             return None
-        view = np.frombuffer(self.buf, np.uint8)  # the caller's buffer, not a copy
-        return lib.zp_skip_strings(view.ctypes.data, self.size, self.pos, count)
+        try:  # the caller's buffer, not a copy; a writable one (a mapped file) needs no numpy
+            view = ctypes.c_char.from_buffer(self.buf)
+            address = ctypes.addressof(view)
+        except TypeError:  # read-only bytes
+            import numpy as np
+
+            view = np.frombuffer(self.buf, np.uint8)
+            address = view.ctypes.data
+        return lib.zp_skip_strings(address, self.size, self.pos, count)
 
     def strings(self, count: int, key: str) -> list:
         """`count` strings at once: the vocabulary's ~50k tokens and merges, in a tight loop."""

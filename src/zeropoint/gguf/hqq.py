@@ -23,7 +23,7 @@ import torch
 from ..algorithms.hqq import MIN_GAIN, shrink_lp
 from .blocks import dequantize_blocks, quantize_blocks
 from .gptq_grids import GRID_TYPES, block_grid
-from .requantize import quantize_tensor
+from .convert import quantize_tensor
 from .types import TYPES
 
 
@@ -82,7 +82,7 @@ def _exact_errors(x: torch.Tensor, w_hat: torch.Tensor) -> torch.Tensor:
 
 
 def hqq_encode(x: torch.Tensor, qtype: str, name: str = "tensor") -> np.ndarray:
-    """requantize.quantize_tensor with HQQ for the block types that have a grid (GRID_TYPES);
+    """convert.quantize_tensor with HQQ for the block types that have a grid (GRID_TYPES);
     other types (F32, F16, ...) as quantize_tensor writes them."""
     if qtype not in GRID_TYPES:
         return quantize_tensor(x, qtype, name)

@@ -14,8 +14,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .constants import GGUFValueType
 
 SCALAR_FORMAT = {  # value type -> struct format
@@ -114,6 +112,8 @@ def encode_value(m: MetaValue) -> bytes:
     if m.sub_type == GGUFValueType.STRING:
         return head + b"".join(_string(v) for v in m.value)
     if m.sub_type in ARRAY_DTYPE:
+        import numpy as np  # a value made in code; copying a file's values needs none
+
         return head + np.asarray(m.value, dtype=ARRAY_DTYPE[m.sub_type]).tobytes()
     from gguf import GGUFWriter  # arrays of arrays: rare enough to leave to gguf-py
 

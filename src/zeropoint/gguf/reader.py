@@ -16,13 +16,14 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .header import HeaderParser, InvalidGGUFError, quoted
 from .metadata import gc_paused
 from .types import ggml_type
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class TensorInfo:
 class GGUFFile:
     """A parsed GGUF file: `metadata`, `tensors` (file order), and their bytes through `raw()`.
 
-    The tensor data stays on disk (memory-mapped); `raw()` returns views into it.
+    The tensor data stays on disk (memory-mapped); `raw()` returns views into it. The map is
+    the standard library's, and numpy is imported only by `raw()`: a requantization that copies
+    every tensor (FileRange) reads the header and never needs numpy.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -56,8 +59,10 @@ class GGUFFile:
             raise InvalidGGUFError(f"{str(self.path)!r} is empty, not a GGUF file")
         # Copy-on-write: views are writable (torch takes them without a warning), and nothing
         # written to them ever reaches the file.
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
-        parser = HeaderParser(memoryview(self._map), str(self.path))
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._array = None  # numpy's uint8 view of the whole map, made by the first raw()
+        parser = HeaderParser(memoryview(self._mmap), str(self.path))
         with gc_paused():
             self.version, self.metadata, infos, self.alignment, self.data_offset = parser.parse()
         self.tensors: list[TensorInfo] = self._check_tensors(infos)
@@ -123,7 +128,11 @@ class GGUFFile:
     def raw(self, tensor: TensorInfo | str) -> np.ndarray:
         """The tensor's bytes as a flat uint8 array: a copy-on-write view of the mapped file."""
         t = self[tensor] if isinstance(tensor, str) else tensor
-        return self._map[t.offset : t.offset + t.nbytes]
+        if self._array is None:
+            import numpy as np
+
+            self._array = np.frombuffer(self._mmap, np.uint8)
+        return self._array[t.offset : t.offset + t.nbytes]
 
     def release(self, tensor: TensorInfo | str) -> None:
         """Let go of the tensor's pages that raw() views mapped: the next read maps them again
@@ -131,17 +140,17 @@ class GGUFFile:
         the whole source file. Only whole pages inside the tensor, which no other tensor
         shares; a no-op where madvise is missing."""
         t = self[tensor] if isinstance(tensor, str) else tensor
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
         start, end = -(-t.offset // page) * page, (t.offset + t.nbytes) // page * page
         if end > start:
             # Pages never written (raw() views are only read): nothing is lost.
-            self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Drop the memory map (views from raw() keep it alive until they go too)."""
-        self._map = None
+        self._mmap = self._array = None
 
     def __enter__(self) -> GGUFFile:
         return self

@@ -25,7 +25,7 @@ of another length is an error, except for token_embd, which is then quantized pl
 n_layer/8 ffn_down tensors the _1 type (mixes.plan_types(has_imatrix=True)); the output file
 records the file, first dataset, entry and chunk counts (`imatrix_metadata`).
 
-Rows are independent, so `weighted_encoder` fits requantize.convert's row-chunked Encoder. There
+Rows are independent, so `weighted_encoder` fits convert.convert's row-chunked Encoder. There
 is no eager path: without the C kernels weighted quantization is refused with a clear error.
 """
 from __future__ import annotations
@@ -129,11 +129,11 @@ def imatrix_metadata(file: str, imatrix) -> dict[str, MetaValue]:
 
 
 def weighted_encoder(importance):
-    """An Encoder (see requantize.convert) for one tensor: its rows quantized under
+    """An Encoder (see convert.convert) for one tensor: its rows quantized under
     `importance` (n,)."""
     def encode(x, qtype: str, name: str) -> np.ndarray:
         return quantize_weighted(x, qtype, importance, name).reshape(-1)
-    encode.takes_numpy = True  # requantize.convert may hand it numpy rows: no torch needed
+    encode.takes_numpy = True  # convert.convert may hand it numpy rows: no torch needed
     return encode
 
 

@@ -16,15 +16,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
-
-import numpy as np
+from typing import TYPE_CHECKING, Union
 
 from ..atomic import atomic_path
 from .constants import GGUF_MAGIC, GGUF_VERSION
 from .layout import MAX_DIMS, data_alignment, tensor_nbytes
 from .metadata import MetaValue, encode_value, gc_paused
 from .types import ggml_type
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,9 @@ class FileRange:
     nbytes: int
 
 
-TensorBytes = Union[np.ndarray, "torch.Tensor", bytes, FileRange]  # torch is not imported here
+# Neither torch nor numpy is imported here: a file whose tensors are all FileRanges (a
+# requantization that keeps every type) is written by the standard library alone.
+TensorBytes = Union["np.ndarray", "torch.Tensor", bytes, FileRange]
 
 
 @dataclass
@@ -61,6 +64,8 @@ class TensorData:
 
 def _as_bytes(data: TensorBytes) -> np.ndarray:
     """Any of the accepted byte containers -> flat uint8 array (no copy where possible)."""
+    import numpy as np
+
     torch = sys.modules.get("torch")  # a tensor means torch is loaded
     if torch is not None and isinstance(data, torch.Tensor):
         data = data.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy()
@@ -231,15 +236,16 @@ def _copy_range(source: FileRange, fd: int, at: int) -> int:
             if not piece:
                 raise ValueError(f"{str(source.path)!r} ends before byte "
                                  f"{source.offset + source.nbytes}")
-            done += _pwrite_all(fd, np.frombuffer(piece, np.uint8), at + done)
+            done += _pwrite_all(fd, piece, at + done)
         return done
     finally:
         os.close(src)
 
 
-def _pwrite_all(fd: int, data: np.ndarray, at: int) -> int:
-    """os.pwrite until all of `data` is written (one call may write less); returns its size."""
-    view, done = memoryview(data), 0
+def _pwrite_all(fd: int, data: np.ndarray | bytes, at: int) -> int:
+    """os.pwrite until all of `data` (contiguous bytes) is written (one call may write less);
+    returns its size."""
+    view, done = memoryview(data).cast("B"), 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], at + done)
     return len(view)

@@ -4,7 +4,7 @@ zeropoint's own reader and C kernels.
 transformers' GGUF path (`from_pretrained(gguf_file=...)`) reads the file with gguf-py's
 GGUFReader three times (config, model, tokenizer) and dequantizes every tensor in numpy: 24 s for
 SmolLM2-135M, a minute for Gemma 3 270M. Here the file is parsed once (gguf.reader), each tensor is
-dequantized by gguf.requantize.dequantize_tensor (bit-identical to gguf-py), renamed by the one
+dequantized by gguf.convert.dequantize_tensor (bit-identical to gguf-py), renamed by the one
 name table (gguf.export.hf_name, the reverse of the export's) and put into a model built without
 initialising its weights. What transformers' GGUF loader undoes of llama.cpp's conversion is
 undone here too: the Llama-family q/k row permutation and Gemma's +1 on norm weights.
@@ -73,7 +73,7 @@ def gguf_state_dict(gguf: GGUFFile, family: Family, config, *,
     import torch
 
     from ..gguf.export import hf_name, unpermute_qk
-    from ..gguf.requantize import dequantize_tensor
+    from ..gguf.convert import dequantize_tensor
 
     heads = {"attn_q": config.num_attention_heads,
              "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}

@@ -181,7 +181,7 @@ def _apply_rope_factors(model: torch.nn.Module, gguf) -> None:
     frequencies by them, as llama.cpp's rope does."""
     if "rope_freqs.weight" not in gguf:
         return
-    from ..gguf.requantize import dequantize_tensor
+    from ..gguf.convert import dequantize_tensor
 
     info = gguf["rope_freqs.weight"]
     factors = dequantize_tensor(gguf.raw(info), info.type, info.shape).reshape(-1)

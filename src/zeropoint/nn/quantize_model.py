@@ -120,6 +120,23 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
     return report
 
 
+def importance_quantize_fn(importance):
+    """A quantize_fn (see quantize_model) for round-to-nearest under an importance matrix:
+    `importance(name)` -> the layer's weight per input column (gguf.imatrix's mean x^2), or None
+    where it has no entry. Each block's scale and zero-point are then the clip of its range that
+    minimises the importance-weighted squared error (calibrate.mse_qparams); a layer without an
+    entry keeps plain min/max, as llama-quantize quantizes one plainly."""
+    from ..calibrate.estimators import mse_qparams
+
+    def quantize(name: str, w, spec):
+        imp = importance(name)
+        if imp is None:
+            return QTensor.quantize(w, spec)
+        return QTensor.quantize(w, spec, *mse_qparams(w, spec, importance=imp))
+
+    return quantize
+
+
 def quantized_layers(model: nn.Module):
     """(name, module) of every QLinear/QEmbedding in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]
