@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from timing import interleaved_medians  # benchmarks/timing.py
 
 from zeropoint.models.main_job import PROMPT, gguf_weights
@@ -100,9 +99,9 @@ def bench_model(name: str, args, work: Path) -> None:
 
 def main_table(name: str, src: Path, float_model, text: str, args, work: Path) -> None:
     from zeropoint.gguf.llama_cpp import LlamaCppDecoder
+    from zeropoint.modeldir.format import read_manifest
     from zeropoint.models.load import load_model
     from zeropoint.models.quantized import load_quantized
-    from zeropoint.modeldir.format import read_manifest
     from zeropoint.nn.generate import TorchDecoder
 
     rows = []  # name, weight bytes, weights, perplexity, model or GGUF path, seconds to make

@@ -122,9 +122,9 @@ def score(model, tokenizer, base, text, source):
 def bench_model(name: str, args, work: Path) -> None:
     from zeropoint.gguf.llama_tools import run_tool
     from zeropoint.models.evaluate import wikipedia_text
-    from zeropoint.models.main_job import gguf_weights
     from zeropoint.models.kld import TorchLogits, compute_base_logits
     from zeropoint.models.load import load_model
+    from zeropoint.models.main_job import gguf_weights
     from zeropoint.nn.quantize_model import model_bytes
 
     src = source_of(name)

@@ -64,8 +64,12 @@ def gptq_costs(runs: int) -> dict[str, float]:
     """c_H (s per token x in^2), c_inv (s per in^3, one thread), and the column loop's two
     terms: c_col (s per out x in: each column's rounding and rank-1 update) and c_mm (s per
     out x in^2: the lazy block updates), solved from two widths at out = 1024."""
-    from zeropoint.algorithms.gptq import GPTQOptions, HessianAccumulator, gptq_columns, \
-        inverse_hessian
+    from zeropoint.algorithms.gptq import (
+        GPTQOptions,
+        HessianAccumulator,
+        gptq_columns,
+        inverse_hessian,
+    )
     from zeropoint.gguf.gptq_grids import block_grid
 
     options = GPTQOptions(percdamp=0.1, act_order=True)

@@ -8,8 +8,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from zeropoint.algorithms.gptq import GPTQOptions, gptq_columns
-from zeropoint.gguf.blocks import quantize_blocks
-from zeropoint.gguf.blocks import LEGACY_TYPES
+from zeropoint.gguf.blocks import LEGACY_TYPES, quantize_blocks
 from zeropoint.gguf.gptq_grids import block_grid
 
 COLUMNS = {"Q8_0": 96, "Q4_0": 96, "Q4_1": 96, "Q5_0": 96, "Q5_1": 96}  # K types: test_kquant_grids

@@ -16,10 +16,10 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from zeropoint.gguf import blocks, iquants
+from zeropoint.gguf.convert import dequantize_tensor, quantize_tensor
 from zeropoint.gguf.layout import tensor_nbytes
 from zeropoint.gguf.metadata import MetaValue
 from zeropoint.gguf.reader import read_gguf
-from zeropoint.gguf.convert import dequantize_tensor, quantize_tensor
 from zeropoint.gguf.requantize import requantize
 from zeropoint.gguf.types import TYPES
 from zeropoint.gguf.writer import TensorData, write_gguf

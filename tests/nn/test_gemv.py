@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_fuse import tiny_llama  # noqa: I001 - a sibling test module
+
 from zeropoint import QTensor, QuantSpec, Recipe, Rule, ckernels, quantize_model
 from zeropoint.nn.fuse import fuse_members
 from zeropoint.nn.gemv import GemvKernel, gemv_form

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from gguf import GGUFValueType, GGUFWriter, RopeScalingType
 
+from .convert import Encoder
 from .families import GLOBAL_NAMES, LLAMA, Family, UnknownFamilyError, family_of
 from .hf_tokenizer import LLAMA3_REGEX, TOKENIZER_PRE, add_tokenizer, detect_pre  # noqa: F401
 from .metadata import Metadata, MetaValue
 from .mixes import ModelParams, Target
-from .convert import Encoder
 from .requantize import Importance, QuantizeReport, SourceTensor, write_quantized
 
 ARCH = LLAMA.arch  # the llama family's; every family's is in gguf.families

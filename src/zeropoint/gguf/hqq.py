@@ -22,8 +22,8 @@ import torch
 
 from ..algorithms.hqq import MIN_GAIN, shrink_lp
 from .blocks import dequantize_blocks, quantize_blocks
-from .gptq_grids import GRID_TYPES, block_grid
 from .convert import quantize_tensor
+from .gptq_grids import GRID_TYPES, block_grid
 from .types import TYPES
 
 

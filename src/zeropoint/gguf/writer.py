@@ -26,6 +26,7 @@ from .types import ggml_type
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,8 @@ def gguf_state_dict(gguf: GGUFFile, family: Family, config, *,
     the file that the family has no name for: dropping it would compute another model."""
     import torch
 
-    from ..gguf.export import hf_name, unpermute_qk
     from ..gguf.convert import dequantize_tensor
+    from ..gguf.export import hf_name, unpermute_qk
 
     heads = {"attn_q": config.num_attention_heads,
              "attn_k": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
