@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFValueType
+from tiny_llama_gguf import llama_metadata, llama_tensors
 
 from zeropoint.gguf import quantize_blocks
 from zeropoint.gguf.llama_tools import run_tool
@@ -47,16 +48,7 @@ def q4_0_model(tmp_path_factory):
     over without decoding them)."""
     rng = np.random.default_rng(18)
     meta = {
-        "general.architecture": MetaValue.string("llama"),
-        "llama.context_length": MetaValue.u32(128),
-        "llama.embedding_length": MetaValue.u32(H),
-        "llama.feed_forward_length": MetaValue.u32(FF),
-        "llama.block_count": MetaValue.u32(LAYERS),
-        "llama.attention.head_count": MetaValue.u32(4),
-        "llama.attention.head_count_kv": MetaValue.u32(4),
-        "llama.attention.layer_norm_rms_epsilon": MetaValue.f32(1e-5),
-        "llama.vocab_size": MetaValue.u32(VOCAB),
-        "general.file_type": MetaValue.u32(2),
+        **llama_metadata(H, FF, LAYERS, VOCAB, file_type=2),
         "tokenizer.ggml.model": MetaValue.string("llama"),
         "tokenizer.ggml.tokens": MetaValue.array([f"tok{i}" for i in range(VOCAB)],
                                                  GGUFValueType.STRING),
@@ -69,16 +61,7 @@ def q4_0_model(tmp_path_factory):
         x = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * 0.05)
         return TensorData(name, qtype, shape, quantize_blocks(x, qtype))
 
-    ones = np.ones(H, np.float32)
-    tensors = [weight("token_embd.weight", (VOCAB, H)),
-               TensorData("output_norm.weight", "F32", (H,), ones)]
-    for i in range(LAYERS):
-        tensors += [TensorData(f"blk.{i}.attn_norm.weight", "F32", (H,), ones),
-                    TensorData(f"blk.{i}.ffn_norm.weight", "F32", (H,), ones)]
-        for stem, shape in (("attn_q", (H, H)), ("attn_k", (H, H)), ("attn_v", (H, H)),
-                            ("attn_output", (H, H)), ("ffn_gate", (FF, H)), ("ffn_up", (FF, H)),
-                            ("ffn_down", (H, FF))):
-            tensors.append(weight(f"blk.{i}.{stem}.weight", shape))
+    tensors = llama_tensors(H, FF, LAYERS, VOCAB, weight)
     tensors.append(weight("output.weight", (VOCAB, H), "Q6_K"))
     path = tmp_path_factory.mktemp("copy") / "tiny-q4_0.gguf"
     write_gguf(path, meta, tensors)

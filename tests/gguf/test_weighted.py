@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_llama_gguf import llama_metadata, llama_tensors
 
 from zeropoint import ckernels
 from zeropoint.cli import main
@@ -35,37 +36,15 @@ H, FF, LAYERS, VOCAB = 256, 288, 8, 64  # ffn_down rows of 288: the K types fall
 
 
 def _tiny_model(path, rng):
-    meta = {
-        "general.architecture": MetaValue.string("llama"),
-        "llama.context_length": MetaValue.u32(128),
-        "llama.embedding_length": MetaValue.u32(H),
-        "llama.feed_forward_length": MetaValue.u32(FF),
-        "llama.block_count": MetaValue.u32(LAYERS),
-        "llama.attention.head_count": MetaValue.u32(4),
-        "llama.attention.head_count_kv": MetaValue.u32(4),
-        "llama.attention.layer_norm_rms_epsilon": MetaValue.f32(1e-5),
-        "llama.vocab_size": MetaValue.u32(VOCAB),
-        "general.file_type": MetaValue.u32(0),
-    }
+    meta = llama_metadata(H, FF, LAYERS, VOCAB, file_type=0)
 
     def weight(name, shape):
         # Heavy tails and a scale per tensor: blocks whose searches have something to choose.
         x = rng.standard_t(4, size=shape).astype(F32) * F32(rng.uniform(0.005, 0.1))
         return TensorData(name, "F32", shape, x)
 
-    ones = np.ones(H, F32)
-    tensors = [weight("token_embd.weight", (VOCAB, H)),
-               TensorData("output_norm.weight", "F32", (H,), ones)]
-    shapes = {}
-    for i in range(LAYERS):
-        tensors += [TensorData(f"blk.{i}.attn_norm.weight", "F32", (H,), ones),
-                    TensorData(f"blk.{i}.ffn_norm.weight", "F32", (H,), ones)]
-        for stem, shape in (("attn_q", (H, H)), ("attn_k", (H, H)), ("attn_v", (H, H)),
-                            ("attn_output", (H, H)), ("ffn_gate", (FF, H)), ("ffn_up", (FF, H)),
-                            ("ffn_down", (H, FF))):
-            name = f"blk.{i}.{stem}.weight"
-            tensors.append(weight(name, shape))
-            shapes[name] = shape
+    tensors = llama_tensors(H, FF, LAYERS, VOCAB, weight)
+    shapes = {t.name: t.shape for t in tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     tensors.append(weight("output.weight", (VOCAB, H)))
     write_gguf(path, meta, tensors)
     return shapes
