@@ -137,6 +137,17 @@ def importance_quantize_fn(importance):
     return quantize
 
 
+def fitted_quantize_fn(name: str, w, spec):
+    """A quantize_fn (see quantize_model) for round-to-nearest with each block's scale and
+    minimum searched for least squared error (calibrate.fit) where the spec has a float
+    zero-point; min/max elsewhere."""
+    from ..calibrate.fit import fitted_qparams
+
+    if not spec.float_zero_point:
+        return QTensor.quantize(w, spec)
+    return QTensor.quantize(w, spec, *fitted_qparams(w, spec))
+
+
 def quantized_layers(model: nn.Module):
     """(name, module) of every QLinear/QEmbedding in the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))]
