@@ -77,7 +77,13 @@ def recipe_of(linear, table):
 
 def candidates(gptq: bool):
     s = specs()
+    # The candidates of models/choose.py first (R1, R1 searched, R2, R3 = R2 searched), then the
+    # earlier survey's rows.
     rows = [
+        ("rtn", "int4 asym g32 fzp f16", "int8 per row"),
+        ("fit", "int4 asym g32 fzp f16", "int8 per row"),
+        ("rtn", "int8 per row", "int4 asym g32 fzp f16 table"),
+        ("fit", "int8 per row", "int4 asym g32 fzp f16 table"),
         ("rtn", "int4 sym g128 (old default)", None),
         ("rtn", "int4 sym g32 f16", "int8 per row"),
         ("rtn", "int4 asym g32 f16", "int8 per row"),
@@ -102,6 +108,10 @@ def quantize(model, recipe, method: str, tokenizer):
         from zeropoint.algorithms.hqq import hqq_quantize
 
         return quantize_model(model, recipe, quantize_fn=lambda n, w, spec: hqq_quantize(w, spec))
+    if method == "fit":  # float-zero-point groups searched (calibrate/fit.py)
+        from zeropoint.nn.quantize_model import fitted_quantize_fn
+
+        return quantize_model(model, recipe, quantize_fn=fitted_quantize_fn)
     if method == "gptq":
         from zeropoint.algorithms.sequential import gptq_model
         from zeropoint.calibrate.texts import default_calibration_text
