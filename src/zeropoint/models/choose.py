@@ -118,7 +118,7 @@ def recipe_weight_bytes(model: torch.nn.Module, recipe: Recipe) -> int:
         quantized_keys.add(key)
         quantized[(*key, spec)] = qtensor_nbytes(tuple(w.shape), spec)
     kept = {}
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in model.parameters():
         key = storage_key(t)
         if key not in quantized_keys:
             kept[key] = t.nbytes
@@ -140,7 +140,13 @@ def peer_budget_bytes(loaded) -> int:
             tensors = [(t.name, t.type, tuple(t.shape)) for t in f.tensors]
             params = ModelParams.from_metadata(f.metadata)
     else:
-        from ..gguf.export import check_architecture, gguf_name, hparams, model_params
+        from ..gguf.export import (
+            check_architecture,
+            extra_sources,
+            gguf_name,
+            hparams,
+            model_params,
+        )
 
         family = check_architecture(loaded.config, source)
         hp = hparams(loaded.config, family)
@@ -152,6 +158,9 @@ def peer_budget_bytes(loaded) -> int:
             g = None if (tied and name == "lm_head.weight") else gguf_name(name, family)
             if g is not None:
                 tensors.append((g, "F32", tuple(t.shape)))
+        # What llama.cpp needs that the torch model does not hold (Llama 3.1's rope_freqs).
+        have = {name for name, _, _ in tensors}
+        tensors += [(s.name, s.type, tuple(s.shape)) for s in extra_sources(hp) if s.name not in have]
     return plan_types(tensors, PEER_MIX, params).weight_bytes()
 
 
