@@ -9,6 +9,11 @@
  * x' = (q - z) * s, float32, z = qmin - m / s), has the smaller squared error. No fast-math: the
  * round trip must be the eager path's operation for operation.
  */
+#ifdef __clang__
+#pragma clang fp contract(off)
+#else
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <math.h>
 #include <stdint.h>
 
@@ -45,50 +50,83 @@ static double round_trip_error(const float *x, int64_t n, float s, float z, floa
   return err;
 }
 
-static void fit_block(const fit_job *j, int64_t b) {
-  const float *x = j->x + b * j->n;
+#define LANES 8 /* blocks searched side by side: the inner loops run over them, and vectorize */
+#define MAGIC 12582912.f /* 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to even */
+#pragma GCC diagnostic ignored "-Wpsabi" /* static functions: no ABI to keep */
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+
+/* Blocks b0 .. b0 + LANES - 1 (the last real one repeated past `blocks`). */
+static void fit_lanes(const fit_job *j, int64_t b0, int64_t blocks) {
   const int64_t n = j->n;
-  float lo = x[0], hi = x[0];
-  double sx = 0, sxx = 0;
-  for (int64_t i = 0; i < n; i++) {
-    lo = x[i] < lo ? x[i] : lo;
-    hi = x[i] > hi ? x[i] : hi;
-    sx += x[i];
-    sxx += (double)x[i] * x[i];
-  }
-  if (!(hi > lo)) return; /* a constant block: min/max is exact */
   const float top = j->qmax - j->qmin;
-  double best_err = INFINITY;
-  float best_s = 0, best_m = 0;
-  for (int k = 0; k < j->nsteps; k++) {
-    float inv = j->steps[k] / (hi - lo);
-    double sl = 0, sll = 0, sxl = 0;
+  vf xt[FIT_MAX_N]; /* element i of each lane's block: one vector per element */
+  float lo[LANES], width[LANES];
+  double sx[LANES], sxx[LANES], best_err[LANES];
+  float best_s[LANES], best_m[LANES];
+  for (int k = 0; k < LANES; k++) {
+    const int64_t b = b0 + k < blocks ? b0 + k : blocks - 1;
+    const float *x = j->x + b * n;
+    float mn = x[0], mx = x[0];
+    double a = 0, q = 0;
     for (int64_t i = 0; i < n; i++) {
-      float l = nearbyintf((x[i] - lo) * inv);
-      l = l < 0 ? 0 : l > top ? top : l;
-      sl += l, sll += (double)l * l, sxl += (double)x[i] * l;
+      xt[i][k] = x[i];
+      mn = x[i] < mn ? x[i] : mn;
+      mx = x[i] > mx ? x[i] : mx;
+      a += x[i];
+      q += (double)x[i] * x[i];
     }
-    double det = n * sll - sl * sl;
-    if (!(det > 0)) continue;
-    double s = stored((n * sxl - sx * sl) / det, j->half);
-    double m = stored((sll * sx - sl * sxl) / det, j->half);
-    if (!(s > 0)) continue;
-    /* The error of these codes under the stored (s, m), from the sums. */
-    double err = s * s * sll + 2 * s * m * sl - 2 * s * sxl + n * m * m - 2 * m * sx + sxx;
-    if (err < best_err) best_err = err, best_s = (float)s, best_m = (float)m;
+    lo[k] = mn, width[k] = mx - mn, sx[k] = a, sxx[k] = q;
+    best_err[k] = INFINITY, best_s[k] = 0, best_m[k] = 0;
   }
-  if (!(best_err < INFINITY)) return;
-  float z = j->qmin - best_m / best_s;
-  double have = round_trip_error(x, n, j->scale[b], j->zero[b], j->qmin, j->qmax);
-  if (round_trip_error(x, n, best_s, z, j->qmin, j->qmax) < have) {
-    j->scale[b] = best_s;
-    j->zero[b] = z;
+  vf vlo, vtop = (vf){0} + top;
+  for (int k = 0; k < LANES; k++) vlo[k] = lo[k];
+  for (int t = 0; t < j->nsteps; t++) {
+    /* Codes count from 0 here (l = code - qmin), so x = s * l + m. The sums of l and l^2 are
+     * small integers, exact in float32; sum(x l) is the one rounded sum. */
+    vf vinv, sl = {0}, sll = {0}, sxl = {0};
+    for (int k = 0; k < LANES; k++) vinv[k] = width[k] > 0 ? j->steps[t] / width[k] : 0;
+    for (int64_t i = 0; i < n; i++) {
+      vf l = ((xt[i] - vlo) * vinv + MAGIC) - MAGIC;
+      l = (vf)((vi)l & (vi)(l > 0)); /* below 0 (or -0): 0 */
+      vi over = l > vtop;
+      l = (vf)(((vi)vtop & over) | ((vi)l & ~over));
+      sl += l, sll += l * l, sxl += xt[i] * l;
+    }
+    for (int k = 0; k < LANES; k++) {
+      double det = n * (double)sll[k] - (double)sl[k] * sl[k];
+      if (!(det > 0)) continue;
+      double s = stored((n * (double)sxl[k] - sx[k] * sl[k]) / det, j->half);
+      double m = stored(((double)sll[k] * sx[k] - sl[k] * (double)sxl[k]) / det, j->half);
+      if (!(s > 0)) continue;
+      /* The error of these codes under the stored (s, m), from the sums. */
+      double err = s * s * sll[k] + 2 * s * m * sl[k] - 2 * s * sxl[k] + n * m * m
+                   - 2 * m * sx[k] + sxx[k];
+      if (err < best_err[k]) best_err[k] = err, best_s[k] = (float)s, best_m[k] = (float)m;
+    }
+  }
+  for (int k = 0; k < LANES && b0 + k < blocks; k++) {
+    const int64_t b = b0 + k;
+    if (!(width[k] > 0) || !(best_err[k] < INFINITY)) continue; /* constant: min/max is exact */
+    const float *x = j->x + b * n;
+    float z = j->qmin - best_m[k] / best_s[k];
+    double have = round_trip_error(x, n, j->scale[b], j->zero[b], j->qmin, j->qmax);
+    if (round_trip_error(x, n, best_s[k], z, j->qmin, j->qmax) < have) {
+      j->scale[b] = best_s[k];
+      j->zero[b] = z;
+    }
   }
 }
 
+typedef struct {
+  const fit_job *job;
+  int64_t blocks;
+} lanes_job;
+
 static void fit_range(void *ctx, int64_t begin, int64_t end, int thread) {
   (void)thread;
-  for (int64_t b = begin; b < end; b++) fit_block((const fit_job *)ctx, b);
+  const lanes_job *l = ctx;
+  for (int64_t g = begin; g < end; g++) fit_lanes(l->job, g * LANES, l->blocks);
 }
 
 int zp_fit_float_min(const float *x, int64_t blocks, int64_t n, int qmin, int qmax,
@@ -96,6 +134,7 @@ int zp_fit_float_min(const float *x, int64_t blocks, int64_t n, int qmin, int qm
                      int threads) {
   if (n < 1 || n > FIT_MAX_N || blocks < 0 || nsteps < 0) return -1;
   fit_job j = {x, n, (float)qmin, (float)qmax, steps, nsteps, half, scale, zero};
-  zp_parallel(threads < 1 ? 1 : threads, blocks, 256, fit_range, &j);
+  lanes_job l = {&j, blocks};
+  zp_parallel(threads < 1 ? 1 : threads, (blocks + LANES - 1) / LANES, 64, fit_range, &l);
   return 0;
 }
