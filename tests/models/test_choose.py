@@ -61,6 +61,11 @@ def test_lowest_error_within_budget_wins_never_one_over_it(tiny, order):
     measured = {s.candidate.name: s.kld for s in choice.scored}
     assert measured["float"] is None  # over budget: not even measured
     assert 0 <= measured["int8"] < measured["int3"]
+    # The winner's quantized copy comes with the choice, in the winner's specs.
+    from zeropoint.nn.quantize_model import quantized_layers
+
+    layers = quantized_layers(choice.model)
+    assert layers and all(m.weight_q.spec == per_channel(8) for _, m in layers)
     # The float model is left as it was.
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # Only int3 fits: taken without measuring.

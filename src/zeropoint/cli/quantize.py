@@ -238,7 +238,10 @@ def _write_quantized(args, source, recipe, out: Path):
             if args.default_recipe and importance is None:
                 choice = _choose_default(args, loaded)
                 recipe = choice.chosen.recipe
-                choice.chosen.quantize(loaded.model, progress=not args.quiet)
+                if choice.model is not None:  # measured: the winner is quantized already
+                    loaded.model, choice.model = choice.model, None
+                else:
+                    choice.chosen.quantize(loaded.model, progress=not args.quiet)
             elif args.method == "gptq":  # error-correcting methods need the whole model in memory
                 _gptq(args, loaded, recipe, importance)
             elif importance is not None:

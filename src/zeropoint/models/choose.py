@@ -79,6 +79,9 @@ class Choice:
     budget_bytes: int
     scored: list[Scored] = field(default_factory=list)
     reason: str = ""
+    # The chosen candidate's quantized copy of the model, where measuring made one (else None:
+    # quantize the model with chosen.quantize).
+    model: torch.nn.Module | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         lines = [f"default recipe: {self.chosen.name} ({self.chosen.summary}); {self.reason}",
@@ -96,8 +99,8 @@ class Choice:
             "chosen": self.chosen.name, "summary": self.chosen.summary,
             "searched": self.chosen.searched, "reason": self.reason,
             "budget_bytes": self.budget_bytes, "budget": f"llama.cpp {PEER_MIX}",
-            "candidates": [{"name": s.candidate.name, "weight_bytes": s.weight_bytes,
-                            "kld": s.kld} for s in self.scored],
+            "candidates": [{"name": s.candidate.name, "summary": s.candidate.summary,
+                            "weight_bytes": s.weight_bytes, "kld": s.kld} for s in self.scored],
         }
 
 
@@ -203,17 +206,20 @@ def choose(model, budget_bytes: int, ids: torch.Tensor | None = None,
         raise ValueError("several candidates fit the budget: calibration ids are needed to "
                          "measure them")
     base = _log_probs(model, ids)
+    best, best_model = None, None
     for s in fitting:
         started = time.perf_counter()
         trial = copy.deepcopy(model)
         s.candidate.quantize(trial)
         s.kld = mean_kld(base, _log_probs(trial, ids))
         s.seconds = time.perf_counter() - started
+        if best is None or s.kld < best.kld:  # the first of equals stays
+            best, best_model = s, trial
         del trial
         if progress:
             print(f"  measured {s.candidate.name}: KLD {s.kld:.4f} in {s.seconds:.1f} s",
                   flush=True)
-    best = min(fitting, key=lambda s: s.kld)
     others = ", ".join(f"{s.candidate.name} {s.kld:.4f}" for s in fitting)
     return Choice(best.candidate, budget_bytes, scored,
-                  f"lowest mean KLD from float on {ids.shape[1]} calibration tokens ({others})")
+                  f"lowest mean KLD from float on {ids.shape[1]} calibration tokens ({others})",
+                  best_model)
