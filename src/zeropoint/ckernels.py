@@ -1,4 +1,5 @@
-"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
+"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), the
+float-minimum groups' least-squares search (csrc/fit.c, used by calibrate.fit), bit
 packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c and, back to floats,
 csrc/kdequant.c; used by gguf.kquants and gguf.codecs) and
 legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), a GGUF header's string arrays
@@ -40,8 +41,8 @@ except ImportError:  # not POSIX: builds go unlocked
     fcntl = None
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "fit.c", "pack.c", "kquants.c", "kdequant.c",
-                                    "legacy.c", "iquants.c", "gguf_scan.c", "gemv.c",
+SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "fit.c", "pack.c", "kquants.c",
+                                    "kdequant.c", "legacy.c", "iquants.c", "gguf_scan.c", "gemv.c",
                                     "token_ops.c")]
 HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h", "weighted.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would

@@ -1,8 +1,9 @@
 """The default recipe (no spec options) on tiny Llama and Gemma 3 checkpoints, and each of the
 default's candidates (models/choose.py; on the tiny models the choice is R1, on Gemma 3 270M it
-is R2, so both are made here): the tied embedding/head table is stored once, and the quantized model computes what transformers'
-own architecture computes with the same (dequantized) weights: in its module path (Gemma's
-scaled embedding included) and in `zeropoint generate`'s compact decoder (greedy tokens)."""
+is R2, so both are made here): the tied embedding/head table is stored once, and the quantized
+model computes what transformers' own architecture computes with the same (dequantized) weights:
+in its module path (Gemma's scaled embedding included) and in `zeropoint generate`'s compact
+decoder (greedy tokens)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def candidate_of(out):
     manifest = read_manifest(out)
     chosen = manifest.extra.get("default_choice", {}).get("chosen")
     return next(c for c in CANDIDATES
-                if c.name == chosen or (chosen is None and c.recipe.to_dict() == manifest.extra["recipe"]))
+                if c.name == chosen
+                or (chosen is None and c.recipe.to_dict() == manifest.extra["recipe"]))
 
 
 def oracle_model(directory):

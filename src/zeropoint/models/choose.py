@@ -163,7 +163,8 @@ def peer_budget_bytes(loaded) -> int:
                 tensors.append((g, "F32", tuple(t.shape)))
         # What llama.cpp needs that the torch model does not hold (Llama 3.1's rope_freqs).
         have = {name for name, _, _ in tensors}
-        tensors += [(s.name, s.type, tuple(s.shape)) for s in extra_sources(hp) if s.name not in have]
+        tensors += [(s.name, s.type, tuple(s.shape)) for s in extra_sources(hp)
+                    if s.name not in have]
     return plan_types(tensors, PEER_MIX, params).weight_bytes()
 
 
