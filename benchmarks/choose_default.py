@@ -13,6 +13,10 @@ weights: tensor bytes as stored (codes, scales, zero-points, float tensors; a ti
 no file headers or vocabulary. secs: the in-memory quantization alone (no model load).
 
 Candidate set (a subset of the full product, and why):
+- first the default's own candidates (models/choose.py), with and without the least-squares
+  search of each float-minimum group (calibrate/fit.py, method "fit"): R1 = linears int4 g32
+  float-minimum, table int8 per row; R2 = linears int8 per channel, table int4 g32
+  float-minimum (R3 = R2 searched); `--pick 0,1,2,3` measures these alone;
 - rtn with integer and with float zero-points, groups of 32/64/128, symmetric g128 (the old
   default, head in float) and symmetric g32: the spec axes at round-to-nearest, which is what
   fits SmolLM2's two-minute budget on 2 cores with room to spare;

@@ -15,6 +15,7 @@ from .common import CommandError, mib, open_model, quiet_libraries, read_text, r
 
 EPILOG = """examples:
   zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model and recipe)
+  zeropoint quantize gemma-3-270m.gguf -o out/gemma3   (the default: chosen by size and KLD)
   zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
   zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
@@ -84,8 +85,9 @@ def add_parser(sub) -> None:
 
 
 # Spec options given alone fill in the rest from here (a uniform spec, the head in float); none
-# given: the default recipe (recipe.Recipe.chosen: int4 g32 with a float16 scale and minimum, the
-# embedding and head in int8 per row).
+# given: the default, chosen for the model by models/choose.py (R1: int4 g32 float16 scale and
+# minimum linears, int8-per-row table; or R2: int8 linears, int4 g32 table), within the size of
+# llama.cpp's Q4_K_M of the same model.
 DEFAULTS = {
     "bits": 4, "scheme": "symmetric", "granularity": "per_group", "group_size": 128,
     "keep_float": ("lm_head",), "max_tokens": 2048, "calib_tokens": DEFAULT_CALIB_TOKENS,
@@ -136,7 +138,7 @@ def check_options(args) -> None:
 
 def run(args) -> None:
     check_options(args)
-    # No spec option given: the measured default recipe (recipe.Recipe.chosen), not a uniform
+    # No spec option given: the default chosen per model (models/choose.py), not a uniform
     # spec; --budget-bpw allocates from the uniform base, with the head in float.
     # HQQ and GPTQ fit integer zero-points: they keep the uniform base too.
     args.default_recipe = args.recipe is None and args.budget_bpw is None and args.method == "rtn" and all(
