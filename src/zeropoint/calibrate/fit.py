@@ -8,7 +8,10 @@ squares, and keeps whichever grid's refit has the least squared error once the s
 are rounded to how they are stored. The min/max grid is always a candidate and the final choice is
 checked on the exact quantize-dequantize round trip, so no block ends worse than min/max.
 
-All blocks are searched at once, in tiles of rows that stay in cache; the loop is over grids.
+The C kernel (csrc/fit.c) searches eight blocks per vector; without a compiler the eager path
+below searches all blocks at once, in tiles of rows that stay in cache, looping over grids. The
+two may pick different grids for a few blocks (their sums round differently); both keep the
+round-trip guarantee.
 """
 
 from __future__ import annotations
@@ -69,14 +72,11 @@ def round_trip_errors(xb: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def _refit(shifted, sums, width, steps: float, spec: QuantSpec):
-    """Codes of the grid of `steps` steps over each block's range, then the least-squares scale
-    and minimum for those codes, rounded as stored: (minimum, scale, error estimate), each (B,)
-    float64.
+    """Codes of the grid of `steps` steps over each block's range and the sums a least-squares
+    fit to them needs: (sum l, sum l^2, sum (x - lo) l, det > 0, det or 1), each (B,) float64.
 
-    shifted (B, n) float32: x - lo per block; sums: n, sum(x), sum(x^2) of the unshifted blocks.
-    The error is that of the grid's own codes under the stored scale and minimum, from the sums;
-    the nearest codes that quantize assigns can only do better."""
-    n, sum_x, sum_xx = sums
+    shifted (B, n) float32: x - lo per block; sums: n, sum(x), sum(x^2) of the unshifted blocks."""
+    n = sums[0]
     q = torch.mul(shifted, (steps / width).to(torch.float32)[:, None])
     q.round_().clamp_(0, spec.qmax - spec.qmin)
     # Codes are small integers: their sums are exact in float32 (n * qmax^2 << 2^24).
@@ -91,6 +91,9 @@ def _refit(shifted, sums, width, steps: float, spec: QuantSpec):
 
 
 def _stored_fit(sum_l, sum_ll, sum_xl, ok, det, lo, sums, spec: QuantSpec):
+    """The least-squares scale and minimum for _refit's codes, rounded as stored, and the squared
+    error of those codes under them, from the sums: (minimum, scale, error), each (B,) float64.
+    The nearest codes that quantize then assigns can only do better."""
     n, sum_x, sum_xx = sums
     sum_xl = sum_xl + lo * sum_l  # back from x - lo to x
     scale = (n * sum_xl - sum_x * sum_l) / det  # codes counted from qmin: x = s * l + m
@@ -113,7 +116,7 @@ def fitted_block_qparams(xb: torch.Tensor, lo, hi, spec: QuantSpec,
     scale, zero = scale.reshape(-1).clone(), zero.reshape(-1).clone()
     lib = ckernels.library()
     if lib is not None and xb.shape[1] <= 256:
-        # One pass per block in C (csrc/fit.c), the same search: ~50x the eager loop below.
+        # The same search in C (csrc/fit.c): about 10x the eager loop below.
         ckernels.fit_float_min(lib, xb.contiguous(), spec.qmin, spec.qmax, search.steps(spec),
                                spec.scale_dtype == "float16", scale, zero)
         return scale, zero
