@@ -23,6 +23,11 @@ def weights(rows=48, cols=96, seed=0):
     w[::7] += 0.03  # groups all on one side of zero: a positive minimum
     w[3, 5] = 0.6  # an outlier
     w[4].zero_()  # a constant group
+    # Where float16 is coarse against the data: scales among float16's subnormals, and groups
+    # far from zero whose minimum rounds by more than a step. There the refit's error estimate
+    # (before the round trip) can be wrong, and only the round-trip check keeps min/max.
+    w[8:16] *= 1e-4
+    w[16:24] = 3.0 + w[16:24] * 0.02
     return w
 
 
@@ -85,7 +90,7 @@ def test_codes_in_range_and_float16_storage_round_trips(tmp_path):
 def test_a_grid_already_on_q4_1_stays_exact():
     """Weights that lie on a Q4_1 grid (SmolLM2's): min/max reproduces them, and the search
     keeps that (nothing beats zero error)."""
-    w = weights(seed=2)
+    w = weights(seed=2)[24:]  # groups near zero: far from it float32 re-rounds the grid itself
     grid = QTensor.quantize(w, Q4_1).dequantize()
     q = QTensor.quantize(grid, Q4_1, *fitted_qparams(grid, Q4_1))
     assert torch.allclose(q.dequantize(), grid, rtol=0, atol=1e-7)
