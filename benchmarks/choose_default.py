@@ -13,6 +13,10 @@ weights: tensor bytes as stored (codes, scales, zero-points, float tensors; a ti
 no file headers or vocabulary. secs: the in-memory quantization alone (no model load).
 
 Candidate set (a subset of the full product, and why):
+- first the default's own candidates (models/choose.py), with and without the least-squares
+  search of each float-minimum group (calibrate/fit.py, method "fit"): R1 = linears int4 g32
+  float-minimum, table int8 per row; R2 = linears int8 per channel, table int4 g32
+  float-minimum (R3 = R2 searched); `--pick 0,1,2,3` measures these alone;
 - rtn with integer and with float zero-points, groups of 32/64/128, symmetric g128 (the old
   default, head in float) and symmetric g32: the spec axes at round-to-nearest, which is what
   fits SmolLM2's two-minute budget on 2 cores with room to spare;
@@ -77,7 +81,13 @@ def recipe_of(linear, table):
 
 def candidates(gptq: bool):
     s = specs()
+    # The candidates of models/choose.py first (R1, R1 searched, R2, R3 = R2 searched), then the
+    # earlier survey's rows.
     rows = [
+        ("rtn", "int4 asym g32 fzp f16", "int8 per row"),
+        ("fit", "int4 asym g32 fzp f16", "int8 per row"),
+        ("rtn", "int8 per row", "int4 asym g32 fzp f16 table"),
+        ("fit", "int8 per row", "int4 asym g32 fzp f16 table"),
         ("rtn", "int4 sym g128 (old default)", None),
         ("rtn", "int4 sym g32 f16", "int8 per row"),
         ("rtn", "int4 asym g32 f16", "int8 per row"),
@@ -102,6 +112,10 @@ def quantize(model, recipe, method: str, tokenizer):
         from zeropoint.algorithms.hqq import hqq_quantize
 
         return quantize_model(model, recipe, quantize_fn=lambda n, w, spec: hqq_quantize(w, spec))
+    if method == "fit":  # float-zero-point groups searched (calibrate/fit.py)
+        from zeropoint.nn.quantize_model import fitted_quantize_fn
+
+        return quantize_model(model, recipe, quantize_fn=fitted_quantize_fn)
     if method == "gptq":
         from zeropoint.algorithms.sequential import gptq_model
         from zeropoint.calibrate.texts import default_calibration_text

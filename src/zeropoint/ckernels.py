@@ -1,4 +1,5 @@
-"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), bit
+"""Optional C fast path: float32 quantize, dequantize and block min/max (csrc/affine.c), the
+float-minimum groups' least-squares search (csrc/fit.c, used by calibrate.fit), bit
 packing (csrc/pack.c), ggml's K-quant super-blocks (csrc/kquants.c and, back to floats,
 csrc/kdequant.c; used by gguf.kquants and gguf.codecs) and
 legacy 32-value blocks (csrc/legacy.c, used by gguf.blocks), a GGUF header's string arrays
@@ -40,8 +41,8 @@ except ImportError:  # not POSIX: builds go unlocked
     fcntl = None
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "pack.c", "kquants.c", "kdequant.c",
-                                    "legacy.c", "iquants.c", "gguf_scan.c", "gemv.c",
+SOURCES = [CSRC / name for name in ("parallel.c", "affine.c", "fit.c", "pack.c", "kquants.c",
+                                    "kdequant.c", "legacy.c", "iquants.c", "gguf_scan.c", "gemv.c",
                                     "token_ops.c")]
 HEADERS = [CSRC / name for name in ("zeropoint.h", "common.h", "parallel.h", "weighted.h")]
 # -fno-math-errno lets nearbyintf become one vector instruction; no -ffast-math, which would
@@ -63,6 +64,7 @@ SIGNATURES = {
     "zp_quantize_f32": (_int, [_p, _p, _i64, _i64, _i64, _p, _p, _f32, _f32, _int]),
     "zp_dequantize_f32": (None, [_p, _int, _p, _i64, _i64, _i64, _p, _p, _int]),
     "zp_minmax_f32": (_int, [_p, _i64, _i64, _i64, _p, _p, _int]),
+    "zp_fit_float_min": (_int, [_p, _i64, _i64, _int, _int, _p, _int, _int, _p, _p, _int]),
     "zp_pack": (None, [_p, _i64, _int, _p]),
     "zp_unpack": (None, [_p, _i64, _int, _p]),
     "zp_quantize_kquant": (_i64, [_int, _p, _i64, _p, _p, _int]),
@@ -394,6 +396,17 @@ def dequantize(lib, codes, out, view, scale, zero_point) -> None:
     signed = int(str(codes.dtype) in ("int8", "torch.int8"))
     lib.zp_dequantize_f32(_ptr(codes), signed, _ptr(out), P, C, Q, _ptr(scale), _ptr(zero_point),
                           threads(_size(codes)))
+
+
+def fit_float_min(lib, rows, qmin, qmax, steps, half, scale, zero) -> None:
+    """calibrate/fit.py's search over float32 rows (blocks, n), in place on scale and zero."""
+    import torch
+
+    steps = torch.tensor(steps, dtype=torch.float32)
+    blocks, n = rows.shape
+    if lib.zp_fit_float_min(_ptr(rows), blocks, n, qmin, qmax, _ptr(steps), steps.numel(),
+                            int(half), _ptr(scale), _ptr(zero), threads(_size(rows))):
+        raise ValueError(f"the fit takes blocks of 1..256 values, got {n}")
 
 
 def min_max(lib, xv, view):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
 import torch
@@ -149,6 +150,13 @@ class QTensor:
                 f"up to {FORMAT_VERSION}"
             )
         return cls.from_state_dict(load_file(str(path)), json.loads(header["qtensor"]))
+
+
+@lru_cache(maxsize=None)
+def qtensor_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
+    """Bytes QTensor.quantize stores for a weight of `shape` at `spec` (they depend on nothing
+    else): codes, scales and zero-points."""
+    return QTensor.quantize(torch.zeros(shape), spec).nbytes
 
 
 def _zero_point_dtype(spec: QuantSpec) -> torch.dtype:

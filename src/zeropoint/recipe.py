@@ -41,9 +41,16 @@ DEFAULT_TABLE_SPEC = QuantSpec(8, "symmetric", "per_channel")
 EMBEDDING_PATTERNS = ("*embed_tokens", "*wte")
 
 
-def _default_rules() -> tuple[Rule, ...]:
+# The other arrangement of the same two forms (models/choose.py measures both): the linears in
+# 8 bits per output channel, the embedding and head in the 4-bit float-minimum groups. On a model
+# whose table holds most of the weights (Gemma 3's 262,144 x 640) it is the smaller of the two.
+WIDE_LINEAR_SPEC = DEFAULT_TABLE_SPEC
+WIDE_TABLE_SPEC = DEFAULT_LINEAR_SPEC
+
+
+def _default_rules(table: QuantSpec | None = DEFAULT_TABLE_SPEC) -> tuple[Rule, ...]:
     tables = ("lm_head",) + EMBEDDING_PATTERNS
-    return tuple(Rule(pattern, DEFAULT_TABLE_SPEC) for pattern in tables)
+    return tuple(Rule(pattern, table) for pattern in tables)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,12 @@ class Recipe:
         DEFAULT_LINEAR_SPEC on every Linear; the embedding and the output head hold most of a
         small model's bytes, and 8 bits per row (DEFAULT_TABLE_SPEC) keeps them close to float."""
         return cls(DEFAULT_LINEAR_SPEC, _default_rules())
+
+    @classmethod
+    def linears_and_tables(cls, linear: QuantSpec | None, table: QuantSpec | None) -> "Recipe":
+        """Every Linear in `linear`; the token embedding and the output head (one tensor when
+        tied) in `table` (None: float)."""
+        return cls(linear, _default_rules(table))
 
     def with_rules(self, rules: Iterable[Rule]) -> "Recipe":
         """This recipe with `rules` after its own, so that they win where they match."""

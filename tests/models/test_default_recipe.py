@@ -1,7 +1,9 @@
-"""The default recipe (no spec options) on tiny Llama and Gemma 3 checkpoints: the tied
-embedding/head table is stored once, and the quantized model computes what transformers'
-own architecture computes with the same (dequantized) weights: in its module path (Gemma's
-scaled embedding included) and in `zeropoint generate`'s compact decoder (greedy tokens)."""
+"""The default recipe (no spec options) on tiny Llama and Gemma 3 checkpoints, and each of the
+default's candidates (models/choose.py; on the tiny models the choice is R1, on Gemma 3 270M it
+is R2, so both are made here): the tied embedding/head table is stored once, and the quantized
+model computes what transformers' own architecture computes with the same (dequantized) weights:
+in its module path (Gemma's scaled embedding included) and in `zeropoint generate`'s compact
+decoder (greedy tokens)."""
 
 from __future__ import annotations
 
@@ -12,18 +14,43 @@ import torch
 from family_checkpoints import tiny_checkpoint
 
 from zeropoint.cli import main
-from zeropoint.recipe import DEFAULT_LINEAR_SPEC, DEFAULT_TABLE_SPEC
+from zeropoint.models.choose import CANDIDATES
 
 FAMILIES = ("llama", "gemma3")
+# (family, candidate name): None is `zeropoint quantize` with no spec option.
+MADE = [(f, None) for f in FAMILIES] + [(f, c.name) for f in FAMILIES for c in CANDIDATES]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=MADE, ids=[f"{f}-{c or 'default'}" for f, c in MADE])
 def default_dir(request, tmp_path_factory):
-    family = request.param
+    family, name = request.param
     src = tiny_checkpoint(family)
     out = tmp_path_factory.mktemp("default") / family
-    assert main(["quantize", str(src), "-o", str(out), "--quiet"]) == 0
+    if name is None:
+        assert main(["quantize", str(src), "-o", str(out), "--quiet"]) == 0
+        return family, src, out
+    from zeropoint.models.load import load_model
+    from zeropoint.modeldir.writer import save_quantized
+
+    loaded = load_model(src, progress=False)
+    candidate = next(c for c in CANDIDATES if c.name == name)
+    candidate.quantize(loaded.model)
+    out.mkdir()
+    save_quantized(loaded.model, out, recipe=candidate.recipe, kind=loaded.kind,
+                   tokenizer=loaded.tokenizer, config=loaded.config)
     return family, src, out
+
+
+def candidate_of(out):
+    """The candidate a directory was made with: the recorded default choice, else the one whose
+    recipe the manifest holds."""
+    from zeropoint.modeldir.format import read_manifest
+
+    manifest = read_manifest(out)
+    chosen = manifest.extra.get("default_choice", {}).get("chosen")
+    return next(c for c in CANDIDATES
+                if c.name == chosen
+                or (chosen is None and c.recipe.to_dict() == manifest.extra["recipe"]))
 
 
 def oracle_model(directory):
@@ -49,15 +76,17 @@ def test_specs_and_a_tied_table_stored_once(default_dir):
     from zeropoint.modeldir.format import read_manifest, read_tensors
 
     family, src, out = default_dir
+    recipe = candidate_of(out).recipe
+    table, linear = recipe.spec_for("lm_head"), recipe.default
     _, quantized, _ = read_tensors(out)
     embed = quantized.pop("model.embed_tokens.weight")
-    assert embed.spec == DEFAULT_TABLE_SPEC
+    assert embed.spec == table
     config = json.loads((out / "config.json").read_text())
     if config.get("tie_word_embeddings", family == "gemma3"):
         assert "lm_head.weight" not in quantized  # tied: the embedding's bytes serve the head
     else:
-        assert quantized.pop("lm_head.weight").spec == DEFAULT_TABLE_SPEC
-    assert quantized and all(q.spec == DEFAULT_LINEAR_SPEC for q in quantized.values())
+        assert quantized.pop("lm_head.weight").spec == table
+    assert quantized and all(q.spec == linear for q in quantized.values())
     stored = 0
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
         names = list(f.keys())

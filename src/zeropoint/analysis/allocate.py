@@ -22,13 +22,12 @@ import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from .. import core
-from ..qtensor import QTensor
+from ..qtensor import QTensor, qtensor_nbytes
 from ..recipe import Recipe, Rule
 from ..spec import Granularity, QuantSpec
 from .common import Batch, analyzed_layers, as_recipe, one_thread, progress_bar
@@ -116,13 +115,6 @@ class Allocation:
             )
         rules = tuple(Rule(glob.escape(name), o.spec) for name, o in self.chosen.items())
         return base.with_rules(rules)
-
-
-@lru_cache(maxsize=None)
-def qtensor_nbytes(shape: tuple[int, ...], spec: QuantSpec) -> int:
-    """Bytes QTensor.quantize stores for a weight of `shape` at `spec` (they depend on nothing
-    else): codes, scales and zero-points."""
-    return QTensor.quantize(torch.zeros(shape), spec).nbytes
 
 
 def _row_local(spec: QuantSpec) -> bool:

@@ -15,6 +15,7 @@ from .common import CommandError, mib, open_model, quiet_libraries, read_text, r
 
 EPILOG = """examples:
   zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model and recipe)
+  zeropoint quantize gemma-3-270m.gguf -o out/gemma3   (the default: chosen by size and KLD)
   zeropoint quantize path/to/checkpoint -o out/int4-g32 --scheme asymmetric --group-size 32
   zeropoint quantize default -o out/gptq --method gptq --calib notes.txt
   zeropoint quantize default --type Q4_K_M -o smollm2-q4_k_m.gguf
@@ -84,8 +85,9 @@ def add_parser(sub) -> None:
 
 
 # Spec options given alone fill in the rest from here (a uniform spec, the head in float); none
-# given: the default recipe (recipe.Recipe.chosen: int4 g32 with a float16 scale and minimum, the
-# embedding and head in int8 per row).
+# given: the default, chosen for the model by models/choose.py (R1: int4 g32 float16 scale and
+# minimum linears, int8-per-row table; or R2: int8 linears, int4 g32 table), within the size of
+# llama.cpp's Q4_K_M of the same model.
 DEFAULTS = {
     "bits": 4, "scheme": "symmetric", "granularity": "per_group", "group_size": 128,
     "keep_float": ("lm_head",), "max_tokens": 2048, "calib_tokens": DEFAULT_CALIB_TOKENS,
@@ -136,7 +138,7 @@ def check_options(args) -> None:
 
 def run(args) -> None:
     check_options(args)
-    # No spec option given: the measured default recipe (recipe.Recipe.chosen), not a uniform
+    # No spec option given: the default chosen per model (models/choose.py), not a uniform
     # spec; --budget-bpw allocates from the uniform base, with the head in float.
     # HQQ and GPTQ fit integer zero-points: they keep the uniform base too.
     args.default_recipe = args.recipe is None and args.budget_bpw is None and args.method == "rtn" and all(
@@ -158,7 +160,7 @@ def run(args) -> None:
 
         recipe = allocate_recipe(args, recipe)
     started = time.perf_counter()
-    manifest = _write_quantized(args, source, recipe, out)
+    manifest, choice = _write_quantized(args, source, recipe, out)
     elapsed = time.perf_counter() - started
     params = manifest.quantized_params + manifest.kept_params
     on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -179,8 +181,8 @@ def run(args) -> None:
         rows.append(before_and_after(args.model, str(out), text, args.max_tokens))
     if not args.quiet:
         what = recipe.default.describe() if recipe.default else "float"
-        if args.default_recipe:
-            what = f"the default: {what}, embedding and head int8 per row"
+        if choice is not None:
+            what = f"the default, {choice.chosen.name}: {choice.chosen.summary}"
         if args.budget_bpw is not None:
             what = f"a spec per layer under a budget of {args.budget_bpw} bits/weight"
         print(f"\nwrote {out} in {elapsed:.1f} s ({what})")
@@ -221,18 +223,28 @@ def _write_quantized(args, source, recipe, out: Path):
     from ..models.source import DEFAULT_MODEL
     from ..nn.quantize_model import quantize_model
 
+    choice = None
     with atomic_path(out, directory=True) as tmp:
         try:
-            # The streaming path reads no module names: a weighted run loads the model.
-            if args.method == "rtn" and source.kind == "hf" and args.imatrix is None:
-                return quantize_checkpoint(source.path, tmp, recipe, progress=not args.quiet)
+            # The streaming path reads no module names: a weighted run loads the model, and so
+            # does the default, which measures its candidates on it.
+            if (args.method == "rtn" and source.kind == "hf" and args.imatrix is None
+                    and not args.default_recipe):
+                return quantize_checkpoint(source.path, tmp, recipe, progress=not args.quiet), None
             loaded = open_model(args.model, progress=not args.quiet)
             importance = None
             if args.imatrix is not None:
                 from .importance import module_importance
 
                 importance = module_importance(args.imatrix, loaded.model, recipe, args.quiet)
-            if args.method == "gptq":  # error-correcting methods need the whole model in memory
+            if args.default_recipe and importance is None:
+                choice = _choose_default(args, loaded)
+                recipe = choice.chosen.recipe
+                if choice.model is not None:  # measured: the winner is quantized already
+                    loaded.model, choice.model = choice.model, None
+                else:
+                    choice.chosen.quantize(loaded.model, progress=not args.quiet)
+            elif args.method == "gptq":  # error-correcting methods need the whole model in memory
                 _gptq(args, loaded, recipe, importance)
             elif importance is not None:
                 from ..nn.quantize_model import importance_quantize_fn
@@ -248,10 +260,32 @@ def _write_quantized(args, source, recipe, out: Path):
                 quantize_model(loaded.model, recipe, progress=not args.quiet)
         except ValueError as e:
             raise CommandError(str(e)) from None
+        extra = {"default_choice": choice.to_dict()} if choice is not None else {}
         return save_quantized(
             loaded.model, tmp, recipe=recipe, kind=loaded.kind, tokenizer=loaded.tokenizer,
             config=loaded.config, source=str(args.model or DEFAULT_MODEL), method=args.method,
-        )
+            **extra,
+        ), choice
+
+
+def _choose_default(args, loaded):
+    """models.choose's pick for this model, printed with its sizes and measured errors."""
+    from ..models.choose import CANDIDATES, Choice, calibration_ids, choose, peer_budget_bytes
+
+    try:
+        budget = peer_budget_bytes(loaded)
+    except ValueError as e:  # a model llama.cpp's mixes do not take: no budget to size against
+        choice = Choice(CANDIDATES[0], 0, [],
+                        f"no llama.cpp Q4_K_M of this model to size against ({e}): the first "
+                        "candidate")
+    else:
+        if not args.quiet:
+            print(f"choosing the default among {len(CANDIDATES)} candidates", flush=True)
+        choice = choose(loaded.model, budget, calibration_ids(loaded.tokenizer),
+                        progress=not args.quiet)
+    if not args.quiet:
+        print(choice.describe(), flush=True)
+    return choice
 
 
 def _gptq(args, loaded, recipe, importance=None) -> None:

@@ -58,6 +58,13 @@ ZP_API void zp_dequantize_f32(const uint8_t *codes, int is_signed, float *out, i
                               int threads);
 ZP_API int zp_minmax_f32(const float *x, int64_t P, int64_t C, int64_t Q, float *lo, float *hi,
                          int threads);
+/* fit.c: each of `blocks` runs of n floats (n <= 256) gets the least-squares scale and float
+ * zero-point of calibrate/fit.py where its round trip beats the given (min/max) ones, which
+ * scale[] and zero[] hold on entry. half: scales and minima stored as float16. 0, or -1 bad
+ * sizes. */
+ZP_API int zp_fit_float_min(const float *x, int64_t blocks, int64_t n, int qmin, int qmax,
+                            const float *steps, int nsteps, int half, float *scale, float *zero,
+                            int threads);
 
 /* ---- pack.c: sub-byte codes to bytes and back ---- */
 

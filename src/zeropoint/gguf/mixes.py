@@ -33,6 +33,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 from .metadata import MetaValue
@@ -249,6 +250,15 @@ class Plan:
 
     def counts(self) -> Counter:
         return Counter(c.type for c in self.choices)
+
+    def weight_bytes(self) -> int:
+        """Tensor bytes of the file this plan makes (no header, no vocabulary): what
+        llama-quantize's output holds, known from the shapes before anything is quantized."""
+        total = 0
+        for c in self.choices:
+            t = ggml_type(c.type)
+            total += prod(c.shape) // t.block_size * t.type_size
+        return total
 
 
 def llama_order(names: Iterable[str]) -> list[str]:

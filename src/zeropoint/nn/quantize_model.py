@@ -38,7 +38,7 @@ class ModelReport:
         return 8.0 * self.stored_bytes / max(1, self.params)
 
 
-def _storage_key(t) -> tuple:
+def storage_key(t) -> tuple:
     """Equal for tensors that are views of the same memory (tied weights)."""
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
 
@@ -47,7 +47,7 @@ def distinct_tensors(tensors):
     """Each tensor once, however many names share it (tied weights)."""
     seen = set()
     for t in tensors:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key not in seen:
             seen.add(key)
             yield t
@@ -93,7 +93,7 @@ def quantize_model(model: nn.Module, recipe: Recipe | None = None, *, progress: 
     done: dict[tuple, QTensor] = {}
     for name, module, spec in tqdm(targets, desc="quantize", unit="tensor", disable=not progress):
         w = module.weight.detach()
-        key = (*_storage_key(w), spec)
+        key = (*storage_key(w), spec)
         tied = key in done
         try:
             if tied:
@@ -135,6 +135,17 @@ def importance_quantize_fn(importance):
         return QTensor.quantize(w, spec, *mse_qparams(w, spec, importance=imp))
 
     return quantize
+
+
+def fitted_quantize_fn(name: str, w, spec):
+    """A quantize_fn (see quantize_model) for round-to-nearest with each block's scale and
+    minimum searched for least squared error (calibrate.fit) where the spec has a float
+    zero-point; min/max elsewhere."""
+    from ..calibrate.fit import fitted_qparams
+
+    if not spec.float_zero_point:
+        return QTensor.quantize(w, spec)
+    return QTensor.quantize(w, spec, *fitted_qparams(w, spec))
 
 
 def quantized_layers(model: nn.Module):
