@@ -27,7 +27,8 @@ GROUP = 32  # int4 group size, float zero-points: today's default linears and ca
 
 
 def kernels(lib, rows: int, cols: int, path: str, threads: int):
-    """name -> (fn, bytes read): int8 per row and int4 g32 float-zero-point on one matrix."""
+    """name -> (fn, bytes read): int8 per row, and int4 g32 float-zero-point on one matrix with
+    float32 and with float16 scales and zero-points."""
     gen = torch.Generator().manual_seed(0)
     q8 = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, generator=gen)
     s8 = torch.rand(rows, generator=gen)
@@ -35,8 +36,9 @@ def kernels(lib, rows: int, cols: int, path: str, threads: int):
     s4 = torch.rand(rows, cols // GROUP, generator=gen)
     z4 = torch.rand(rows, cols // GROUP, generator=gen) * 15
     x, y = torch.randn(cols, generator=gen), torch.empty(rows)
+    s4h, z4h = s4.half(), z4.half()
     code = PATHS[path]
-    keep = (q8, s8, q4, s4, z4, x, y)  # the pointers below point into these
+    keep = (q8, s8, q4, s4, z4, s4h, z4h, x, y)  # the pointers below point into these
 
     def int8():
         lib.zp_gemv_q8(x.data_ptr(), q8.data_ptr(), s8.data_ptr(), y.data_ptr(), cols, rows,
@@ -44,11 +46,16 @@ def kernels(lib, rows: int, cols: int, path: str, threads: int):
 
     def int4():
         lib.zp_gemv_q4(x.data_ptr(), q4.data_ptr(), s4.data_ptr(), z4.data_ptr(), y.data_ptr(),
-                       cols, GROUP, rows, threads, code)
+                       cols, GROUP, rows, threads, code, 0)
 
-    int8.keep = int4.keep = keep
+    def int4_half():
+        lib.zp_gemv_q4(x.data_ptr(), q4.data_ptr(), s4h.data_ptr(), z4h.data_ptr(),
+                       y.data_ptr(), cols, GROUP, rows, threads, code, 3)
+
+    int8.keep = int4.keep = int4_half.keep = keep
     return {"int8/row": (int8, q8.nbytes + s8.nbytes),
-            f"int4 g{GROUP} float-zp": (int4, q4.nbytes + s4.nbytes + z4.nbytes)}
+            f"int4 g{GROUP} fzp f32": (int4, q4.nbytes + s4.nbytes + z4.nbytes),
+            f"int4 g{GROUP} fzp f16": (int4_half, q4.nbytes + s4h.nbytes + z4h.nbytes)}
 
 
 def main() -> None:

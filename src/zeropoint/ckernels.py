@@ -80,7 +80,7 @@ SIGNATURES = {
     "zp_skip_strings": (_i64, [_p, _i64, _i64, _i64]),
     "zp_gemv_has_path": (_int, [_int]),
     "zp_gemv_q8": (None, [_p, _p, _p, _p, _i64, _i64, _int, _int]),
-    "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int]),
+    "zp_gemv_q4": (None, [_p, _p, _p, _p, _p, _i64, _i64, _i64, _int, _int, _int]),
     "zp_add_rmsnorm": (None, [_p, _p, _p, _f32, _i64, _p]),
     "zp_silu_mul": (None, [_p, _p, _i64]),
     "zp_decoder_attend": (None, [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _f32,

@@ -219,3 +219,30 @@ def test_a_path_not_compiled_in_is_refused(gen):
     q = weights(gen, (4, 8), INT8)
     with pytest.raises(ValueError, match="gemv path 'neon' is not compiled in here; have best"):
         GemvKernel(q, None, ckernels.library(), path="neon")
+
+
+@needs_c
+@pytest.mark.parametrize("path", LOOPS)
+@pytest.mark.parametrize("spec, halves", [
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16"), 2 * 2),
+    (QuantSpec(4, "symmetric", "per_group", group_size=48, scale_dtype="float16"), 2),
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16",
+               zero_point="float"), 2),  # the float zero-points stay float32
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32), 2),  # integer zero-points only
+], ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+def test_float16_copies_of_exact_parameters_give_the_same_bits(gen, spec, halves, path):
+    # Where float16 holds a scale or zero-point exactly, the loops read a float16 copy: the
+    # weights are the same, so the result is the float32 copies' bit for bit.
+    compiled(path)
+    q = weights(gen, (37, 1100), spec)
+    x = torch.randn(1100, generator=gen)
+    lib = ckernels.library()
+    kernel = GemvKernel(q, None, lib, threads=1, path=path)
+    groups = q.scale.shape[1]
+    assert kernel.kernel_nbytes() == 37 * groups * halves  # bytes of the float16 copies
+    y32 = torch.empty(37)
+    zp = None if q.zero_point is None else q.zero_point.float().contiguous()
+    lib.zp_gemv_q4(x.data_ptr(), q.packed.data_ptr(), q.scale.data_ptr(),
+                   None if zp is None else zp.data_ptr(), y32.data_ptr(), 1100,
+                   spec.group_size, 37, 1, PATHS[path], 0)
+    assert torch.equal(kernel.linear(x), y32)

@@ -8,7 +8,9 @@
  *   one converted, or a real one), the last group possibly shorter (zp NULL: zero-point 8, the
  *   symmetric scheme, whose codes are stored +8):
  *   y[o] = sum_i x[i] * w[o,i], w[o,i] = (u[o,i] - z[o,g]) * s[o,g] rounded once to float32,
- *   which is the very weight core.dequantize makes. The SIMD paths look w up in a 16-entry
+ *   which is the very weight core.dequantize makes. `half` bit 1: scale points to float16
+ *   values instead, bit 2: zp does (exact copies where the spec keeps float16 scales: fewer
+ *   bytes to read per token). The SIMD paths look w up in a 16-entry
  *   table per group (AVX-512: one vpermps on the nibble; AVX2: two vpermps on its low three
  *   bits and a blend on bit 3), so decoding a code costs no int->float conversion.
  *
@@ -20,6 +22,7 @@
  * a row's result never depends on the split (fused and separate layers agree bit for bit). */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "parallel.h"
 #include "zeropoint.h"
@@ -150,7 +153,7 @@ INLINE void dot_q8_avx2(const float *x, const int8_t *q, int64_t n, int R, float
 static void gemv_q8_rows(const float *x, const int8_t *q, const float *scale, float *y,
                          int64_t in, int64_t r0, int64_t r1, int path) {
   float d[ROWS];
-  (void)d; /* unused without SIMD */
+  (void)d, (void)path; /* unused without SIMD */
 #define BLOCKS(dot)                                                                      \
   do {                                                                                   \
     for (; r0 + ROWS <= r1; r0 += ROWS) {                                                \
@@ -185,6 +188,32 @@ static void gemv_q8_rows(const float *x, const int8_t *q, const float *scale, fl
 
 /* ---- int4 ------------------------------------------------------------------------------ */
 
+/* An IEEE float16 (its bits) as float32: exact. */
+static inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 31, man = h & 1023;
+  uint32_t bits;
+  if (exp == 31) bits = sign | 0x7f800000u | (man << 13); /* inf, nan */
+  else if (exp) bits = sign | ((exp + 112) << 23) | (man << 13);
+  else if (!man) bits = sign;
+  else { /* subnormal: man * 2^-24, exact in float32 */
+    float f = (float)man * 5.9604644775390625e-08f;
+    memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+  }
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+#endif
+}
+
+/* Group parameter k of a float32 (half 0) or float16 (half nonzero) array. */
+static inline float param(const void *p, int64_t k, int half) {
+  return half ? half_to_float(((const uint16_t *)p)[k]) : ((const float *)p)[k];
+}
+
 /* The 16 weights a group's codes stand for: (u - z) * s, one rounding, as core.dequantize. */
 static void group_table(float *tab, float s, float z) {
   for (int u = 0; u < 16; u++) tab[u] = ((float)u - z) * s;
@@ -206,9 +235,9 @@ static float dot_q4_scalar(const float *x, const uint8_t *row, const float *tab,
   return total;
 }
 
-static void gemv_q4_portable(const float *x, const uint8_t *packed, const float *scale,
-                             const float *zp, float *y, int64_t in, int64_t gs, int64_t r0,
-                             int64_t r1) {
+static void gemv_q4_portable(const float *x, const uint8_t *packed, const void *scale,
+                             const void *zp, int half, float *y, int64_t in, int64_t gs,
+                             int64_t r0, int64_t r1) {
   const int64_t groups = (in + gs - 1) / gs;
   float tab[16];
   for (int64_t o = r0; o < r1; o++) {
@@ -216,7 +245,8 @@ static void gemv_q4_portable(const float *x, const uint8_t *packed, const float 
     float total = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
       const int64_t i0 = g * gs, n = (in - i0 < gs) ? in - i0 : gs;
-      group_table(tab, scale[o * groups + g], zp ? zp[o * groups + g] : 8.0f);
+      const int64_t k = o * groups + g;
+      group_table(tab, param(scale, k, half & 1), zp ? param(zp, k, half & 2) : 8.0f);
       total += dot_q4_scalar(x, row, tab, i0, n);
     }
     y[o] = total;
@@ -240,8 +270,8 @@ static void deinterleave(const float *x, float *xd, int64_t chunks, int chunk) {
  * and one for the high ones; a ragged last group's last codes go through the scalar loop. */
 #ifdef HAVE_AVX512
 #define CHUNK512 32 /* codes per AVX-512 step: 16 bytes, 16 low and 16 high nibbles */
-INLINE void rows_q4_avx512(const float *x, const float *xd, const uint8_t *packed,
-                           const float *scale, const float *zp, float *y, int64_t in,
+INLINE void rows_q4_avx512(const float *x, const float *xd, const uint8_t *packed, int half,
+                           const void *scale, const void *zp, float *y, int64_t in,
                            int64_t gs, int64_t o, int R) {
   const int64_t groups = (in + gs - 1) / gs, nb = in / 2;
   const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -254,8 +284,8 @@ INLINE void rows_q4_avx512(const float *x, const float *xd, const uint8_t *packe
     __m512 t[ROWS];
     for (int r = 0; r < R; r++) {
       const int64_t k = (o + r) * groups + g;
-      t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zp ? zp[k] : 8.0f)),
-                           _mm512_set1_ps(scale[k]));
+      t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zp ? param(zp, k, half & 2) : 8.0f)),
+                           _mm512_set1_ps(param(scale, k, half & 1)));
     }
     for (int64_t i = i0; i < end; i += CHUNK512) {
       const __m512 xe = _mm512_loadu_ps(xd + i), xo = _mm512_loadu_ps(xd + i + 16);
@@ -287,8 +317,8 @@ INLINE __m256 lookup16(__m256 t_lo, __m256 t_hi, __m256i idx, __m256i select) {
                           _mm256_permutevar8x32_ps(t_hi, idx), _mm256_castsi256_ps(select));
 }
 
-INLINE void rows_q4_avx2(const float *x, const float *xd, const uint8_t *packed,
-                         const float *scale, const float *zp, float *y, int64_t in, int64_t gs,
+INLINE void rows_q4_avx2(const float *x, const float *xd, const uint8_t *packed, int half,
+                         const void *scale, const void *zp, float *y, int64_t in, int64_t gs,
                          int64_t o, int R) {
   const int64_t groups = (in + gs - 1) / gs, nb = in / 2;
   const __m256 iota_lo = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
@@ -302,7 +332,8 @@ INLINE void rows_q4_avx2(const float *x, const float *xd, const uint8_t *packed,
     __m256 t0[ROWS], t1[ROWS]; /* the table's entries 0-7 and 8-15 */
     for (int r = 0; r < R; r++) {
       const int64_t k = (o + r) * groups + g;
-      const __m256 z = _mm256_set1_ps(zp ? zp[k] : 8.0f), s = _mm256_set1_ps(scale[k]);
+      const __m256 z = _mm256_set1_ps(zp ? param(zp, k, half & 2) : 8.0f);
+      const __m256 s = _mm256_set1_ps(param(scale, k, half & 1));
       t0[r] = _mm256_mul_ps(_mm256_sub_ps(iota_lo, z), s);
       t1[r] = _mm256_mul_ps(_mm256_sub_ps(iota_hi, z), s);
     }
@@ -338,8 +369,8 @@ typedef struct {
   int bits, path;
   const float *x, *xd; /* xd: x deinterleaved for the SIMD int4 loops, or NULL (portable) */
   const void *w;
-  const float *scale;
-  const float *zp;
+  const void *scale, *zp; /* float32, or for int4 float16 where half says (zp_gemv_q4) */
+  int half;
   float *y;
   int64_t in, gs;
 } job_t;
@@ -358,9 +389,10 @@ static void run_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
   do {                                                                                     \
     for (; r0 + ROWS <= r1; r0 += ROWS) {                                                  \
       prefetch_bytes(w + r0 * nb, ROWS * nb);                                              \
-      rows_fn(j->x, j->xd, w, j->scale, j->zp, j->y, j->in, j->gs, r0, ROWS);              \
+      rows_fn(j->x, j->xd, w, j->half, j->scale, j->zp, j->y, j->in, j->gs, r0, ROWS);              \
     }                                                                                      \
-    for (; r0 < r1; r0++) rows_fn(j->x, j->xd, w, j->scale, j->zp, j->y, j->in, j->gs, r0, 1); \
+    for (; r0 < r1; r0++)                                                                 \
+      rows_fn(j->x, j->xd, w, j->half, j->scale, j->zp, j->y, j->in, j->gs, r0, 1);         \
   } while (0)
 #ifdef HAVE_AVX512
   if (j->xd && j->path == ZP_GEMV_AVX512) {
@@ -375,7 +407,7 @@ static void run_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
   }
 #endif
 #undef BLOCKS
-  gemv_q4_portable(j->x, w, j->scale, j->zp, j->y, j->in, j->gs, r0, r1);
+  gemv_q4_portable(j->x, w, j->scale, j->zp, j->half, j->y, j->in, j->gs, r0, r1);
 }
 
 #define BLOCK_ROWS 32 /* rows a thread claims at a time */
@@ -383,13 +415,13 @@ static void run_rows(void *ctx, int64_t r0, int64_t r1, int thread) {
 /* y = W x for all `rows` rows, on up to `threads` threads. */
 void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, int64_t in,
                 int64_t rows, int threads, int path) {
-  job_t j = {8, resolve(path), x, NULL, q, scale, NULL, y, in, in};
+  job_t j = {8, resolve(path), x, NULL, q, scale, NULL, 0, y, in, in};
   zp_parallel(threads, rows, BLOCK_ROWS, run_rows, &j);
 }
 
-void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale, const float *zp,
-                float *y, int64_t in, int64_t gs, int64_t rows, int threads, int path) {
-  job_t j = {4, resolve(path), x, NULL, packed, scale, zp, y, in, gs};
+void zp_gemv_q4(const float *x, const uint8_t *packed, const void *scale, const void *zp,
+                float *y, int64_t in, int64_t gs, int64_t rows, int threads, int path, int half) {
+  job_t j = {4, resolve(path), x, NULL, packed, scale, zp, half, y, in, gs};
   /* Chunks must not straddle groups: whole-chunk groups, or the portable loop. */
   const int chunk = j.path == ZP_GEMV_AVX512 ? 32 : j.path == ZP_GEMV_AVX2 ? 16 : 0;
   float stack[STACK_FLOATS], *xd = NULL;
