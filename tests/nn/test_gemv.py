@@ -223,26 +223,31 @@ def test_a_path_not_compiled_in_is_refused(gen):
 
 @needs_c
 @pytest.mark.parametrize("path", LOOPS)
-@pytest.mark.parametrize("spec, halves", [
-    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16"), 2 * 2),
-    (QuantSpec(4, "symmetric", "per_group", group_size=48, scale_dtype="float16"), 2),
+@pytest.mark.parametrize("spec, halves, shape", [
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16"), 2 * 2,
+     (37, 1100)),
+    (QuantSpec(4, "symmetric", "per_group", group_size=48, scale_dtype="float16"), 2, (37, 1100)),
     (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16",
-               zero_point="float"), 2),  # the float zero-points stay float32
-    (QuantSpec(4, "asymmetric", "per_group", group_size=32), 2),  # integer zero-points only
+               zero_point="float"), 2, (37, 1100)),  # the float zero-points stay float32
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32), 2, (37, 1100)),  # integer zps
+    # 514 groups a row: a block of 4 rows' parameters overflow the loops' conversion buffer
+    (QuantSpec(4, "symmetric", "per_group", group_size=16, scale_dtype="float16"), 2, (6, 8224)),
 ], ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
-def test_float16_copies_of_exact_parameters_give_the_same_bits(gen, spec, halves, path):
+def test_float16_copies_of_exact_parameters_give_the_same_bits(gen, spec, halves, shape, path):
     # Where float16 holds a scale or zero-point exactly, the loops read a float16 copy: the
     # weights are the same, so the result is the float32 copies' bit for bit.
     compiled(path)
-    q = weights(gen, (37, 1100), spec)
-    x = torch.randn(1100, generator=gen)
+    rows, cols = shape
+    q = weights(gen, shape, spec)
+    x = torch.randn(cols, generator=gen)
     lib = ckernels.library()
     kernel = GemvKernel(q, None, lib, threads=1, path=path)
     groups = q.scale.shape[1]
-    assert kernel.kernel_nbytes() == 37 * groups * halves  # bytes of the float16 copies
-    y32 = torch.empty(37)
+    assert kernel.kernel_nbytes() == rows * groups * halves  # bytes of the float16 copies
+    y32 = torch.empty(rows)
     zp = None if q.zero_point is None else q.zero_point.float().contiguous()
     lib.zp_gemv_q4(x.data_ptr(), q.packed.data_ptr(), q.scale.data_ptr(),
-                   None if zp is None else zp.data_ptr(), y32.data_ptr(), 1100,
-                   spec.group_size, 37, 1, PATHS[path], 0)
+                   None if zp is None else zp.data_ptr(), y32.data_ptr(), cols,
+                   spec.group_size, rows, 1, PATHS[path], 0)
     assert torch.equal(kernel.linear(x), y32)
+    assert_close(y32, x, q)

@@ -26,7 +26,7 @@
 
 #include "parallel.h"
 #include "zeropoint.h"
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -214,6 +214,31 @@ static inline float param(const void *p, int64_t k, int half) {
   return half ? half_to_float(((const uint16_t *)p)[k]) : ((const float *)p)[k];
 }
 
+#define PARAM_BUF 2048 /* floats: the float16 parameters of a block of rows, converted */
+/* count parameters from k0 on as float32: p's own when float32, else converted into buf 8 at a
+ * time (one conversion per group and row cost more than reading 2 more bytes saved); NULL
+ * when p is NULL or they do not fit buf (then param() per group). */
+static inline const float *block_params(const void *p, int half, int64_t k0, int64_t count,
+                                        float *buf) {
+  if (!p) return NULL;
+  if (!half) return (const float *)p + k0;
+  if (count > PARAM_BUF) return NULL;
+  const uint16_t *h = (const uint16_t *)p + k0;
+  int64_t j = 0;
+#if defined(__F16C__)
+  for (; j + 8 <= count; j += 8)
+    _mm256_storeu_ps(buf + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + j))));
+#endif
+  for (; j < count; j++) buf[j] = half_to_float(h[j]);
+  return buf;
+}
+
+/* Row r's (of a block) scale and zero-point of group g, from block_params or param(). */
+#define GROUP_SCALE(r, g) \
+  (sb ? sb[(r) * groups + (g)] : param(scale, (o + (r)) * groups + (g), half & 1))
+#define GROUP_ZERO(r, g)                                                                 \
+  (!zp ? 8.0f : zb ? zb[(r) * groups + (g)] : param(zp, (o + (r)) * groups + (g), half & 2))
+
 /* The 16 weights a group's codes stand for: (u - z) * s, one rounding, as core.dequantize. */
 static void group_table(float *tab, float s, float z) {
   for (int u = 0; u < 16; u++) tab[u] = ((float)u - z) * s;
@@ -279,14 +304,15 @@ INLINE void rows_q4_avx512(const float *x, const float *xd, const uint8_t *packe
   float tail[ROWS];
   for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm512_setzero_ps(), tail[r] = 0.0f;
   const uint8_t *row = packed + o * nb;
+  float sbuf[PARAM_BUF], zbuf[PARAM_BUF];
+  const float *sb = block_params(scale, half & 1, o * groups, R * groups, sbuf);
+  const float *zb = block_params(zp, half & 2, o * groups, R * groups, zbuf);
   for (int64_t g = 0; g < groups; g++) {
     const int64_t i0 = g * gs, n = (in - i0 < gs) ? in - i0 : gs, end = i0 + n / CHUNK512 * CHUNK512;
     __m512 t[ROWS];
-    for (int r = 0; r < R; r++) {
-      const int64_t k = (o + r) * groups + g;
-      t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zp ? param(zp, k, half & 2) : 8.0f)),
-                           _mm512_set1_ps(param(scale, k, half & 1)));
-    }
+    for (int r = 0; r < R; r++)
+      t[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(GROUP_ZERO(r, g))),
+                           _mm512_set1_ps(GROUP_SCALE(r, g)));
     for (int64_t i = i0; i < end; i += CHUNK512) {
       const __m512 xe = _mm512_loadu_ps(xd + i), xo = _mm512_loadu_ps(xd + i + 16);
       for (int r = 0; r < R; r++) {
@@ -327,13 +353,14 @@ INLINE void rows_q4_avx2(const float *x, const float *xd, const uint8_t *packed,
   float tail[ROWS];
   for (int r = 0; r < R; r++) lo[r] = hi[r] = _mm256_setzero_ps(), tail[r] = 0.0f;
   const uint8_t *row = packed + o * nb;
+  float sbuf[PARAM_BUF], zbuf[PARAM_BUF];
+  const float *sb = block_params(scale, half & 1, o * groups, R * groups, sbuf);
+  const float *zb = block_params(zp, half & 2, o * groups, R * groups, zbuf);
   for (int64_t g = 0; g < groups; g++) {
     const int64_t i0 = g * gs, n = (in - i0 < gs) ? in - i0 : gs, end = i0 + n / CHUNK256 * CHUNK256;
     __m256 t0[ROWS], t1[ROWS]; /* the table's entries 0-7 and 8-15 */
     for (int r = 0; r < R; r++) {
-      const int64_t k = (o + r) * groups + g;
-      const __m256 z = _mm256_set1_ps(zp ? param(zp, k, half & 2) : 8.0f);
-      const __m256 s = _mm256_set1_ps(param(scale, k, half & 1));
+      const __m256 z = _mm256_set1_ps(GROUP_ZERO(r, g)), s = _mm256_set1_ps(GROUP_SCALE(r, g));
       t0[r] = _mm256_mul_ps(_mm256_sub_ps(iota_lo, z), s);
       t1[r] = _mm256_mul_ps(_mm256_sub_ps(iota_hi, z), s);
     }
