@@ -10,10 +10,17 @@ from test_fuse import tiny_llama  # noqa: I001 - a sibling test module
 
 from zeropoint import QTensor, QuantSpec, Recipe, Rule, ckernels, quantize_model
 from zeropoint.nn.fuse import fuse_members
-from zeropoint.nn.gemv import GemvKernel, gemv_form
+from zeropoint.nn.gemv import PATHS, GemvKernel, gemv_form, paths_available
 from zeropoint.nn.qlinear import QLinear
 
 needs_c = pytest.mark.skipif(ckernels.library() is None, reason="no C compiler here")
+LOOPS = [p for p in PATHS if p != "best"]  # every loop csrc/gemv.c has
+
+
+def compiled(path):
+    """Skip where this build lacks the loops `path` names (a CPU without AVX2 or AVX-512)."""
+    if path not in paths_available(ckernels.library()):
+        pytest.skip(f"the {path} loops are not compiled in on this CPU")
 U = 2.0**-24  # float32 unit roundoff
 
 
@@ -72,16 +79,16 @@ def weights(gen, shape, spec):
 
 
 @needs_c
-@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("path", LOOPS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("spec", [INT8, *INT4_SPECS], ids=lambda s: s.describe())
-def test_one_row_matches_float64_within_the_float32_bound(gen, spec, shape, portable):
+def test_one_row_matches_float64_within_the_float32_bound(gen, spec, shape, path):
+    compiled(path)
     q = weights(gen, shape, spec)
     bias = torch.randn(shape[0], generator=gen)
     layer = batch1_only(QLinear(q, bias))
     assert layer.kernel.decode_backend == f"gemv-int{spec.bits}"
-    if portable:
-        layer.kernel = GemvKernel(q, layer.kernel.fallback, ckernels.library(), portable=True)
+    layer.kernel = GemvKernel(q, layer.kernel.fallback, ckernels.library(), path=path)
     for x_shape in [(shape[1],), (1, shape[1]), (1, 1, shape[1])]:
         x = torch.randn(*x_shape, generator=gen) * 3
         y = layer(x)
@@ -186,3 +193,61 @@ def test_every_layer_of_a_quantized_llama_decodes_through_c(spec):
     assert len(layers) == 2 * 7 + 1
     assert {m.kernel.decode_backend for m in layers} == {f"gemv-int{spec.bits}"}
     assert "batch 1: gemv" in repr(layers[0])
+
+
+@needs_c
+@pytest.mark.parametrize("path", LOOPS)
+@pytest.mark.parametrize("spec", [INT8, INT4_SPECS[0], INT4_SPECS[4], INT4_SPECS[-2]],
+                         ids=lambda s: s.describe())
+def test_a_row_gives_the_same_bits_alone_as_among_others(gen, spec, path):
+    # The SIMD loops run several rows at once beside each other: a row's sum must not notice.
+    compiled(path)
+    q = weights(gen, (11, 1100), spec)
+    x = torch.randn(1100, generator=gen)
+    lib = ckernels.library()
+    whole = GemvKernel(q, None, lib, threads=1, path=path).linear(x)
+    for r in range(11):
+        zero_point = None if q.zero_point is None else q.zero_point[r:r + 1]
+        alone = QTensor.from_codes(q.codes()[r:r + 1], spec, q.scale[r:r + 1], zero_point,
+                                   q.dtype)  # row r's codes, scales and zero-points alone
+        assert torch.equal(alone.dequantize(), q.dequantize()[r:r + 1])
+        assert torch.equal(GemvKernel(alone, None, lib, threads=1, path=path).linear(x),
+                           whole[r:r + 1])
+
+
+def test_a_path_not_compiled_in_is_refused(gen):
+    q = weights(gen, (4, 8), INT8)
+    with pytest.raises(ValueError, match="gemv path 'neon' is not compiled in here; have best"):
+        GemvKernel(q, None, ckernels.library(), path="neon")
+
+
+@needs_c
+@pytest.mark.parametrize("path", LOOPS)
+@pytest.mark.parametrize("spec, halves, shape", [
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16"), 2 * 2,
+     (37, 1100)),
+    (QuantSpec(4, "symmetric", "per_group", group_size=48, scale_dtype="float16"), 2, (37, 1100)),
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32, scale_dtype="float16",
+               zero_point="float"), 2, (37, 1100)),  # the float zero-points stay float32
+    (QuantSpec(4, "asymmetric", "per_group", group_size=32), 2, (37, 1100)),  # integer zps
+    # 514 groups a row: a block of 4 rows' parameters overflow the loops' conversion buffer
+    (QuantSpec(4, "symmetric", "per_group", group_size=16, scale_dtype="float16"), 2, (6, 8224)),
+], ids=lambda v: v.describe() if isinstance(v, QuantSpec) else str(v))
+def test_float16_copies_of_exact_parameters_give_the_same_bits(gen, spec, halves, shape, path):
+    # Where float16 holds a scale or zero-point exactly, the loops read a float16 copy: the
+    # weights are the same, so the result is the float32 copies' bit for bit.
+    compiled(path)
+    rows, cols = shape
+    q = weights(gen, shape, spec)
+    x = torch.randn(cols, generator=gen)
+    lib = ckernels.library()
+    kernel = GemvKernel(q, None, lib, threads=1, path=path)
+    groups = q.scale.shape[1]
+    assert kernel.kernel_nbytes() == rows * groups * halves  # bytes of the float16 copies
+    y32 = torch.empty(rows)
+    zp = None if q.zero_point is None else q.zero_point.float().contiguous()
+    lib.zp_gemv_q4(x.data_ptr(), q.packed.data_ptr(), q.scale.data_ptr(),
+                   None if zp is None else zp.data_ptr(), y32.data_ptr(), cols,
+                   spec.group_size, rows, 1, PATHS[path], 0)
+    assert torch.equal(kernel.linear(x), y32)
+    assert_close(y32, x, q)

@@ -121,11 +121,14 @@ ZP_API int64_t zp_skip_strings(const uint8_t *buf, int64_t size, int64_t pos, in
 
 /* ---- gemv.c: batch-1 matrix-vector products from packed codes ---- */
 
+/* path: 0 the widest SIMD compiled in, 1 portable C, 2 AVX2, 3 AVX-512 (zp_gemv_has_path). */
+ZP_API int zp_gemv_has_path(int path);
 ZP_API void zp_gemv_q8(const float *x, const int8_t *q, const float *scale, float *y, int64_t in,
-                       int64_t rows, int threads, int portable);
-ZP_API void zp_gemv_q4(const float *x, const uint8_t *packed, const float *scale,
-                       const float *zp, float *y, int64_t in, int64_t gs, int64_t rows,
-                       int threads, int portable);
+                       int64_t rows, int threads, int path);
+/* half: bit 1 set, scale holds float16 values, bit 2 zp does (else float32). */
+ZP_API void zp_gemv_q4(const float *x, const uint8_t *packed, const void *scale,
+                       const void *zp, float *y, int64_t in, int64_t gs, int64_t rows,
+                       int threads, int path, int half);
 
 /* ---- token_ops.c: the compact runtime's per-token steps of a decoder layer ---- */
 
