@@ -186,10 +186,10 @@ def write_quantized(
     if not all(c.copied for c in plan.choices):
         from .convert import convert  # numpy's import, paid only where a type changes
 
-    def produce(choice) -> Callable[[], np.ndarray | FileRange | Iterator[np.ndarray]]:
+    def produce(choice) -> FileRange | Callable[[], np.ndarray | Iterator[np.ndarray]]:
         src = by_name[choice.name]
-        if choice.copied:
-            return (lambda: src.location) if src.location is not None else src.read
+        if choice.copied:  # the kernel copies it from the file, else its bytes are written
+            return src.location if src.location is not None else src.read
 
         def pieces() -> Iterator[np.ndarray]:
             yield from convert(src.read(), src.type, src.shape, choice.type, choice.name,
