@@ -1,9 +1,12 @@
 """GGUF files out: metadata and tensors written atomically, tensor data in place.
 
 The header is written here (metadata.encode_value encodes the values), into a temporary file
-renamed into place only when the whole file is written; tensor data goes in with one positioned write per tensor (or
-piece), from several threads at once if asked. Metadata values read from a file keep their bytes
-and are written back as they are, so requantizing never pays for encoding a vocabulary again.
+renamed into place only when the whole file is written; tensor data goes in with one positioned
+write per tensor (or piece), from several threads at once if asked, and tensors that are ranges
+of another file (FileRange) are copied by the kernel, a run of them that lies in its source as
+in the output in one call: a requantization that keeps every type copies its whole data section
+at once, on one thread. Metadata values read from a file keep their bytes and are written back
+as they are, so requantizing never pays for encoding a vocabulary again.
 """
 from __future__ import annotations
 
