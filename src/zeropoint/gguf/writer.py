@@ -4,7 +4,7 @@ The header is written here (metadata.encode_value encodes the values), into a te
 renamed into place only when the whole file is written; tensor data goes in with one positioned
 write per tensor (or piece), from several threads at once if asked, and tensors that are ranges
 of another file (FileRange) are copied by the kernel, a run of them that lies in its source as
-in the output in one call: a requantization that keeps every type copies its whole data section
+in the output as one range: a requantization that keeps every type copies its whole data section
 at once, on one thread. Metadata values read from a file keep their bytes and are written back
 as they are, so requantizing never pays for encoding a vocabulary again.
 """
@@ -236,8 +236,8 @@ _fallocate = _libc_fallocate()
 def _copy_ranges(fd: int, ranges: list[tuple[FileRange, int]]) -> None:
     """Copy each FileRange to its offset in fd, by the kernel where it can (filecopy). Ranges
     that lie in their source as they will in the output (same file, same distances apart, as
-    when a file's tensors are copied in their order) are copied as one: a whole data section
-    in one call. The padding between them is then the source's, so it is zeroed after."""
+    when a file's tensors are copied in their order) are copied as one range: a whole data
+    section at once, not 272 tensors' opens and calls. The padding between them is then the source's, so it is zeroed after."""
     sources: dict[Path, int] = {}
     try:
         i = 0
