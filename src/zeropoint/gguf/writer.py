@@ -237,7 +237,8 @@ def _copy_ranges(fd: int, ranges: list[tuple[FileRange, int]]) -> None:
     """Copy each FileRange to its offset in fd, by the kernel where it can (filecopy). Ranges
     that lie in their source as they will in the output (same file, same distances apart, as
     when a file's tensors are copied in their order) are copied as one range: a whole data
-    section at once, not 272 tensors' opens and calls. The padding between them is then the source's, so it is zeroed after."""
+    section at once, not 272 tensors' opens and calls. The padding between them is then the
+    source's, so it is zeroed after."""
     sources: dict[Path, int] = {}
     try:
         i = 0
