@@ -17,6 +17,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..atomic import atomic_path
@@ -64,7 +65,7 @@ class TensorData:
     shape: tuple[int, ...]  # torch order, as TensorInfo.shape
     data: TensorBytes | Callable[[], TensorBytes | Iterator[TensorBytes]]
 
-    @property
+    @cached_property  # asked for five times a tensor; type and shape do not change
     def nbytes(self) -> int:
         return tensor_nbytes(self.type, self.shape)
 
@@ -247,7 +248,9 @@ def _copy_ranges(fd: int, ranges: list[tuple[FileRange, int]]) -> None:
             j, gaps = i + 1, []
             while j < len(ranges):
                 (prev, prev_at), (r, at) = ranges[j - 1], ranges[j]
-                if (r.path != first.path or r.offset - prev.offset != at - prev_at
+                # `is` first: one file's ranges share its Path, and Path == builds strings
+                if ((r.path is not first.path and r.path != first.path)
+                        or r.offset - prev.offset != at - prev_at
                         or at < prev_at + prev.nbytes):
                     break
                 if at > prev_at + prev.nbytes:
