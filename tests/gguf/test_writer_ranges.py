@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
+from zeropoint.gguf import writer
 from zeropoint.gguf.writer import FileRange, TensorData, write_gguf
 
 ALIGN = 32  # the default alignment: the sizes below leave padding after most tensors
@@ -31,18 +32,21 @@ def source(tmp_path):
 
 def _tensors(source) -> list[TensorData]:
     """Three ranges laid out in the source as in the output (one run, garbage in its gaps), a
-    tensor made here, a range elsewhere (its own copy), then one more run of two."""
-    counts = [13, 8, 100, 5, 7, 64, 3]  # float32 values: 52, 32, 400, ... bytes
+    tensor made here, a range elsewhere (its own copy), one more run of two, then two ranges
+    as far apart in the source as in the output with a tensor made here between them (not one
+    run: copied as one, they would overwrite it)."""
+    counts = [13, 8, 100, 5, 7, 64, 3, 9, 30, 11]  # float32 values: 52, 32, 400, ... bytes
     out_at, at = [], 0  # each tensor's offset in the output's data section
     for n in counts:
         out_at.append(at)
         at += _padded(4 * n)
     base = 1000  # the run's first byte in the source; output offsets keep their distances
     src_at = [base + out_at[0], base + out_at[1], base + out_at[2], None, 40_001,
-              20_000, 20_000 + out_at[6] - out_at[5]]
-    made = np.arange(counts[3], dtype=np.float32)
+              20_000, 20_000 + out_at[6] - out_at[5], 30_000, None,
+              30_000 + out_at[9] - out_at[7]]
     return [TensorData(f"t{i}", "F32", (n,),
-                       made if src_at[i] is None else FileRange(source, src_at[i], 4 * n))
+                       np.arange(n, dtype=np.float32) + i if src_at[i] is None
+                       else FileRange(source, src_at[i], 4 * n))
             for i, n in enumerate(counts)]
 
 
@@ -65,15 +69,28 @@ def _check_against_source(path, source, tensors):
         assert next_start - end < ALIGN and out[end:next_start] == bytes(next_start - end)
 
 
-def test_ranges_are_their_sources_bytes_and_padding_is_zeros(tmp_path, source):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: tensors made on the pool, copies meanwhile
+def test_ranges_are_their_sources_bytes_and_padding_is_zeros(tmp_path, source, threads):
     tensors = _tensors(source)
     out = tmp_path / "out.gguf"
-    write_gguf(out, {}, tensors)
+    write_gguf(out, {}, tensors, threads=threads)
     _check_against_source(out, source, tensors)
-    # threads > 1: the tensor made here goes to the pool, the ranges are copied meanwhile
-    again = tmp_path / "again.gguf"
-    write_gguf(again, {}, tensors, threads=2)
-    assert again.read_bytes() == out.read_bytes()
+
+
+def test_a_tensor_between_two_ranges_is_not_copied_over(tmp_path, source):
+    # The two ranges lie as far apart in the source as in the output, but the output holds
+    # another tensor between them: each is copied alone, and the bytes between stay as they are.
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"\xee" * 256)
+    fd = os.open(out, os.O_WRONLY)
+    try:
+        writer._copy_ranges(fd, [(FileRange(source, 1000, 32), 0, 0),
+                                 (FileRange(source, 1000 + 96, 32), 96, 2)])
+    finally:
+        os.close(fd)
+    src, got = source.read_bytes(), out.read_bytes()
+    assert got[:32] == src[1000:1032] and got[96:128] == src[1096:1128]
+    assert got[32:96] == b"\xee" * 64 and got[128:] == b"\xee" * 128
 
 
 @pytest.mark.parametrize("code", [errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP])

@@ -165,9 +165,10 @@ def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], siz
     fd = os.open(path, os.O_WRONLY)
     try:
         _allocate(fd, size)
-        copies = [(t, at) for t, at in zip(tensors, starts) if isinstance(t.data, FileRange)]
+        copies = [(t, at, k) for k, (t, at) in enumerate(zip(tensors, starts))
+                  if isinstance(t.data, FileRange)]
         made = [(t, at) for t, at in zip(tensors, starts) if not isinstance(t.data, FileRange)]
-        for t, _ in copies:
+        for t, _, _ in copies:
             if t.data.nbytes != t.nbytes:
                 raise ValueError(f"tensor {t.name!r} ({t.type}, shape {t.shape}) needs "
                                  f"{t.nbytes} bytes, its source range has {t.data.nbytes}")
@@ -178,7 +179,7 @@ def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], siz
             at = start
             for piece in pieces:
                 if isinstance(piece, FileRange):
-                    _copy_ranges(fd, [(piece, at)])
+                    _copy_ranges(fd, [(piece, at, 0)])
                     at += piece.nbytes
                 else:
                     at += pwrite_all(fd, _as_bytes(piece), at)
@@ -187,7 +188,7 @@ def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], siz
                                  f"{t.nbytes} bytes, got {at - start}")
 
         if threads <= 1 or len(made) <= 1:
-            _copy_ranges(fd, [(t.data, at) for t, at in copies])
+            _copy_ranges(fd, [(t.data, at, k) for t, at, k in copies])
             bar.update(len(copies))
             for t, start in made:
                 store(t, start)
@@ -198,7 +199,7 @@ def _store_tensors(path: Path, tensors: list[TensorData], starts: list[int], siz
         with ThreadPoolExecutor(threads, thread_name_prefix="zeropoint-gguf") as pool:
             futures = [pool.submit(store, t, start) for t, start in made]
             try:
-                _copy_ranges(fd, [(t.data, at) for t, at in copies])
+                _copy_ranges(fd, [(t.data, at, k) for t, at, k in copies])
                 bar.update(len(copies))
                 for f in futures:  # in order: the first tensor that failed is the one reported
                     f.result()
@@ -234,29 +235,30 @@ def _libc_fallocate():
 _fallocate = _libc_fallocate()
 
 
-def _copy_ranges(fd: int, ranges: list[tuple[FileRange, int]]) -> None:
-    """Copy each FileRange to its offset in fd, by the kernel where it can (filecopy). Ranges
-    that lie in their source as they will in the output (same file, same distances apart, as
-    when a file's tensors are copied in their order) are copied as one range: a whole data
-    section at once, not 272 tensors' opens and calls. The padding between them is then the
-    source's, so it is zeroed after."""
+def _copy_ranges(fd: int, ranges: list[tuple[FileRange, int, int]]) -> None:
+    """Copy each (FileRange, offset in fd, place in the file's tensor order) by the kernel where
+    it can (filecopy). Ranges of tensors that follow each other in the output and lie in their
+    source as they will there (same file, same distances apart: a file's tensors copied in their
+    order) are copied as one range, a whole data section at once rather than 272 tensors' opens
+    and calls. The padding between them is then the source's, so it is zeroed after. Tensors
+    between them in the output (made by other threads meanwhile) end a run, even where their
+    sizes would keep the distances."""
     sources: dict[Path, int] = {}
     try:
         i = 0
         while i < len(ranges):
-            first, first_at = ranges[i]
+            first, first_at, _ = ranges[i]
             j, gaps = i + 1, []
             while j < len(ranges):
-                (prev, prev_at), (r, at) = ranges[j - 1], ranges[j]
+                (prev, prev_at, prev_k), (r, at, k) = ranges[j - 1], ranges[j]
                 # `is` first: one file's ranges share its Path, and Path == builds strings
-                if ((r.path is not first.path and r.path != first.path)
-                        or r.offset - prev.offset != at - prev_at
-                        or at < prev_at + prev.nbytes):
+                if (k != prev_k + 1 or (r.path is not first.path and r.path != first.path)
+                        or r.offset - prev.offset != at - prev_at):
                     break
                 if at > prev_at + prev.nbytes:
                     gaps.append((prev_at + prev.nbytes, at - prev_at - prev.nbytes))
                 j += 1
-            last, last_at = ranges[j - 1]
+            last, last_at, _ = ranges[j - 1]
             if first.path not in sources:
                 sources[first.path] = os.open(first.path, os.O_RDONLY)
             try:
