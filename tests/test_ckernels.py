@@ -3,7 +3,6 @@ bound as csrc/zeropoint.h declares them; compiled once, with the host's flags, a
 
 import ctypes
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -132,7 +131,7 @@ def test_a_failed_compile_shows_the_compilers_message(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("machine", ["aarch64", "arm64", "riscv64", "ppc64le"])
 def test_x86_flags_only_on_x86(tmp_path, monkeypatch, machine):
-    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(ckernels, "_machine", lambda: machine)
     monkeypatch.setattr(ckernels, "_torch_openmp", lambda: [])
     monkeypatch.setenv("CC", str(fake_compiler(tmp_path, "exit 1")))
     with pytest.raises(ckernels.CompileError):
@@ -144,7 +143,7 @@ def test_x86_flags_only_on_x86(tmp_path, monkeypatch, machine):
 
 @pytest.mark.parametrize("machine", ["x86_64", "AMD64"])
 def test_x86_gets_its_flags(monkeypatch, machine):
-    monkeypatch.setattr(platform, "machine", lambda: machine)
+    monkeypatch.setattr(ckernels, "_machine", lambda: machine)
     assert {"-march=native", "-mprefer-vector-width=512"} <= set(ckernels.cflags())
 
 
@@ -200,3 +199,24 @@ def test_a_build_prunes_libraries_unused_for_a_week_but_keeps_its_own(tmp_path, 
     assert ckernels._build(cache) == built and built.exists() and recent.exists()
     assert len(compiler_calls(tmp_path)) == 1
     assert built.stat().st_mtime > month_ago
+
+
+def test_a_changed_source_or_flag_gets_a_library_of_its_own(tmp_path, monkeypatch):
+    # The cache key is a checksum of the sources and the build line: one byte of either changed
+    # must name another library (a stale one would run old code), the same bytes the same one.
+    monkeypatch.setattr(ckernels, "_torch_openmp", lambda: [])
+    monkeypatch.setenv("CC", str(fake_compiler(tmp_path, ': > "$out"')))
+    source = tmp_path / "k.c"
+    monkeypatch.setattr(ckernels, "SOURCES", [source])
+    monkeypatch.setattr(ckernels, "HEADERS", [])
+    names = []
+    for text in ("int zp_a(void) { return 1; }\n", "int zp_a(void) { return 2; }\n",
+                 "int zp_a(void) { return 1; }\n"):
+        source.write_text(text)
+        names.append(ckernels._build(tmp_path / "cache").name)
+    monkeypatch.setattr(ckernels, "BASE_CFLAGS", [*ckernels.BASE_CFLAGS, "-DZP_OTHER"])
+    names.append(ckernels._build(tmp_path / "cache").name)
+    assert names[0] == names[2]
+    assert len({names[0], names[1], names[3]}) == 3
+    assert all(re.fullmatch(r"kernels-[0-9a-f]{16}\.so", n) for n in names)
+    assert len(compiler_calls(tmp_path)) == 3

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,20 +25,37 @@ def atomic_path(path: str | os.PathLike, directory: bool = False):
     remove_leftovers(final)
     prefix = f".{final.name}{PARTIAL}{os.getpid()}-"
     if directory:
+        import tempfile  # with shutil, only here: a file's temporary needs neither (3 ms)
+
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+        tmp = _new_file(prefix, final.parent)
     try:
         yield tmp
         os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
         if directory and final.exists():
+            import shutil
+
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _new_file(prefix: str, folder: Path) -> Path:
+    """A new empty file `folder/PREFIX` + 12 random hex digits, private (0600) as tempfile.mkstemp
+    makes it: created with O_EXCL, so never another's."""
+    for _ in range(100):
+        path = folder / f"{prefix}{os.urandom(6).hex()}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                         0o600)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"no free temporary name {prefix}* in {str(folder)!r}")
 
 
 def remove_leftovers(final: Path) -> list[Path]:
@@ -68,6 +83,8 @@ def _running(pid: int) -> bool:
 
 def _remove(p: Path) -> None:
     if p.is_dir() and not p.is_symlink():
+        import shutil
+
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)

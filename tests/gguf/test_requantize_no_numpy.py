@@ -1,9 +1,11 @@
 """A requantization that keeps every tensor's type is a copy, and runs on the standard library
 (issue 18): in a fresh interpreter, `zeropoint quantize X.gguf --type T`, where T keeps every
 tensor as it is, leaves numpy (and torch) out of sys.modules, and its file is llama-quantize's,
-byte for byte. One tensor that changes type brings numpy in (the conversion needs it)."""
+byte for byte, also where the kernel cannot copy. Nor does it import the rest of
+UNUSED_BY_A_COPY. One tensor that changes type brings numpy in (the conversion needs it)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,17 +21,26 @@ from tiny_llama_gguf import llama_metadata, llama_tensors
 from zeropoint.gguf import quantize_blocks
 from zeropoint.gguf.llama_tools import run_tool
 from zeropoint.gguf.metadata import MetaValue
+from zeropoint.gguf.requantize import requantize
 from zeropoint.gguf.writer import TensorData, write_gguf
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 H, FF, LAYERS, VOCAB = 256, 512, 2, 1500  # a vocabulary long enough for the header's C walk
 
-_PROBE = """
-import json, sys
+# What a copy has no use for, each once imported by it: numpy and torch; typing (annotations
+# only), json (recipes), hashlib (the kernels' cache key), platform, tempfile and shutil (atomic
+# output, argparse's terminal width), a thread pool, a progress bar.
+UNUSED_BY_A_COPY = ("numpy", "torch", "typing", "json", "hashlib", "platform", "tempfile",
+                    "shutil", "concurrent.futures", "tqdm")
+
+_PROBE = f"""
+import sys
+before = set(sys.modules)
 from zeropoint.cli import main
 code = main(["quantize", sys.argv[1], "--type", sys.argv[2], "-o", sys.argv[3], "--quiet"])
-print(json.dumps({"code": code,
-                  "loaded": [m for m in ("numpy", "torch") if m in sys.modules]}))
+loaded = [m for m in {UNUSED_BY_A_COPY!r} if m in sys.modules and m not in before]
+import json  # the probe's own, after the count
+print(json.dumps({{"code": code, "loaded": loaded}}))
 """
 
 
@@ -79,6 +90,20 @@ def test_a_requantization_that_keeps_every_type_imports_no_numpy(q4_0_model, lla
 def test_a_tensor_that_changes_type_brings_numpy_in(q4_0_model, llama_tools, tmp_path):
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
     r = _requantize_in_a_fresh_process(q4_0_model, "Q5_0", ours)
-    assert r == {"code": 0, "loaded": ["numpy"]}
+    assert r["code"] == 0
+    assert [m for m in r["loaded"] if m in ("numpy", "torch")] == ["numpy"]
     run_tool("llama-quantize", "--allow-requantize", q4_0_model, theirs, "Q5_0")
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_a_copy_where_the_kernel_cannot_copy_is_the_same_file(q4_0_model, llama_tools, tmp_path,
+                                                              monkeypatch):
+    # copy_file_range refused (across file systems, say): read and written here, same bytes
+    def refused(*args):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    requantize(q4_0_model, ours, "Q4_0")
+    run_tool("llama-quantize", "--allow-requantize", q4_0_model, theirs, "Q4_0")
     assert ours.read_bytes() == theirs.read_bytes()

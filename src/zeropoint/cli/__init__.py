@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from .common import CommandError
+from .common import CommandError, HelpFormatter
 
 # Command -> its module here, in the order --help lists them. A module is imported only when its
 # parser is built (see build_parser).
@@ -37,7 +37,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     command's run then imports neither the modules of the others nor what their options'
     defaults and help need (e.g. a requantization never loads the analysis or KLD code)."""
     p = argparse.ArgumentParser(prog="zeropoint", description=__doc__.splitlines()[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EPILOG, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for command, module in COMMANDS.items():
         if only is None or command == only:

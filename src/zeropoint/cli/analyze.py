@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..analysis.specs import SYNTAX
 from ..models.source import FLOAT_KINDS
-from .common import CommandError, open_model, read_text, resolve, text_source
+from .common import CommandError, HelpFormatter, open_model, read_text, resolve, text_source
 
 DEFAULT_BUDGET_TOKENS = 1024  # --budget-tokens: calibration tokens of the bit allocation
 
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                     "and report for every Linear layer, in forward order: the SQNR of its\n"
                     "quantized weight, of its output with only it quantized (isolated), and of\n"
                     "its output with it and every layer before it quantized (accumulated).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     a.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory, .gguf file, .pt file holding a pickled "
                         "torch.nn.Module, or nothing for the default SmolLM2-135M")

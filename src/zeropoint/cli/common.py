@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
+import sys
 from pathlib import Path
 
 from ..atomic import atomic_path
@@ -11,6 +12,38 @@ from ..atomic import atomic_path
 
 class CommandError(Exception):
     """A problem with what the user asked for: main() prints it in one line and exits with 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's help formatter: descriptions and epilogs as written, lines as wide as the
+    terminal. argparse makes one for every add_argument, and its own asks shutil for the width
+    each time: shutil's import (with bz2 and lzma) and 140 terminal queries were 7 ms of a
+    0.1 s requantization. The width is found here once, by shutil.get_terminal_size's rules."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
+def _terminal_columns() -> int:
+    """$COLUMNS, else the width of the terminal on stdout, else 80 (shutil's fallback)."""
+    global _columns
+    if _columns is None:
+        try:
+            _columns = int(os.environ.get("COLUMNS", "0"))
+        except ValueError:
+            _columns = 0
+        if _columns <= 0:
+            try:
+                _columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                _columns = 0
+        if _columns <= 0:
+            _columns = 80
+    return _columns
+
+
+_columns: int | None = None
 
 
 def read_text(path: str | None) -> str:
@@ -31,6 +64,8 @@ def text_source(path: str | None) -> str:
 
 
 def write_json(path: str, payload) -> None:
+    import json  # only where a command writes JSON
+
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from .common import CommandError, mib, open_model, read_text, resolve, threads, write_json
+from .common import (
+    CommandError, HelpFormatter, mib, open_model, read_text, resolve, threads, write_json,
+)
 
 EPILOG = """examples:
   zeropoint eval default out/smollm2-int4               (float, then the quantized directory)
@@ -29,7 +31,7 @@ def add_parser(sub) -> None:
                     "with --engine llama.cpp in llama.cpp), or an encoder's embedding cosine\n"
                     "against a quantized copy; with --kld, how far QUANTIZED's next-token\n"
                     "distributions are from MODEL's, as llama-perplexity --kl-divergence.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     e.add_argument("model", help="float model ('default', a checkpoint dir, a .gguf) or a zeropoint dir")
     e.add_argument("quantized", nargs="?", help="a model to compare with MODEL (a zeropoint "
                    "directory; with --kld any model zeropoint loads)")

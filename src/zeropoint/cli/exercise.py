@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..atomic import atomic_path
-from .common import CommandError, write_json
+from .common import CommandError, HelpFormatter, write_json
 
 EPILOG = """examples:
   zeropoint exercise                                  (4, 6 and 8 bits, normal data)
@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         "exercise", help="the chapter's exercise: MSE of symmetric vs asymmetric",
         description="Quantize synthetic data symmetrically and asymmetrically at several bit\n"
                     "widths and compare the MSE with the theory curve, as a table and a plot.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     ex.add_argument("--bits", type=_int_list, default=(4, 6, 8), help="bit widths, e.g. 2,3,4,8")
     ex.add_argument("--dist", default="normal",
                     help="normal, uniform, laplace, student-t or relu (skewed)")

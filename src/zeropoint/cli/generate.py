@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .common import CommandError, resolve, write_json
+from .common import CommandError, HelpFormatter, resolve, write_json
 
 DEFAULT_MAX_TOKENS = 128
 LLAMA_CPP_MAX_CONTEXT = 4096  # llama.cpp's cache is allocated for the whole context on open
@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
         description="Run a model (a zeropoint directory, a .gguf file, a Hugging Face directory\n"
                     "or 'default') on a prompt and stream the text. Greedy unless --temperature\n"
                     "is above 0; time to first token and tokens/s go to stderr.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     g.add_argument("model", help="zeropoint directory, .gguf file, Hugging Face checkpoint "
                                  "directory, or 'default' (SmolLM2-135M-Instruct)")
     g.add_argument("--prompt", help="the text to continue (or, with --chat, the user's message)")

@@ -21,7 +21,7 @@ import time
 
 from ..models.imatrix import DEFAULT_CTX
 from .calibration import DEFAULT_CALIB_TOKENS, calibration_source, calibration_text
-from .common import CommandError, open_model, resolve
+from .common import CommandError, HelpFormatter, open_model, resolve
 
 EPILOG = """examples:
   zeropoint imatrix -o imatrix.gguf                         (the default model, calibration mix)
@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                        description="The importance matrix of a model as llama-imatrix computes "
                                    "it (the mean of x^2 of each input column of every weight "
                                    "matrix), from calibration text.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=None,
                    help="a .gguf file, a checkpoint directory or a zeropoint directory "
                         "(default: SmolLM2-135M)")

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import CommandError, mib, write_json
+from .common import CommandError, HelpFormatter, mib, write_json
 
 EPILOG = """examples:
   zeropoint inspect out/smollm2-int4
@@ -35,7 +35,7 @@ def add_parser(sub) -> None:
                     "(shape, type or spec, bytes, bits per weight), the totals by type, the\n"
                     "embedding and head's share, and for GGUF the tensors a mix gave another\n"
                     "type. Reads headers only.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     i.add_argument("path", metavar="FILE|DIR", help="a .gguf file or a zeropoint directory")
     i.add_argument("--json", metavar="PATH", help="also write everything shown as JSON")
     i.set_defaults(func=run)

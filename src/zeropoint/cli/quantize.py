@@ -11,7 +11,9 @@ from ..atomic import atomic_path
 from ..models.source import FLOAT_KINDS
 from . import quantize_gguf
 from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration, gptq_solver
-from .common import CommandError, mib, open_model, quiet_libraries, read_text, resolve
+from .common import (
+    CommandError, HelpFormatter, mib, open_model, quiet_libraries, read_text, resolve,
+)
 
 EPILOG = """examples:
   zeropoint quantize -o out/smollm2-int4 --force --eval      (the default model and recipe)
@@ -33,7 +35,7 @@ def add_parser(sub) -> None:
         description="Quantize a model (a Hugging Face checkpoint directory, a .gguf file or the\n"
                     "default SmolLM2-135M) into a zeropoint directory, or with --type into a\n"
                     "GGUF file that llama.cpp runs.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=HelpFormatter)
     q.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory or .gguf file (default: SmolLM2-135M)")
     q.add_argument("-o", "--output", required=True, help="output directory (a .gguf file with --type)")

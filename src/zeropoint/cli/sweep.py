@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import CommandError, resolve
+from .common import CommandError, HelpFormatter, resolve
 
 EPILOG = """example:
   zeropoint sweep --types Q3_K_M,Q4_0,Q4_K_M,Q8_0 --methods rtn,hqq --budget 80MB,120MB -o sweeps/smollm2
@@ -21,7 +21,7 @@ frontier.png and sweep.html. Rerun the same command to resume: finished variants
 def add_parser(sub) -> None:
     s = sub.add_parser("sweep", help="every type x method variant, scored, with its frontier",
                        description=__doc__.splitlines()[0], epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     s.add_argument("model", nargs="?", default=None,
                    help="a .gguf file, a Hugging Face checkpoint directory, or nothing for the "
                         "default SmolLM2-135M")

@@ -28,7 +28,6 @@ A pattern replaces the mix's rule for the tensors it names; shape fallbacks stil
 """
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -123,6 +122,8 @@ def parse_target(spec: str) -> Target:
 
 def load_recipe(path: str | Path) -> Target:
     """Read a recipe JSON file (format in the module docstring) -> Target."""
+    import json  # only for a recipe: a named mix or type needs no JSON reader
+
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .. import ckernels
 from ..threads import torch_threads
@@ -35,6 +34,7 @@ from .reader import GGUFFile, read_gguf
 from .types import WRITABLE_TYPES
 from .writer import FileRange, TensorData, write_gguf
 
+TYPE_CHECKING = False  # typing's flag without typing's import (2 ms of a GGUF copy)
 if TYPE_CHECKING:
     import numpy as np
 
@@ -186,10 +186,10 @@ def write_quantized(
     if not all(c.copied for c in plan.choices):
         from .convert import convert  # numpy's import, paid only where a type changes
 
-    def produce(choice) -> Callable[[], np.ndarray | FileRange | Iterator[np.ndarray]]:
+    def produce(choice) -> FileRange | Callable[[], np.ndarray | Iterator[np.ndarray]]:
         src = by_name[choice.name]
-        if choice.copied:
-            return (lambda: src.location) if src.location is not None else src.read
+        if choice.copied:  # the kernel copies it from the file, else its bytes are written
+            return src.location if src.location is not None else src.read
 
         def pieces() -> Iterator[np.ndarray]:
             yield from convert(src.read(), src.type, src.shape, choice.type, choice.name,

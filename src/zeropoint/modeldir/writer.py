@@ -4,7 +4,6 @@ shards; save_quantized writes a model that quantize_model quantized."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from math import prod
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..filecopy import copy_range
 from ..nn.quantize_model import distinct_tensors, quantized_layers
 from ..qtensor import QTensor
 from ..recipe import Recipe
@@ -162,26 +162,12 @@ def save_quantized(model: nn.Module, directory, *, recipe: Recipe, kind: str, to
 
 def _copy_file(src: Path, dst, nbytes: int) -> None:
     """Append the first `nbytes` of file `src` to the open binary file `dst`, in the kernel where
-    the platform can (os.copy_file_range), else through an 8 MiB buffer."""
+    the platform can (filecopy.copy_range)."""
     dst.flush()
     start = dst.tell()
-    done = 0
     with open(src, "rb") as f:
-        if hasattr(os, "copy_file_range"):
-            try:
-                while done < nbytes:
-                    n = os.copy_file_range(
-                        f.fileno(), dst.fileno(), nbytes - done, done, start + done
-                    )
-                    if n == 0:
-                        break
-                    done += n
-            except OSError:
-                pass  # a file system or kernel without it: copy the rest through a buffer
-        dst.seek(start + done)
-        while done < nbytes:
-            block = os.pread(f.fileno(), min(8 << 20, nbytes - done), done)
-            if not block:
-                raise OSError(f"{src} ended after {done} of {nbytes} bytes")
-            dst.write(block)
-            done += len(block)
+        try:
+            copy_range(f.fileno(), dst.fileno(), nbytes, 0, start)
+        except EOFError:
+            raise OSError(f"{src} is shorter than {nbytes} bytes") from None
+    dst.seek(start + nbytes)
