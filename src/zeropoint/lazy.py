@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+
 TYPE_CHECKING = False  # typing's flag without typing's import (2 ms of a GGUF copy)
 if TYPE_CHECKING:
     from typing import Any

@@ -29,8 +29,8 @@ def default_dir(request, tmp_path_factory):
     if name is None:
         assert main(["quantize", str(src), "-o", str(out), "--quiet"]) == 0
         return family, src, out
-    from zeropoint.models.load import load_model
     from zeropoint.modeldir.writer import save_quantized
+    from zeropoint.models.load import load_model
 
     loaded = load_model(src, progress=False)
     candidate = next(c for c in CANDIDATES if c.name == name)

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 
 from .. import core
-from ..qtensor import QTensor, qtensor_nbytes
+from ..qtensor import qtensor_nbytes
 from ..recipe import Recipe, Rule
 from ..spec import Granularity, QuantSpec
 from .common import Batch, analyzed_layers, as_recipe, one_thread, progress_bar
 from .sensitivity import Fisher, fisher_diagonal
-from .specs import label, menu as default_menu
+from .specs import label
+from .specs import menu as default_menu
 
 
 @dataclass(frozen=True)

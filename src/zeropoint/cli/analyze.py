@@ -11,7 +11,6 @@ fed the tensor in --inputs (rows are samples) or, without it, standard normal ro
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 

@@ -6,10 +6,15 @@ generation. With --kld: the KL-divergence statistics of `llama-perplexity --kl-d
 
 from __future__ import annotations
 
-import argparse
-
 from .common import (
-    CommandError, HelpFormatter, mib, open_model, read_text, resolve, threads, write_json,
+    CommandError,
+    HelpFormatter,
+    mib,
+    open_model,
+    read_text,
+    resolve,
+    threads,
+    write_json,
 )
 
 EPILOG = """examples:

@@ -9,7 +9,6 @@ stdout as it comes; which engine ran and how fast goes to stderr, so stdout is j
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass, field

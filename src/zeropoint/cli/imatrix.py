@@ -16,7 +16,6 @@ multiple of 512, are never split that way.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 from ..models.imatrix import DEFAULT_CTX

@@ -9,7 +9,6 @@ no tensor data, so it is quick on any file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections import defaultdict

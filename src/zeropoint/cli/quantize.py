@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -12,7 +11,13 @@ from ..models.source import FLOAT_KINDS
 from . import quantize_gguf
 from .calibration import DEFAULT_CALIB_TOKENS, gptq_calibration, gptq_solver
 from .common import (
-    CommandError, HelpFormatter, mib, open_model, quiet_libraries, read_text, resolve,
+    CommandError,
+    HelpFormatter,
+    mib,
+    open_model,
+    quiet_libraries,
+    read_text,
+    resolve,
 )
 
 EPILOG = """examples:

@@ -3,7 +3,6 @@ itself, and draw the size/quality frontier, locally or on a Ray cluster."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
